@@ -1,0 +1,163 @@
+"""Adapter checkpoints in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Only the method's parameters are saved (those trained in any stage). Loading checks the saved method, its
+configuration and the base model's shape against the model and names every mismatch. Writes are atomic: both
+files go to a temporary directory beside the target, which then replaces the target in one rename, so a crash
+leaves either the old checkpoint or the new one, never a mix. Only safetensors is read (never pickle).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import METHOD_CONFIGS
+from .model import (MultimodalLlamaForCausalLM, _multimodal, adapter_parameters, inject_lavin,
+                    inject_llama_adapter_v2, inject_pill, set_stage)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+_BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "vocab_size")
+
+
+def _base_model_signature(model) -> dict:
+    return {key: getattr(model.config, key, None) for key in _BASE_KEYS}
+
+
+def adapter_config(model) -> dict:
+    mm = _multimodal(model)
+    return {
+        "pill_type": mm.method,
+        "pill_format_version": FORMAT_VERSION,
+        "config": mm.config.to_dict(),
+        "vision_dim": mm.vision_dim,
+        "image_token_id": mm.image_token_id,
+        "stage": mm.stage,
+        "base_model": _base_model_signature(model),
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write the adapter of `model` to directory `path` atomically; returns the path."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"save_adapter: {target} exists and is not a directory")
+    config = adapter_config(model)
+    if metadata:
+        config["metadata"] = metadata
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(model).items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "pill_type": config["pill_type"]})
+        with open(staging / CONFIG_NAME, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(staging / WEIGHTS_NAME, "rb+") as f:
+            os.fsync(f.fileno())
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / "adapter")
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a pill adapter directory")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("pill_type") not in METHOD_CONFIGS:
+        raise ValueError(f"{config_path}: pill_type must be one of {sorted(METHOD_CONFIGS)}, got "
+                         f"{config.get('pill_type')!r}")
+    if config.get("pill_format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: pill_format_version {config.get('pill_format_version')!r} is not "
+                         f"supported (this version reads {FORMAT_VERSION})")
+    return config
+
+
+def _mismatches(saved: dict, current: dict, prefix: str) -> list[str]:
+    return [f"{prefix}{key}: checkpoint has {saved.get(key)!r}, model has {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = False) -> None:
+    """Load an adapter saved by `save_adapter` into a model with the same method injected.
+
+    Raises ValueError listing every mismatch of method, method configuration, vision width, image token and
+    base model shape, and every missing, unexpected or mis-shaped tensor.
+    """
+    mm = _multimodal(model)
+    saved = read_adapter_config(path)
+    current = adapter_config(model)
+    problems = []
+    if saved["pill_type"] != current["pill_type"]:
+        problems.append(f"method: checkpoint is {saved['pill_type']!r}, model has {current['pill_type']!r}")
+    else:
+        problems += _mismatches(saved["config"], current["config"], "config.")
+    for key in ("vision_dim", "image_token_id"):
+        if saved.get(key) != current[key]:
+            problems.append(f"{key}: checkpoint has {saved.get(key)!r}, model has {current[key]!r}")
+    problems += _mismatches(saved.get("base_model", {}), current["base_model"], "base_model.")
+    if problems:
+        raise ValueError(f"adapter at {path} does not match this model:\n  " + "\n  ".join(problems))
+    weights_path = Path(path) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    tensors = load_file(str(weights_path))
+    params = adapter_parameters(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    shapes = [f"{n}: checkpoint {tuple(tensors[n].shape)}, model {tuple(params[n].shape)}"
+              for n in sorted(set(params) & set(tensors)) if tensors[n].shape != params[n].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"adapter at {path} does not fit this model: missing {missing}, unexpected {unexpected}, "
+                         f"shape mismatches {shapes}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+    if set_saved_stage:
+        set_stage(model, saved["stage"])
+
+
+def load_pretrained_adapter(model, path: str | os.PathLike) -> MultimodalLlamaForCausalLM:
+    """Inject the method recorded in `path` into a plain LlamaForCausalLM and load its weights."""
+    saved = read_adapter_config(path)
+    config = METHOD_CONFIGS[saved["pill_type"]].from_dict(saved["config"])
+    if saved["pill_type"] == "pill":
+        model = inject_pill(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"])
+    elif saved["pill_type"] == "lavin":
+        model = inject_lavin(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"])
+    else:
+        model = inject_llama_adapter_v2(model, config, vision_dim=saved["vision_dim"])
+    load_adapter(model, path, set_saved_stage=True)
+    return model

@@ -1,0 +1,420 @@
+"""Injection of PILL, LaVIN and LLaMA-Adapter V2 into an existing transformers LlamaForCausalLM.
+
+`inject_pill(model, PillConfig(), vision_dim=...)` (and `inject_lavin`, `inject_llama_adapter_v2`) modify the
+model in place and return it: the decoder layers become the method's layer subclasses (base weights untouched
+and frozen), the model becomes a `MultimodalLlamaForCausalLM` whose forward and generate take image features,
+and ``model.multimodal`` holds the method's model-level modules (projector, modality token, prompts).
+
+Image features follow the LLaVA convention for PILL and LaVIN: the text holds ``image_token_id`` placeholders
+(the id may lie outside the vocabulary), and ``image_features`` [N_images, tokens, C] (the output of any frozen
+vision encoder) are projected and scattered into the placeholder positions in order. LLaMA-Adapter V2 adds
+visual features to its prompts instead: ``image_features`` [B, tokens, C], one image per sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers import LlamaForCausalLM
+
+from .config import LavinConfig, LlamaAdapterV2Config, PillConfig, _MethodConfig
+from .layers import LavinDecoderLayer, LlamaAdapterV2DecoderLayer, PillDecoderLayer
+from .modules import LinearProjector, MLPProjector, VisualPromptProjector
+
+
+def _check_llama(model) -> None:
+    if isinstance(model, MultimodalLlamaForCausalLM):
+        raise ValueError(f"this model already has the {model.multimodal.config.method!r} adapters injected")
+    if type(model) is not LlamaForCausalLM:
+        raise TypeError(f"expected a transformers LlamaForCausalLM, got {type(model).__name__}; PILL, LaVIN and "
+                        f"LLaMA-Adapter V2 are implemented for the LLaMA architecture (model_type 'llama')")
+
+
+def _check_vision_dim(vision_dim: int) -> None:
+    if not isinstance(vision_dim, int) or isinstance(vision_dim, bool) or vision_dim <= 0:
+        raise ValueError(f"vision_dim must be the positive feature width C of the vision encoder, got {vision_dim!r}")
+
+
+class MultimodalAdapter(nn.Module):
+    """Model-level part of a method: the projector and method-specific state; knows how to prepare inputs."""
+
+    method: str
+
+    def __init__(self, config: _MethodConfig, vision_dim: int, image_token_id: int | None):
+        super().__init__()
+        self.config = config
+        self.vision_dim = vision_dim
+        self.image_token_id = image_token_id
+        self.stage = config.stages[-1]
+
+    # -- inputs --------------------------------------------------------------------------------------------
+    def embed(self, model, input_ids: torch.Tensor, image_features: torch.Tensor | None):
+        """Token embeddings with projected image features scattered into the placeholders, and the mask."""
+        embed_tokens = model.get_input_embeddings()
+        if self.image_token_id is None:
+            if image_features is not None:
+                raise ValueError("image_features given but this model has no image_token_id")
+            return embed_tokens(input_ids), None
+        placeholders = input_ids == self.image_token_id
+        embeds = embed_tokens(input_ids.masked_fill(placeholders, 0))
+        count = int(placeholders.sum())
+        if image_features is None:
+            if count:
+                raise ValueError(f"input_ids hold {count} image placeholder tokens (id {self.image_token_id}) but no "
+                                 f"image_features were given")
+            return embeds, placeholders.long()
+        if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
+            raise ValueError(f"image_features must have shape [N_images, tokens, C={self.vision_dim}], got "
+                             f"{tuple(image_features.shape)}")
+        n_images, tokens = image_features.shape[:2]
+        if count != n_images * tokens:
+            raise ValueError(f"input_ids hold {count} image placeholder tokens but image_features carry "
+                             f"{n_images} images x {tokens} tokens = {n_images * tokens}")
+        projected = self.project(image_features.to(self.projector_dtype())).to(embeds.dtype)
+        embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]))
+        return embeds, placeholders.long()
+
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def project(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.projector(image_features)
+
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, past_key_values) -> dict:
+        return {}
+
+    # -- training stages -----------------------------------------------------------------------------------
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def apply_stage(self, model, stage: int) -> None:
+        """Per-stage behaviour beyond which parameters train (PILL switches MAG and routing)."""
+
+
+def _named(model, predicate) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if predicate(name)}
+
+
+class PillMultimodal(MultimodalAdapter):
+    method = "pill"
+
+    def __init__(self, config: PillConfig, vision_dim: int, hidden_size: int, image_token_id: int):
+        super().__init__(config, vision_dim, image_token_id)
+        self.projector = (LinearProjector(vision_dim, hidden_size) if config.projector == "linear"
+                          else MLPProjector(vision_dim, config.projector_hidden, hidden_size))
+
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        if stage == 1:  # projector + visual experts (SEEDS.md B1; the unused gates are left out)
+            return _named(model, lambda n: n.startswith("multimodal.projector.") or ".experts.visual." in n)
+        return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
+
+    def apply_stage(self, model, stage: int) -> None:
+        for layer in model.model.layers:
+            layer.pill_stage = stage
+
+
+class LavinMultimodal(MultimodalAdapter):
+    method = "lavin"
+
+    def __init__(self, config: LavinConfig, vision_dim: int, hidden_size: int, image_token_id: int):
+        super().__init__(config, vision_dim, image_token_id)
+        self.projector = MLPProjector(vision_dim, config.projector_hidden, hidden_size)
+        # The seed's adapter_modality_embedding: nn.Embedding(2, D), N(0, 1).
+        self.modality_embedding = nn.Parameter(torch.randn(2, hidden_size))
+
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, past_key_values) -> dict:
+        sequence_modality = extra.get("sequence_modality")
+        if sequence_modality is None:
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("LaVIN routes per sequence from the prompt's modality: when decoding with a cache, "
+                                 "pass sequence_modality [B] (1 where the sequence has an image); generate() does")
+            batch = extra["batch"]
+            sequence_modality = (mm_token_type_ids.any(dim=-1) if mm_token_type_ids is not None else
+                                 torch.zeros(batch, dtype=torch.bool, device=self.modality_embedding.device))
+        return {"mm_routing_weights": self.routing_weights(model, sequence_modality)}
+
+    def routing_weights(self, model, sequence_modality: torch.Tensor) -> torch.Tensor:
+        """[B, L, E] routing weights of every layer from each sequence's modality token."""
+        dtype = model.get_input_embeddings().weight.dtype
+        state = self.modality_embedding[sequence_modality.to(torch.long)].to(dtype)
+        weights = []
+        for layer in model.model.layers:
+            w, state = layer.modality_token_step(state)
+            weights.append(w)
+        return torch.stack(weights, dim=1)
+
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
+
+
+class LlamaAdapterV2Multimodal(MultimodalAdapter):
+    method = "llama_adapter_v2"
+
+    def __init__(self, config: LlamaAdapterV2Config, vision_dim: int, hidden_size: int):
+        super().__init__(config, vision_dim, None)
+        self.projector = VisualPromptProjector(vision_dim, hidden_size, config.prompt_len, config.visual_blocks,
+                                               config.visual_heads)
+        self.tuned_bias_names: list[str] = []
+
+    def embed(self, model, input_ids, image_features):
+        return model.get_input_embeddings()(input_ids), None
+
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, past_key_values) -> dict:
+        prompts = extra.get("visual_prompts")
+        if prompts is None and image_features is not None:
+            prompts = self.visual_prompts(image_features, extra.get("sequence_modality"))
+        return {"mm_visual_prompts": prompts}
+
+    def visual_prompts(self, image_features: torch.Tensor, sequence_modality: torch.Tensor | None = None):
+        if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
+            raise ValueError(f"image_features must have shape [B, tokens, C={self.vision_dim}] (one image per "
+                             f"sequence for LLaMA-Adapter V2), got {tuple(image_features.shape)}")
+        prompts = self.projector(image_features.to(self.projector_dtype()))
+        if sequence_modality is not None:  # text-only rows get no visual prompt
+            prompts = prompts * sequence_modality.to(prompts.dtype)[:, None, None]
+        return prompts
+
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        if stage == 1:  # gates, visual projector, adaption prompts (the seed's pretrain phase)
+            return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
+        tuned = set(self.tuned_bias_names)
+        return _named(model, lambda n: n in tuned or (self.config.norm_tuning and "norm.weight" in n
+                                                      and not n.startswith("multimodal.")))
+
+
+class MultimodalLlamaForCausalLM(LlamaForCausalLM):
+    """A LlamaForCausalLM with a method injected; created by the `inject_*` functions, never directly."""
+
+    multimodal: MultimodalAdapter
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, image_features=None,
+                mm_token_type_ids=None, sequence_modality=None, visual_prompts=None, **kwargs):
+        """LlamaForCausalLM.forward plus ``image_features``, ``mm_token_type_ids`` [B, S] (derived from the
+        placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted) and
+        precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2)."""
+        mm = self.multimodal
+        if self.training:
+            _refuse_reentrant_checkpointing(self)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds, derived_types = mm.embed(self, input_ids, None if isinstance(
+                mm, LlamaAdapterV2Multimodal) else image_features)
+            if mm_token_type_ids is None:
+                mm_token_type_ids = derived_types
+        elif image_features is not None and not isinstance(mm, LlamaAdapterV2Multimodal):
+            raise ValueError("pass image_features together with input_ids, not with inputs_embeds: the features "
+                             "are scattered into the placeholder embeddings")
+        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(f"mm_token_type_ids must have shape [batch, seq] = {tuple(inputs_embeds.shape[:2])}, "
+                             f"got {tuple(mm_token_type_ids.shape)}")
+        if attention_mask is not None and attention_mask.dim() == 2 and \
+                attention_mask.shape[0] != inputs_embeds.shape[0]:
+            raise ValueError(f"attention_mask has batch {attention_mask.shape[0]} but the inputs have "
+                             f"{inputs_embeds.shape[0]}")
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Count positions over real tokens only, so a left-padded sequence starts at 0 as it would alone. RoPE
+            # scores between tokens are relative anyway, but LLaMA-Adapter V2's prompt keys carry no rotation.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+        if labels is not None and mm.image_token_id is not None and input_ids is not None:
+            # Image positions are never supervised (the seed labels them 0 = ignore); their ids may lie outside
+            # the vocabulary.
+            labels = labels.masked_fill(labels == mm.image_token_id, -100)
+        extra = {"sequence_modality": sequence_modality, "visual_prompts": visual_prompts,
+                 "batch": inputs_embeds.shape[0]}
+        layer_kwargs = mm.layer_kwargs(self, mm_token_type_ids, image_features, extra, past_key_values)
+        return super().forward(attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                               use_cache=use_cache, logits_to_keep=logits_to_keep,
+                               mm_token_type_ids=mm_token_type_ids, **layer_kwargs, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, image_features=None, **kwargs):
+        """transformers' generate with image features: the prompt's embeddings (images scattered in) are built
+        once, and the per-sequence inputs (LaVIN's modality, LLaMA-Adapter V2's visual prompts) are fixed from
+        the prompt for every decoding step. Returns prompt and generated ids, as generate does."""
+        if input_ids is None:
+            raise ValueError("generate needs input_ids")
+        mm = self.multimodal
+        if isinstance(mm, LlamaAdapterV2Multimodal):
+            if image_features is not None:
+                kwargs["visual_prompts"] = mm.visual_prompts(image_features, kwargs.get("sequence_modality"))
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        inputs_embeds, mm_token_type_ids = mm.embed(self, input_ids, image_features)
+        if isinstance(mm, LavinMultimodal) and kwargs.get("sequence_modality") is None:
+            kwargs["sequence_modality"] = mm_token_type_ids.any(dim=-1)
+        # Placeholder ids may lie outside the vocabulary; decoding steps only see generated ids.
+        return super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                mm_token_type_ids=mm_token_type_ids, **kwargs)
+
+    # -- conveniences ------------------------------------------------------------------------------------
+    def set_stage(self, stage: int) -> None:
+        set_stage(self, stage)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def _refuse_reentrant_checkpointing(model) -> None:
+    for layer in model.model.layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True drops the gradients of per-call inputs that reach "
+                "the layers as keyword arguments (LaVIN routing, LLaMA-Adapter V2 visual prompts); enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Injection
+# ----------------------------------------------------------------------------------------------------------
+
+def _swap_layers(model, layer_class, init) -> None:
+    for index, layer in enumerate(model.model.layers):
+        layer.__class__ = layer_class
+        init(index, layer)
+
+
+def _finish(model, multimodal: MultimodalAdapter) -> MultimodalLlamaForCausalLM:
+    device = model.get_input_embeddings().weight.device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Adapters stay fp32 (the seed keeps them fp32 under autocast) but live on the model's device.
+    multimodal.to(device)
+    for layer in model.model.layers:
+        for name, p in layer.named_parameters():
+            if name.startswith("pill_") and p.device != device:
+                p.data = p.data.to(device)
+    model.__class__ = MultimodalLlamaForCausalLM
+    model.multimodal = multimodal
+    model.train(model.training)  # new submodules start in training mode; follow the model's mode
+    set_stage(model, multimodal.stage)
+    return model
+
+
+def inject_pill(model: LlamaForCausalLM, config: PillConfig | None = None, *, vision_dim: int,
+                image_token_id: int) -> MultimodalLlamaForCausalLM:
+    """Add PILL to `model` in place (all layers): attention adapter, MAG, MoMAE; returns the model.
+
+    At initialisation a text-only input gives the base model's logits (zero up-projections; MAG only touches
+    image tokens). The model starts in stage 2; call ``set_stage(model, 1)`` for stage-1 training.
+    """
+    config = config or PillConfig()
+    _check_llama(model)
+    _check_vision_dim(vision_dim)
+    hc = model.config
+    last = hc.num_hidden_layers - 1
+    _swap_layers(model, PillDecoderLayer, lambda i, layer: layer.pill_init(hc, config, i == last))
+    return _finish(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id))
+
+
+def inject_lavin(model: LlamaForCausalLM, config: LavinConfig | None = None, *, vision_dim: int,
+                 image_token_id: int) -> MultimodalLlamaForCausalLM:
+    """Add LaVIN's mixture-of-modality adapters to `model` in place; returns the model.
+
+    Routing is soft and per sequence, from a learned modality token that attends only to itself (as in the
+    seed), so a sequence's output never depends on the rest of the batch.
+    """
+    config = config or LavinConfig()
+    _check_llama(model)
+    _check_vision_dim(vision_dim)
+    hc = model.config
+    _swap_layers(model, LavinDecoderLayer, lambda i, layer: layer.pill_init(hc, config))
+    return _finish(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id))
+
+
+def inject_llama_adapter_v2(model: LlamaForCausalLM, config: LlamaAdapterV2Config | None = None, *,
+                            vision_dim: int) -> MultimodalLlamaForCausalLM:
+    """Add LLaMA-Adapter V2 to `model` in place: gated adaption prompts in the last layers with visual
+    features added, zero-init biases (bias tuning) and trainable norms; returns the model."""
+    config = config or LlamaAdapterV2Config()
+    _check_llama(model)
+    _check_vision_dim(vision_dim)
+    hc = model.config
+    prompt_layers = config.prompt_layers if config.prompt_layers is not None else max(hc.num_hidden_layers - 1, 1)
+    if prompt_layers > hc.num_hidden_layers:
+        raise ValueError(f"LlamaAdapterV2Config.prompt_layers ({prompt_layers}) exceeds the model's "
+                         f"{hc.num_hidden_layers} layers")
+    first_prompted = hc.num_hidden_layers - prompt_layers
+    _swap_layers(model, LlamaAdapterV2DecoderLayer,
+                 lambda i, layer: layer.pill_init(hc, config, i >= first_prompted))
+    multimodal = LlamaAdapterV2Multimodal(config, vision_dim, hc.hidden_size)
+    if config.bias_tuning:
+        for name, module in model.model.layers.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, nn.Linear) and leaf in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                if module.bias is None:
+                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                           device=module.weight.device))
+                multimodal.tuned_bias_names.append(f"model.layers.{name}.bias")
+    return _finish(model, multimodal)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------------------
+
+def _multimodal(model) -> MultimodalAdapter:
+    if not isinstance(model, MultimodalLlamaForCausalLM):
+        raise TypeError(f"expected a model returned by inject_pill / inject_lavin / inject_llama_adapter_v2, got "
+                        f"{type(model).__name__}")
+    return model.multimodal
+
+
+def stage_parameters(model, stage: int) -> dict[str, nn.Parameter]:
+    """The parameters trained in `stage`, by name."""
+    mm = _multimodal(model)
+    if stage not in mm.config.stages:
+        raise ValueError(f"{mm.method} has stages {mm.config.stages}, got stage {stage!r}")
+    return mm.stage_parameters(model, stage)
+
+
+def adapter_parameters(model) -> dict[str, nn.Parameter]:
+    """Every parameter the method trains in any stage: what an adapter checkpoint holds."""
+    mm = _multimodal(model)
+    names: dict[str, nn.Parameter] = {}
+    for stage in mm.config.stages:
+        names.update(mm.stage_parameters(model, stage))
+    return dict(sorted(names.items()))
+
+
+def set_stage(model, stage: int) -> None:
+    """Make exactly `stage`'s parameters trainable and switch stage-dependent behaviour (PILL's MAG bypass and
+    last-layer routing in stage 1)."""
+    mm = _multimodal(model)
+    trainable = stage_parameters(model, stage)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    mm.stage = stage
+    mm.apply_stage(model, stage)
+
+
+def trainable_parameter_report(model) -> str:
+    """Trainable parameter counts of every stage, split by component."""
+    mm = _multimodal(model)
+    total = sum(p.numel() for p in model.parameters())
+    lines = [f"{mm.method}: {total:,} parameters in all; current stage {mm.stage}"]
+    for stage in mm.config.stages:
+        params = stage_parameters(model, stage)
+        groups: dict[str, int] = {}
+        for name, p in params.items():
+            groups[_component(name)] = groups.get(_component(name), 0) + p.numel()
+        count = sum(groups.values())
+        lines.append(f"  stage {stage}: {count:,} trainable ({100.0 * count / total:.3f}%)")
+        for component, n in sorted(groups.items()):
+            lines.append(f"    {component:<28} {n:>14,}")
+    return "\n".join(lines)
+
+
+def _component(name: str) -> str:
+    if name.startswith("multimodal."):
+        return name.split(".")[1]
+    parts = name.split(".")
+    for part in parts:
+        if part.startswith("pill_"):
+            return part + ("." + parts[parts.index(part) + 2] if part == "pill_ffn_experts" else "")
+    if "norm" in name:
+        return "norms"
+    if name.endswith(".bias"):
+        return "biases"
+    return parts[-1]

@@ -1,0 +1,130 @@
+"""Backend choice for the fused ops: "eager" | "triton" | "cuda" | "auto", per call or process-wide.
+
+A backend registers, per op, a forward and a backward implementation plus a predicate saying whether it can
+run on a given device. Asking for a backend that is missing or cannot run raises `BackendUnavailableError`
+naming the op, the backend and why; nothing falls back silently. "auto" picks, per op and device, the first
+backend in `AUTO_PREFERENCE` that can run, and `explain()` says which one it picked and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("eager", "triton", "cuda")
+CHOICES = BACKENDS + ("auto",)
+# Fused kernels first once they exist and are measured faster; eager is always available.
+AUTO_PREFERENCE = ("cuda", "triton", "eager")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run this op here."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    forward: Callable
+    backward: Callable
+    # Returns None when the backend can run on this device, else the reason it cannot.
+    unavailable_reason: Callable[[torch.device], str | None]
+
+
+_registry: dict[str, dict[str, Kernel]] = {}
+_state = threading.local()
+_HOW_TO_GET = {
+    "triton": "the Triton kernels arrive with the Triton backend; install triton and run on a CUDA GPU",
+    "cuda": "build the compiled extension with a CUDA torch: pip install --no-build-isolation .",
+}
+
+
+def register(op: str, backend: str, forward: Callable, backward: Callable,
+             unavailable_reason: Callable[[torch.device], str | None] = lambda device: None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _registry.setdefault(op, {})[backend] = Kernel(forward, backward, unavailable_reason)
+
+
+def _check_choice(backend: str, argument: str = "backend") -> str:
+    if backend not in CHOICES:
+        raise ValueError(f"{argument} must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def _default_backend() -> str:
+    override = getattr(_state, "backend", None)
+    if override is not None:
+        return override
+    return _check_choice(os.environ.get("PILL_KERNELS_BACKEND", "auto"), "PILL_KERNELS_BACKEND")
+
+
+def get_backend() -> str:
+    """The backend used when a call passes none: `use_backend`/`set_backend`, else $PILL_KERNELS_BACKEND, else auto."""
+    return _default_backend()
+
+
+def set_backend(backend: str) -> None:
+    """Set the default backend for this thread."""
+    _state.backend = _check_choice(backend)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run the block with `backend` as the default."""
+    previous = getattr(_state, "backend", None)
+    _state.backend = _check_choice(backend)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def explain(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, str]:
+    """(chosen backend, reason) for `op` on `device`; raises BackendUnavailableError for an impossible request."""
+    device = torch.device(device)
+    requested = _check_choice(backend if backend is not None else _default_backend())
+    kernels = _registry.get(op)
+    if kernels is None:
+        raise KeyError(f"unknown op {op!r}; known ops: {sorted(_registry)}")
+    if requested != "auto":
+        kernel = kernels.get(requested)
+        if kernel is None:
+            raise BackendUnavailableError(
+                f"backend {requested!r} is not available for op {op!r}: it is not implemented in this build "
+                f"({_HOW_TO_GET.get(requested, '')}). Available: {available_backends(op, device)}")
+        reason = kernel.unavailable_reason(device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run op {op!r} on {device}: {reason}")
+        return requested, "asked for by name"
+    skipped = []
+    for candidate in AUTO_PREFERENCE:
+        kernel = kernels.get(candidate)
+        if kernel is None:
+            skipped.append(f"{candidate}: not built")
+            continue
+        reason = kernel.unavailable_reason(device)
+        if reason is None:
+            return candidate, "auto: " + ("; ".join(skipped + [f"{candidate}: chosen"]))
+        skipped.append(f"{candidate}: {reason}")
+    raise BackendUnavailableError(f"no backend can run op {op!r} on {device}: {'; '.join(skipped)}")
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """The concrete backend that runs `op` on `device` for the requested (or default) backend."""
+    return explain(op, device, backend)[0]
+
+
+def kernel(op: str, backend: str) -> Kernel:
+    return _registry[op][backend]
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [name for name, k in _registry.get(op, {}).items() if k.unavailable_reason(device) is None]
+
+
+def registered_ops() -> list[str]:
+    return sorted(_registry)

@@ -1,0 +1,160 @@
+"""Plain-PyTorch ground truth for every fused op (DESIGN.md, "The fused ops").
+
+These functions are the specification: tests compare every backend against them (in float64 on small
+shapes), benchmarks use them as the eager baseline, and the "eager" backend runs them. They are written
+for clarity first; each differentiates through autograd.
+
+Shapes: T tokens (B*S flattened), D hidden, r bottleneck, E experts, H query heads, Hkv key/value heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "glu_adapter",
+    "routed_glu_adapter",
+    "soft_routed_adapter",
+    "modality_gate",
+    "gated_attention",
+]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs are normalised in fp32 as Hugging Face's LlamaRMSNorm does; fp64 stays fp64 so that
+    # the float64 ground truth is not rounded through fp32.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA RMSNorm with the rounding order of transformers' LlamaRMSNorm: normalise in fp32, cast, scale."""
+    xf = x.to(_accumulation_dtype(x.dtype))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype)
+
+
+def glu_adapter(n: torch.Tensor, w_down: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """PILL's GLU adapter without its skip: ``W_up(SiLU(n W_gate) * (n W_down))``; w_down/w_gate [D, r], w_up [r, D]."""
+    return (F.silu(n @ w_gate) * (n @ w_down)) @ w_up
+
+
+def routed_glu_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    expert_ids: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Hard-routed GLU adapter experts with their input skip (PILL MoMAE; E=1 is PILL's attention adapter).
+
+    ``y[t] = n[t] + A_{e(t)}(n[t])`` with ``n = RMSNorm(x; norm_weight, eps)`` when ``norm_weight`` is given,
+    else ``n = x``. x [T, D]; w_down, w_gate [E, D, r]; w_up [E, r, D]; expert_ids [T] integers in [0, E)
+    (may be None when E == 1). Each token goes through its own expert only.
+    """
+    n = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+    num_experts = w_down.shape[0]
+    if num_experts == 1:
+        return n + glu_adapter(n, w_down[0], w_gate[0], w_up[0])
+    delta = torch.zeros_like(n)
+    for e in range(num_experts):
+        idx = (expert_ids == e).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        delta = delta.index_add(0, idx, glu_adapter(n.index_select(0, idx), w_down[e], w_gate[e], w_up[e]))
+    return n + delta
+
+
+def soft_routed_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+    routing_weights: torch.Tensor,
+    dropout_mask: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """LaVIN's RepAdapter router: a shared down-projection and E soft-mixed up-projections, plus the input skip.
+
+    ``z = (n W_down + b_down) * dropout_mask``;
+    ``y = n + scale * sum_e routing_weights[t, e] * (z W_up[e] + b_up[e])``.
+    x [T, D]; w_down [D, r]; b_down [r]; w_up [E, r, D] (LaVIN's grouped 1x1 convolutions are block-diagonal
+    dense matrices here); b_up [E, D]; routing_weights [T, E]; dropout_mask [T, r] already scaled by 1/(1-p),
+    or None outside training.
+    """
+    n = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+    z = n @ w_down + b_down
+    if dropout_mask is not None:
+        z = z * dropout_mask
+    experts = torch.einsum("tr,erd->ted", z, w_up) + b_up  # [T, E, D]
+    mixed = torch.einsum("te,ted->td", routing_weights, experts)
+    return n + scale * mixed
+
+
+def modality_gate(x: torch.Tensor, w_gate: torch.Tensor, v: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """PILL's modality attention gate (MAG) on values.
+
+    ``gate = tanh(x W_gate)`` [T, Hg]; ``v[t, h, :] *= gate[t, h]`` for image tokens (image_mask[t] True);
+    text tokens pass through. x [T, D]; w_gate [D, Hg]; v [T, Hg, hd]; image_mask [T] bool.
+    """
+    gate = torch.tanh(x @ w_gate)
+    multiplier = torch.where(image_mask[:, None], gate, torch.ones_like(gate))
+    return v * multiplier[..., None]
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate_logits: torch.Tensor | None = None,
+    image_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prompt_k: torch.Tensor | None = None,
+    prompt_v: torch.Tensor | None = None,
+    prompt_gate: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention with PILL's per-query-head value gate and LLaMA-Adapter V2's prompt branch.
+
+    q [B, H, S, hd]; k, v [B, Hkv, Skv, hd] (Hkv divides H; the last S keys are the queries' own positions, so
+    query i sits at key position Skv - S + i). gate_logits [B, H, Skv]: for image keys (image_mask [B, Skv])
+    the value seen by query head h is scaled by tanh(gate_logits[b, h, j]). key_padding_mask [B, Skv]: True
+    for real keys. Prompt branch: ``+ tanh(prompt_gate[h]) * softmax(q prompt_k^T * scale) prompt_v`` with
+    prompt_k, prompt_v [B, Hkv, K, hd] (no causal mask, its own softmax). A query that may attend to no key
+    (a padding row) outputs zeros from the token branch. Returns [B, H, S, hd].
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    if gate_logits is not None:
+        gate = torch.tanh(gate_logits)
+        multiplier = torch.where(image_mask[:, None, :], gate, torch.ones_like(gate))
+        v = v * multiplier[..., None]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=q.device)
+    if causal:
+        offset = seq_k - seq_q
+        rows = torch.arange(seq_q, device=q.device)[:, None] + offset
+        cols = torch.arange(seq_k, device=q.device)[None, :]
+        allowed = allowed & (cols <= rows)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+    out = probs @ v
+    if prompt_k is not None:
+        pk = prompt_k.repeat_interleave(group, dim=1)
+        pv = prompt_v.repeat_interleave(group, dim=1)
+        prompt_probs = torch.softmax((q @ pk.transpose(-1, -2)) * scale, dim=-1)
+        out = out + torch.tanh(prompt_gate)[None, :, None, None] * (prompt_probs @ pv)
+    return out
+

@@ -1,0 +1,101 @@
+"""Build and install pill-kernels.
+
+    pip install --no-build-isolation .        # torch must already be installed
+
+The compiled extension pill_kernels._C is optional. With a CUDA torch and a CUDA toolkit (CUDA_HOME) it builds
+C++ and CUDA sources (csrc/*.cpp, csrc/*.cu) for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise;
+with a CPU torch it builds the C++ sources only. Environment:
+    PILL_KERNELS_BUILD_CUDA=1|0   force or skip the CUDA part (default: auto)
+    PILL_KERNELS_SKIP_EXT=1       build no extension at all (pure Python install; eager backend only)
+    MAX_JOBS                      parallel compile jobs (default: capped by cores and memory)
+Keep torch out of the isolated build environment: an isolated build pulls another torch than the one the
+extension will run against, hence --no-build-isolation.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def say(message):
+    print(f"[pill-kernels setup] {message}", file=sys.stderr, flush=True)
+
+
+def default_max_jobs():
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gib = 8
+    # nvcc with several archs peaks near 4 GiB per job.
+    return str(max(1, min(os.cpu_count() or 1, int(memory_gib // 4))))
+
+
+def extension_modules():
+    if os.environ.get("PILL_KERNELS_SKIP_EXT") == "1":
+        say("PILL_KERNELS_SKIP_EXT=1: building no extension (eager backend only)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        say("torch is not importable in the build environment: building no extension. Install torch first and "
+            "use `pip install --no-build-isolation .`")
+        return [], {}
+    os.environ.setdefault("MAX_JOBS", default_max_jobs())
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    forced = os.environ.get("PILL_KERNELS_BUILD_CUDA")
+    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced == "1" and not cuda_possible:
+        raise RuntimeError(f"PILL_KERNELS_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
+                           f"CUDA_HOME={CUDA_HOME!r}: a CUDA torch and a CUDA toolkit are required")
+    with_cuda = cuda_possible and forced != "0" and bool(cu_sources)
+    cxx_flags = ["-O3", "-g0", "-std=c++17"]
+    if with_cuda:
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        cuda_version = torch.version.cuda
+        define = ["-DPILL_KERNELS_WITH_CUDA", f'-DPILL_KERNELS_CUDA_VERSION="{cuda_version}"']
+        ext = CUDAExtension(
+            "pill_kernels._C", cpp_sources + cu_sources,
+            extra_compile_args={"cxx": cxx_flags + define,
+                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + define})
+        say(f"building pill_kernels._C with C++ and CUDA {cuda_version} kernels for TORCH_CUDA_ARCH_LIST="
+            f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, MAX_JOBS={os.environ['MAX_JOBS']}")
+    else:
+        why = ("PILL_KERNELS_BUILD_CUDA=0" if forced == "0" else "no csrc/*.cu sources" if not cu_sources
+               else f"torch has no CUDA (torch.version.cuda={torch.version.cuda!r})" if torch.version.cuda is None
+               else "no CUDA toolkit found (set CUDA_HOME)")
+        ext = CppExtension("pill_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        say(f"building pill_kernels._C with C++ CPU kernels only: {why}")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="pill-kernels",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for PILL, LaVIN and LLaMA-Adapter V2 on Hugging Face LLaMA models",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pill_kernels", "pill_kernels.*", "pill", "pill.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+    zip_safe=False,
+)
