@@ -110,9 +110,10 @@ def _mismatches(saved: dict, current: dict, prefix: str) -> list[str]:
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
-def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = False) -> None:
+def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True) -> None:
     """Load an adapter saved by `save_adapter` into a model with the same method injected.
 
+    The model is switched to the stage the adapter was saved in unless ``set_saved_stage=False``.
     Raises ValueError listing every mismatch of method, method configuration, vision width, image token and
     base model shape, and every missing, unexpected or mis-shaped tensor.
     """
@@ -159,5 +160,5 @@ def load_pretrained_adapter(model, path: str | os.PathLike) -> MultimodalLlamaFo
         model = inject_lavin(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"])
     else:
         model = inject_llama_adapter_v2(model, config, vision_dim=saved["vision_dim"])
-    load_adapter(model, path, set_saved_stage=True)
+    load_adapter(model, path)
     return model

@@ -44,7 +44,7 @@ class MultimodalAdapter(nn.Module):
         self.config = config
         self.vision_dim = vision_dim
         self.image_token_id = image_token_id
-        self.stage = config.stages[-1]
+        self.stage = config.stages[0]  # training starts at the first stage
 
     # -- inputs --------------------------------------------------------------------------------------------
     def embed(self, model, input_ids: torch.Tensor, image_features: torch.Tensor | None):
@@ -297,7 +297,7 @@ def inject_pill(model: LlamaForCausalLM, config: PillConfig | None = None, *, vi
     """Add PILL to `model` in place (all layers): attention adapter, MAG, MoMAE; returns the model.
 
     At initialisation a text-only input gives the base model's logits (zero up-projections; MAG only touches
-    image tokens). The model starts in stage 2; call ``set_stage(model, 1)`` for stage-1 training.
+    image tokens). The model starts in stage 1 (training order); ``set_stage(model, 2)`` moves on.
     """
     config = config or PillConfig()
     _check_llama(model)

@@ -26,7 +26,9 @@ def inject(method, model):
 
 
 def make_model(method, dtype=torch.float64, randomize=True, **kwargs):
+    """The method injected, in its last stage (every part active: PILL's MAG, ...), adapters randomised."""
     model = inject(method, make_llama(dtype, **kwargs)).to(dtype)
+    pill.set_stage(model, model.multimodal.config.stages[-1])
     if randomize:
         randomize_adapters(model)
     return model

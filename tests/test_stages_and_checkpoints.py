@@ -1,0 +1,199 @@
+"""Training stages (trainable sets per method), adapter checkpoints, and bad model-level input."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import pill
+from conftest import IMAGE_TOKEN, VISION_DIM, make_llama, multimodal_batch, randomize_adapters
+from test_models import batch_for, inject, make_model
+
+
+def names(params):
+    return set(params)
+
+
+def test_pill_stage_parameter_groups_match_the_seed():
+    model = make_model("pill", randomize=False)
+    hidden, r, layers, kv_heads = 40, 5, 3, 2
+    glu = 3 * hidden * r
+    stage1 = pill.stage_parameters(model, 1)
+    assert all(n.startswith("multimodal.projector.") or ".experts.visual." in n for n in stage1)
+    assert sum(p.numel() for p in stage1.values()) == VISION_DIM * hidden + layers * glu
+    stage2 = pill.stage_parameters(model, 2)
+    assert sum(p.numel() for p in stage2.values()) == VISION_DIM * hidden + layers * (3 * glu + hidden * kv_heads)
+    pill.set_stage(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == names(stage1)
+    assert all(layer.pill_stage == 1 for layer in model.model.layers)
+    report = pill.trainable_parameter_report(model)
+    assert "stage 1:" in report and "stage 2:" in report and "pill_ffn_experts.visual" in report
+
+
+def test_pill_stage1_last_layer_sends_text_to_the_visual_expert():
+    model = make_model("pill")
+    pill.set_stage(model, 1)
+    ids = torch.randint(3, 96, (2, 7))  # text only: only the inverted last layer can reach a visual expert
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    last = model.model.layers[-1].pill_ffn_experts.experts["visual"].w_up.grad
+    first = model.model.layers[0].pill_ffn_experts.experts["visual"].w_up.grad
+    assert last is not None and last.abs().max() > 0
+    assert first is None or first.abs().max() == 0
+    assert model.model.layers[-1].pill_ffn_experts.experts["text"].w_up.grad is None  # frozen in stage 1
+
+
+def test_pill_stage1_invert_can_be_turned_off():
+    model = pill.inject_pill(make_llama(), pill.PillConfig(adapter_dim=4, stage1_invert_last_layer=False),
+                             vision_dim=VISION_DIM, image_token_id=IMAGE_TOKEN)
+    pill.set_stage(model, 1)
+    assert model.model.layers[-1].pill_expert_ids(torch.tensor([[True, False]])).tolist() == [[1, 0]]
+
+
+def test_llama_adapter_v2_stages_are_disjoint_and_lavin_has_one_stage():
+    model = make_model("llama_adapter_v2", randomize=False)
+    s1, s2 = pill.stage_parameters(model, 1), pill.stage_parameters(model, 2)
+    assert s1 and s2 and not (set(s1) & set(s2))
+    assert any("pill_prompt_gate" in n for n in s1) and any(n.startswith("multimodal.projector") for n in s1)
+    assert all("norm.weight" in n or n.endswith(".bias") for n in s2)
+    assert "model.norm.weight" in s2 and "model.layers.0.self_attn.q_proj.bias" in s2
+    assert not any("k_proj" in n or "v_proj" in n for n in s2)  # the seed tunes no k/v biases
+    # Prompts in the last L layers only: all but the first by default.
+    assert [layer.pill_has_prompt for layer in model.model.layers] == [False, True, True]
+    lavin = make_model("lavin", randomize=False)
+    with pytest.raises(ValueError, match=r"lavin has stages \(1,\)"):
+        pill.set_stage(lavin, 2)
+
+
+@pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
+def test_save_load_round_trip_is_exact_and_holds_only_adapter_weights(method, tmp_path):
+    model = make_model(method)
+    pill.set_stage(model, 1)
+    ids, features, extra = batch_for(method)
+    expected = model(input_ids=ids, image_features=features, **extra).logits
+    path = pill.save_adapter(model, tmp_path / "adapter")
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert set(tensors) == set(pill.adapter_parameters(model))
+    assert not any("embed_tokens" in n or "lm_head" in n or "q_proj.weight" in n for n in tensors)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["pill_type"] == model.multimodal.method and config["stage"] == 1
+
+    # A fresh base model with the same weights, the method injected with other random adapters.
+    fresh = make_model(method)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in tensors}, strict=False)
+    assert (fresh(input_ids=ids, image_features=features, **extra).logits - expected).abs().max() > 1e-6
+    pill.load_adapter(fresh, path)
+    assert fresh.multimodal.stage == 1
+    assert torch.equal(fresh(input_ids=ids, image_features=features, **extra).logits, expected)
+    for name, p in pill.adapter_parameters(fresh).items():
+        assert torch.equal(p, tensors[name].to(p.dtype)), name
+
+    # load_pretrained_adapter re-creates the method on a plain LLaMA.
+    plain = make_llama()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k not in tensors and
+                           not k.endswith(".bias")}, strict=False)
+    recreated = pill.load_pretrained_adapter(plain, path)  # fresh adapters are fp32: the fp64 values round
+    assert recreated.multimodal.stage == 1
+    torch.testing.assert_close(recreated(input_ids=ids, image_features=features, **extra).logits, expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_load_refuses_mismatched_configs_naming_them(tmp_path):
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    other = pill.inject_pill(make_llama(), pill.PillConfig(adapter_dim=7), vision_dim=VISION_DIM,
+                             image_token_id=IMAGE_TOKEN)
+    with pytest.raises(ValueError, match=r"config\.adapter_dim: checkpoint has 5, model has 7"):
+        pill.load_adapter(other, path)
+    wider = pill.inject_pill(make_llama(hidden=48), pill.PillConfig(adapter_dim=5), vision_dim=VISION_DIM,
+                             image_token_id=IMAGE_TOKEN)
+    with pytest.raises(ValueError, match=r"base_model\.hidden_size: checkpoint has 40, model has 48"):
+        pill.load_adapter(wider, path)
+    lavin = make_model("lavin")
+    with pytest.raises(ValueError, match="method: checkpoint is 'pill', model has 'lavin'"):
+        pill.load_adapter(lavin, path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        pill.load_adapter(model, tmp_path / "nowhere")
+
+
+def test_load_refuses_tampered_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    tensors = load_file(path / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:1]
+    tensors["model.layers.0.stranger"] = torch.zeros(1)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected.*stranger.*shape mismatches"):
+        pill.load_adapter(model, path)
+
+
+def test_save_is_atomic_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    before = (path / "adapter_model.safetensors").read_bytes()
+    randomize_adapters(model)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pill.checkpoint.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pill.save_adapter(model, path)
+    assert (path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # no staging directory left behind
+    monkeypatch.undo()
+    pill.save_adapter(model, path)  # overwriting an existing checkpoint works
+    assert (path / "adapter_model.safetensors").read_bytes() != before
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_bad_model_level_inputs_raise_clear_errors():
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(TypeError, match="expected a transformers LlamaForCausalLM, got MistralForCausalLM"):
+        pill.inject_pill(mistral, vision_dim=8, image_token_id=60)
+    model = make_model("pill")
+    with pytest.raises(ValueError, match="already has the 'pill' adapters injected"):
+        pill.inject_lavin(model, vision_dim=8, image_token_id=60)
+    with pytest.raises(ValueError, match="vision_dim must be the positive feature width"):
+        pill.inject_pill(make_llama(), vision_dim=0, image_token_id=60)
+    ids, features = multimodal_batch(2, 11, images=(True, True))
+    with pytest.raises(ValueError, match="6 image placeholder tokens but image_features carry 1 images x 3 tokens"):
+        model(input_ids=ids, image_features=features[:1])
+    with pytest.raises(ValueError, match="but no image_features were given"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match=r"image_features must have shape \[N_images, tokens, C=24\]"):
+        model(input_ids=ids, image_features=features[..., :-1])
+    with pytest.raises(ValueError, match=r"mm_token_type_ids must have shape \[batch, seq\] = \(2, 11\)"):
+        model(input_ids=ids, image_features=features, mm_token_type_ids=torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="PillConfig.gate_per must be"):
+        pill.PillConfig(gate_per="token")
+    with pytest.raises(ValueError, match="LavinConfig.adapter_dim .* multiple of groups"):
+        pill.LavinConfig(adapter_dim=7, groups=2)
+    with pytest.raises(ValueError, match="unknown keys"):
+        pill.PillConfig.from_dict({"adapter_dim": 4, "rank": 3})
+    with pytest.raises(ValueError, match="prompt_layers .* exceeds"):
+        pill.inject_llama_adapter_v2(make_llama(), pill.LlamaAdapterV2Config(prompt_layers=9, visual_blocks=0,
+                                                                             visual_heads=4), vision_dim=8)
+
+
+@pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
+def test_a_training_step_in_bf16_with_fp32_adapters(method):
+    """The seed's precision recipe: bf16 base, fp32 adapters; gradients land in fp32 master weights."""
+    model = inject(method, make_llama(torch.bfloat16))
+    pill.set_stage(model, 1)
+    ids, features, extra = batch_for(method)
+    features = features.to(torch.bfloat16)
+    loss = model(input_ids=ids, image_features=features, labels=ids, **extra).loss
+    loss.backward()
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert sum(g is not None and g.abs().max() > 0 for g in grads) > 0
