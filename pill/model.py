@@ -230,10 +230,12 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
             raise ValueError(f"mm_token_type_ids must have shape [batch, seq] = {tuple(inputs_embeds.shape[:2])}, "
                              f"got {tuple(mm_token_type_ids.shape)}")
-        if attention_mask is not None and attention_mask.dim() == 2 and \
-                attention_mask.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(f"attention_mask has batch {attention_mask.shape[0]} but the inputs have "
-                             f"{inputs_embeds.shape[0]}")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            expected = (inputs_embeds.shape[0], past + inputs_embeds.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(f"attention_mask must have shape [batch, cached + new tokens] = {expected}, got "
+                                 f"{tuple(attention_mask.shape)}")
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Count positions over real tokens only, so a left-padded sequence starts at 0 as it would alone. RoPE
             # scores between tokens are relative anyway, but LLaMA-Adapter V2's prompt keys carry no rotation.

@@ -173,6 +173,8 @@ def test_bad_model_level_inputs_raise_clear_errors():
         model(input_ids=ids, image_features=features[..., :-1])
     with pytest.raises(ValueError, match=r"mm_token_type_ids must have shape \[batch, seq\] = \(2, 11\)"):
         model(input_ids=ids, image_features=features, mm_token_type_ids=torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, cached \+ new tokens\] = \(2, 11\)"):
+        model(input_ids=ids, image_features=features, attention_mask=torch.ones(2, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="PillConfig.gate_per must be"):
         pill.PillConfig(gate_per="token")
     with pytest.raises(ValueError, match="LavinConfig.adapter_dim .* multiple of groups"):
