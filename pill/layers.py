@@ -125,15 +125,14 @@ class PillDecoderLayer(_MultimodalDecoderLayer):
         residual = hidden_states
         a = self.pill_attn_adapter(hidden_states, norm=self.input_layernorm)
         q, k, v = self._qkv(a)
-        gate_weight = self.pill_value_gate.weight.to(a.dtype)
         if self.pill_gate_enabled and self.pill_gate_per == "kv_head":
             # Gate before the cache so that cached image values are already gated (decoding sees text only).
-            v = pk.modality_gate(a, gate_weight, v, image, backend=self.pill_backend)
+            v = pk.modality_gate(a, self.pill_value_gate.weight.to(a.dtype), v, image, backend=self.pill_backend)
         v = v.transpose(1, 2)
         q, k, v = self._rope_and_cache(q, k, v, position_embeddings, past_key_values)
         if self.pill_gate_enabled and self.pill_gate_per == "query_head":
-            gate_logits, key_image = self._cached_gate_logits((a @ gate_weight).transpose(1, 2), image,
-                                                              past_key_values)
+            gate_logits = (a @ self.pill_value_gate.weight.to(a.dtype)).transpose(1, 2)
+            gate_logits, key_image = self._cached_gate_logits(gate_logits, image, past_key_values)
             attn_out = pk.gated_attention(
                 q, k, v, gate_logits=gate_logits, image_mask=key_image,
                 key_padding_mask=key_padding_from_attention_mask(attention_mask, q.shape[0], k.shape[2]),

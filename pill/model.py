@@ -102,6 +102,13 @@ class MultimodalAdapter(nn.Module):
     def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, past_key_values) -> dict:
         return {}
 
+    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
+        """Inputs fixed from the prompt for every decoding step of generate(): the prompt's embeddings with the
+        images scattered in (placeholder ids may lie outside the vocabulary; decoding steps only see generated
+        ids) and the modality mask."""
+        inputs_embeds, mm_token_type_ids = self.embed(model, input_ids, image_features)
+        return {"inputs_embeds": inputs_embeds, "mm_token_type_ids": mm_token_type_ids}
+
     # -- training stages -----------------------------------------------------------------------------------
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
@@ -152,6 +159,12 @@ class LavinMultimodal(MultimodalAdapter):
                                  torch.zeros(batch, dtype=torch.bool, device=self.modality_embedding.device))
         return {"mm_routing_weights": self.routing_weights(model, sequence_modality)}
 
+    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
+        inputs = super().generate_inputs(model, input_ids, image_features, kwargs)
+        if kwargs.get("sequence_modality") is None:  # decoding steps are text: fix the routing from the prompt
+            inputs["sequence_modality"] = inputs["mm_token_type_ids"].any(dim=-1)
+        return inputs
+
     def routing_weights(self, model, sequence_modality: torch.Tensor) -> torch.Tensor:
         """[B, L, E] routing weights of every layer from each sequence's modality token."""
         dtype = model.get_input_embeddings().weight.dtype
@@ -183,6 +196,11 @@ class LlamaAdapterV2Multimodal(MultimodalAdapter):
         if prompts is None and image_features is not None:
             prompts = self.visual_prompts(image_features, extra.get("sequence_modality"))
         return {"mm_visual_prompts": prompts}
+
+    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
+        if image_features is None:
+            return {}
+        return {"visual_prompts": self.visual_prompts(image_features, kwargs.get("sequence_modality"))}
 
     def visual_prompts(self, image_features: torch.Tensor, sequence_modality: torch.Tensor | None = None):
         if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
@@ -220,11 +238,10 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds, derived_types = mm.embed(self, input_ids, None if isinstance(
-                mm, LlamaAdapterV2Multimodal) else image_features)
+            inputs_embeds, derived_types = mm.embed(self, input_ids, image_features)
             if mm_token_type_ids is None:
                 mm_token_type_ids = derived_types
-        elif image_features is not None and not isinstance(mm, LlamaAdapterV2Multimodal):
+        elif image_features is not None and mm.image_token_id is not None:
             raise ValueError("pass image_features together with input_ids, not with inputs_embeds: the features "
                              "are scattered into the placeholder embeddings")
         if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
@@ -261,16 +278,8 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("generate needs input_ids")
         mm = self.multimodal
         image_features = _features(mm, images, image_features)
-        if isinstance(mm, LlamaAdapterV2Multimodal):
-            if image_features is not None:
-                kwargs["visual_prompts"] = mm.visual_prompts(image_features, kwargs.get("sequence_modality"))
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        inputs_embeds, mm_token_type_ids = mm.embed(self, input_ids, image_features)
-        if isinstance(mm, LavinMultimodal) and kwargs.get("sequence_modality") is None:
-            kwargs["sequence_modality"] = mm_token_type_ids.any(dim=-1)
-        # Placeholder ids may lie outside the vocabulary; decoding steps only see generated ids.
-        return super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                mm_token_type_ids=mm_token_type_ids, **kwargs)
+        kwargs.update(mm.generate_inputs(self, input_ids, image_features, kwargs))
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- conveniences ------------------------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
