@@ -1,9 +1,12 @@
-"""Backend choice for the fused ops: "eager" | "triton" | "cuda" | "auto", per call or process-wide.
+"""Backend choice for the fused ops: "eager" | "triton" | "cuda" | "cpp" | "auto", per call or process-wide.
 
 A backend registers, per op, a forward and a backward implementation plus a predicate saying whether it can
 run on a given device. Asking for a backend that is missing or cannot run raises `BackendUnavailableError`
 naming the op, the backend and why; nothing falls back silently. "auto" picks, per op and device, the first
-backend in `AUTO_PREFERENCE` that can run, and `explain()` says which one it picked and why.
+backend in `AUTO_PREFERENCE` that can run and that auto may use there (a backend can run somewhere without
+being worth picking, e.g. Triton under the CPU interpreter), and `explain()` says which one it picked and why.
+
+"cuda" is the compiled extension's CUDA kernels, "cpp" its C++ CPU kernels.
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("eager", "triton", "cuda")
+BACKENDS = ("eager", "triton", "cuda", "cpp")
 CHOICES = BACKENDS + ("auto",)
-# Fused kernels first once they exist and are measured faster; eager is always available.
-AUTO_PREFERENCE = ("cuda", "triton", "eager")
+# Fused kernels first; a backend that measures slower than another on some device or op says so through its
+# `auto_skip_reason`. eager is always available.
+AUTO_PREFERENCE = ("cuda", "triton", "cpp", "eager")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -31,6 +35,8 @@ class Kernel:
     backward: Callable
     # Returns None when the backend can run on this device, else the reason it cannot.
     unavailable_reason: Callable[[torch.device], str | None]
+    # Returns None when "auto" may pick the backend on this device, else why not (it still runs when named).
+    auto_skip_reason: Callable[[torch.device], str | None]
 
 
 _registry: dict[str, dict[str, Kernel]] = {}
@@ -38,14 +44,22 @@ _state = threading.local()
 _HOW_TO_GET = {
     "triton": "the Triton kernels arrive with the Triton backend; install triton and run on a CUDA GPU",
     "cuda": "build the compiled extension with a CUDA torch: pip install --no-build-isolation .",
+    "cpp": "build the compiled extension: pip install --no-build-isolation . (needs a C++ compiler)",
 }
 
 
+def _no_objection(device: torch.device) -> str | None:
+    return None
+
+
 def register(op: str, backend: str, forward: Callable, backward: Callable,
-             unavailable_reason: Callable[[torch.device], str | None] = lambda device: None) -> None:
+             unavailable_reason: Callable[[torch.device], str | None] = _no_objection,
+             auto_skip_reason: Callable[[torch.device], str | None] = _no_objection) -> None:
+    """Make `backend` an implementation of `op`: `forward` and `backward` take the arguments of the eager
+    implementations in ops.py and return the same outputs (None for gradients of absent optional inputs)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = Kernel(forward, backward, unavailable_reason)
+    _registry.setdefault(op, {})[backend] = Kernel(forward, backward, unavailable_reason, auto_skip_reason)
 
 
 def _check_choice(backend: str, argument: str = "backend") -> str:
@@ -105,7 +119,7 @@ def explain(op: str, device: torch.device | str, backend: str | None = None) -> 
         if kernel is None:
             skipped.append(f"{candidate}: not built")
             continue
-        reason = kernel.unavailable_reason(device)
+        reason = kernel.unavailable_reason(device) or kernel.auto_skip_reason(device)
         if reason is None:
             return candidate, "auto: " + ("; ".join(skipped + [f"{candidate}: chosen"]))
         skipped.append(f"{candidate}: {reason}")

@@ -3,7 +3,12 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter, which must be chosen before triton
+# is first imported (importing torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 96
 IMAGE_TOKEN = VOCAB + 3  # outside the vocabulary, as the seed's <image_placeholder>

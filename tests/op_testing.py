@@ -1,0 +1,86 @@
+"""Shared by the op tests of every backend: input makers, the mask matrix, DESIGN.md's comparison rule and the
+backends to run."""
+
+import pytest
+import torch
+
+import pill_kernels as pk
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+MASK_KINDS = ["all_text", "all_image", "alternating", "one_image", "random"]
+
+
+def image_mask(kind, tokens):
+    if kind == "all_text":
+        return torch.zeros(tokens, dtype=torch.bool)
+    if kind == "all_image":
+        return torch.ones(tokens, dtype=torch.bool)
+    if kind == "alternating":
+        return torch.arange(tokens) % 2 == 1
+    if kind == "one_image":
+        mask = torch.zeros(tokens, dtype=torch.bool)
+        mask[tokens // 2] = True
+        return mask
+    return torch.rand(tokens) < 0.3
+
+
+def assert_matches_reference(out, out_ref_lowp, out_ref_fp64, atol=1e-5, what="output"):
+    """DESIGN.md's rule: error against the fp64 reference at most 2x the reference's own error in that dtype
+    (plus a small atol); in fp32/fp64 compare directly."""
+    if out.dtype in LOW_PRECISION:
+        err = (out.double() - out_ref_fp64).abs().max().item()
+        ref_err = (out_ref_lowp.double() - out_ref_fp64).abs().max().item()
+        assert err <= 2 * ref_err + atol, f"{what}: error {err:.3e} > 2 x reference error {ref_err:.3e} + {atol}"
+    else:
+        tol = 1e-10 if out.dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(out.double(), out_ref_fp64, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def routed_inputs(tokens, hidden=40, rank=5, experts=2, norm=True, dtype=torch.float64, mask="random"):
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    w_down = 0.3 * torch.randn(experts, hidden, rank, dtype=dtype)
+    w_gate = 0.3 * torch.randn(experts, hidden, rank, dtype=dtype)
+    w_up = 0.3 * torch.randn(experts, rank, hidden, dtype=dtype)
+    ids = image_mask(mask, tokens).long() if experts == 2 else torch.randint(0, experts, (tokens,))
+    norm_weight = (1 + 0.2 * torch.randn(hidden, dtype=dtype)) if norm else None
+    return x, w_down, w_gate, w_up, ids, norm_weight
+
+
+def soft_inputs(tokens=9, hidden=12, rank=4, experts=2, dtype=torch.float64, norm=True, dropout=True):
+    return dict(
+        x=torch.randn(tokens, hidden, dtype=dtype), w_down=0.3 * torch.randn(hidden, rank, dtype=dtype),
+        b_down=0.1 * torch.randn(rank, dtype=dtype), w_up=0.3 * torch.randn(experts, rank, hidden, dtype=dtype),
+        b_up=0.1 * torch.randn(experts, hidden, dtype=dtype),
+        routing_weights=torch.softmax(torch.randn(tokens, experts, dtype=dtype), -1),
+        dropout_mask=((torch.rand(tokens, rank) > 0.25).to(dtype) / 0.75) if dropout else None,
+        norm_weight=(1 + 0.2 * torch.randn(hidden, dtype=dtype)) if norm else None)
+
+
+def attention_inputs(batch=2, heads=4, kv_heads=2, seq_q=6, seq_k=6, head_dim=8, prompts=3, gate=True,
+                     prompt=True, padding=True, dtype=torch.float64):
+    t = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    pad = None
+    if padding:
+        pad = torch.ones(batch, seq_k, dtype=torch.bool)
+        pad[0, :2] = False  # left padding: the first queries of row 0 see no key
+        pad[-1, -1] = False
+    return dict(q=t(batch, heads, seq_q, head_dim), k=t(batch, kv_heads, seq_k, head_dim),
+                v=t(batch, kv_heads, seq_k, head_dim),
+                gate_logits=t(batch, heads, seq_k) if gate else None,
+                image_mask=(torch.rand(batch, seq_k) < 0.5) if gate else None, key_padding_mask=pad,
+                prompt_k=t(batch, kv_heads, prompts, head_dim) if prompt else None,
+                prompt_v=t(batch, kv_heads, prompts, head_dim) if prompt else None,
+                prompt_gate=t(heads) if prompt else None)
+
+
+# Every backend that can run on CPU here; a backend that is not built for an op is skipped there, and
+# test_backends_expected_in_ci fails when CI lacks one it should have.
+CPU_BACKENDS = ["eager", "triton", "cpp"]
+
+
+def require_backend(op, backend, device="cpu"):
+    if backend not in pk.available_backends(op, device):
+        try:
+            pk.explain(op, device, backend)
+        except pk.BackendUnavailableError as exc:
+            pytest.skip(str(exc))
