@@ -1,8 +1,13 @@
 // Entry point of the compiled extension pill_kernels._C.
 //
-// Kernels register themselves as implementations of the `pill_kernels` custom ops (or under
-// `pill_kernels_C`) from their own .cpp files; this file only creates the Python module so that
-// `import pill_kernels._C` loads the library and runs those registrations, and records how it was built.
+// This file declares the schemas of the compiled ops (namespace `pill_kernels_C`) and creates the Python
+// module so that `import pill_kernels._C` loads the library. Each op's kernels register themselves from their
+// own files: TORCH_LIBRARY_IMPL(pill_kernels_C, CPU, m) in <op>_cpu.cpp, TORCH_LIBRARY_IMPL(pill_kernels_C,
+// CUDA, m) in <op>_cuda.cpp (bindings, built only with CUDA) calling the launchers of <op>.cu.
+//
+// Semantics are those of pill_kernels/reference.py; arguments are the eager backend's in pill_kernels/ops.py,
+// already validated and flattened by the Python layer: x [T, D] contiguous, expert_ids int64 [T],
+// image_mask bool [T]. A backward returns an empty tensor for the gradient of an absent optional input.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,6 +29,18 @@ std::string build_info() {
 
 TORCH_LIBRARY(pill_kernels_C, m) {
   m.def("build_info() -> str", &build_info);
+  m.def("routed_glu_adapter_forward(Tensor x, Tensor w_down, Tensor w_gate, Tensor w_up, Tensor? expert_ids, "
+        "Tensor? norm_weight, float eps) -> Tensor");
+  m.def("routed_glu_adapter_backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor w_gate, Tensor w_up, "
+        "Tensor? expert_ids, Tensor? norm_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_routed_adapter_forward(Tensor x, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, "
+        "Tensor routing_weights, Tensor? dropout_mask, Tensor? norm_weight, float eps, float scale) -> Tensor");
+  m.def("soft_routed_adapter_backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor b_down, Tensor w_up, "
+        "Tensor b_up, Tensor routing_weights, Tensor? dropout_mask, Tensor? norm_weight, float eps, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("modality_gate_forward(Tensor x, Tensor w_gate, Tensor v, Tensor image_mask) -> Tensor");
+  m.def("modality_gate_backward(Tensor grad_v, Tensor x, Tensor w_gate, Tensor v, Tensor image_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
