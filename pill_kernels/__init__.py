@@ -16,6 +16,13 @@ from .dispatch import (BackendUnavailableError, available_backends, explain, get
                        use_backend)
 from .ops import gated_attention, modality_gate, routed_glu_adapter, soft_routed_adapter
 
+try:
+    import triton as _triton  # noqa: F401
+except ImportError:  # e.g. macOS or Windows CPU installs: the eager (and compiled) backends still work
+    _triton = None
+if _triton is not None:
+    from . import triton as _triton_backend  # noqa: F401  (registers the "triton" backend)
+
 __version__ = "0.1.0"
 
 

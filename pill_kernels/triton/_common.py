@@ -1,0 +1,89 @@
+"""Pieces shared by the Triton kernels: interpreter detection, launch configuration and small jit helpers.
+
+The Triton interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) has gaps that are handled here,
+in launch code, never by loosening test tolerances (DESIGN.md, "Backends"):
+- `tl.dot` on bf16 operands returns garbage: operands are upcast to fp32 when interpreting. That is exact: a
+  product of two bf16/fp16 numbers is exact in fp32, as in the tensor cores' fp32-accumulating MMA.
+- its float32 -> bfloat16 conversion truncates instead of rounding to nearest even: `cast` rounds first.
+- libdevice's tanh fails: `tanh` below is written with a sigmoid.
+- run time grows with programs x loop iterations: interpreted launches use few, large tiles.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _interpreter_probe():
+    pass
+
+
+# triton.jit decides at decoration time whether a kernel is compiled or interpreted.
+INTERPRET = type(_interpreter_probe).__name__ == "InterpretedFunction"
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the Triton kernels need compute capability 8.0 or newer (bf16 MMA); {device} has {major}.x"
+        return None
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return (f"Triton kernels run on CUDA GPUs (and on CPU only under TRITON_INTERPRET=1, set before triton is "
+            f"imported); got {device}")
+
+
+def auto_skip_reason(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        return "Triton on CPU is the interpreter (correct, slow); ask for backend='triton' by name"
+    return None
+
+
+def accumulator_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check_dtype(op: str, dtype: torch.dtype, device: torch.device) -> None:
+    if dtype == torch.float64 and device.type == "cuda":
+        raise TypeError(f"{op}: the Triton backend runs float16, bfloat16 and float32 on the GPU, got float64; use "
+                        f"backend='eager' for float64")
+
+
+def mma_precision(dtype: torch.dtype) -> bool:
+    """Whether fp32 operands must use full-precision ("ieee") dots: TF32 would be ~1000x less accurate than the
+    fp32 reference, which DESIGN.md's correctness rule does not allow."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def pow2_at_least_16(n: int) -> int:
+    # tl.dot needs every block dimension to be a power of two and at least 16.
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """x.to(dtype) with round-to-nearest-even, also under the interpreter."""
+    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
