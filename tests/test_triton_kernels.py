@@ -193,3 +193,31 @@ def test_models_on_the_triton_backend_equal_the_eager_models(method):
             assert gt is None, name
             continue
         torch.testing.assert_close(gt, ge, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", ["pill", "lavin"])
+def test_decoder_layer_on_triton_compiles_as_one_graph(method):
+    from test_models import make_model
+
+    model = make_model(method, dtype=torch.float32)
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    positions = torch.arange(7)[None].expand(2, -1)
+    cos_sin = model.model.rotary_emb(hidden, positions)
+    kwargs = {"mm_token_type_ids": (torch.rand(2, 7) < 0.5).long()}
+    if method == "lavin":
+        kwargs = {"mm_routing_weights": torch.softmax(torch.randn(2, model.config.num_hidden_layers, 2), -1)}
+
+    def run(h):
+        out = layer(h, position_embeddings=cos_sin, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    with pk.use_backend("triton"):
+        h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        out_compiled, out_eager = compiled(h1), run(h2)
+        out_compiled.square().sum().backward()
+        out_eager.square().sum().backward()
+    torch.testing.assert_close(out_compiled, out_eager)
+    torch.testing.assert_close(h1.grad, h2.grad)
