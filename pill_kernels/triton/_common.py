@@ -53,6 +53,14 @@ def check_dtype(op: str, dtype: torch.dtype, device: torch.device) -> None:
                         f"backend='eager' for float64")
 
 
+def check_index_range(op: str, *tensors: torch.Tensor) -> None:
+    # Kernels index with int32 offsets (cheaper address arithmetic); larger tensors must be split by the caller.
+    for t in tensors:
+        if t.numel() >= 2 ** 31:
+            raise ValueError(f"{op}: the Triton backend indexes tensors of fewer than 2**31 elements, got a tensor of "
+                             f"shape {tuple(t.shape)}; split the batch into smaller calls")
+
+
 def mma_precision(dtype: torch.dtype) -> bool:
     """Whether fp32 operands must use full-precision ("ieee") dots: TF32 would be ~1000x less accurate than the
     fp32 reference, which DESIGN.md's correctness rule does not allow."""

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, dot, mma_precision, pow2_at_least_16, tanh)
+from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
+                      pow2_at_least_16, tanh)
 from .routed_glu_adapter import _token_splits
 
 
@@ -139,6 +140,7 @@ def _flags(x, heads, head_dim):
 
 def forward(x, w_gate, v, image_mask):
     check_dtype("modality_gate", x.dtype, x.device)
+    check_index_range("modality_gate", x, v)
     tokens, hidden = x.shape
     _, heads, head_dim = v.shape
     out = torch.empty_like(v)
@@ -153,6 +155,7 @@ def forward(x, w_gate, v, image_mask):
 
 def backward(grad_out, x, w_gate, v, image_mask):
     check_dtype("modality_gate", x.dtype, x.device)
+    check_index_range("modality_gate", x, v)
     tokens, hidden = x.shape
     _, heads, head_dim = v.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, accumulator_dtype, cast, check_dtype, dot, mma_precision, pow2_at_least_16
+from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
+                      pow2_at_least_16)
 
 
 def _blocks(hidden: int) -> tuple[int, int, int]:
@@ -261,6 +262,7 @@ def _common_args(x, w_down, expert_ids, norm_weight):
 
 def forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
     check_dtype("routed_glu_adapter", x.dtype, x.device)
+    check_index_range("routed_glu_adapter", x)
     tokens, hidden, num_experts, rank, ids, g, flags = _common_args(x, w_down, expert_ids, norm_weight)
     y = torch.empty_like(x)
     if tokens == 0:
@@ -282,6 +284,7 @@ def _token_splits(device, d_chunks, experts, tiles):
 
 def backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
     check_dtype("routed_glu_adapter", x.dtype, x.device)
+    check_index_range("routed_glu_adapter", x)
     tokens, hidden, num_experts, rank, ids, g, flags = _common_args(x, w_down, expert_ids, norm_weight)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_t, block_d, warps = _blocks(hidden)

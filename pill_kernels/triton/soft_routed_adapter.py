@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, accumulator_dtype, cast, check_dtype, dot, mma_precision, pow2_at_least_16
+from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
+                      pow2_at_least_16)
 from .routed_glu_adapter import _blocks, _token_splits
 
 
@@ -238,6 +239,7 @@ def _flags(x, rank, dropout_mask, norm_weight):
 
 def forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
     check_dtype("soft_routed_adapter", x.dtype, x.device)
+    check_index_range("soft_routed_adapter", x)
     tokens, hidden = x.shape
     num_experts, rank, _ = w_up.shape
     y = torch.empty_like(x)
@@ -254,6 +256,7 @@ def forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_w
 
 def backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
     check_dtype("soft_routed_adapter", x.dtype, x.device)
+    check_index_range("soft_routed_adapter", x)
     tokens, hidden = x.shape
     num_experts, rank, _ = w_up.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,104 @@
+"""Run the benchmark suites and turn pytest-benchmark's JSON into a CSV and a Markdown table.
+
+    python benchmarks/run.py                   # everything, writes benchmarks/out/{raw.json,kernels.csv,kernels.md}
+    python benchmarks/run.py -k modality_gate  # extra arguments go to pytest
+
+Each row holds the median of every backend at one shape, the speedup of each over the eager reference, and
+for ops with a byte floor (bytes that must cross memory at least once, at the measured copy bandwidth) the
+ratio of the best fused time to that floor.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPE_KEYS = ("op", "pass_", "variant", "tokens", "image_fraction", "hidden", "rank", "experts", "heads", "head_dim",
+              "dtype", "device")
+
+
+def run_suites(out_dir: str, pytest_args: list[str]) -> str:
+    raw = os.path.join(out_dir, "raw.json")
+    command = [sys.executable, "-m", "pytest", HERE, "-q", f"--benchmark-json={raw}", *pytest_args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return raw
+
+
+def summarize(raw_path: str) -> tuple[list[dict], dict]:
+    with open(raw_path) as f:
+        raw = json.load(f)
+    bandwidth = None
+    groups: dict[tuple, dict[str, float]] = defaultdict(dict)
+    floors: dict[tuple, int] = {}
+    for bench in raw["benchmarks"]:
+        info = bench["extra_info"]
+        median = bench["stats"]["median"]
+        if info.get("op") == "copy":
+            bandwidth = info["bytes_moved"] / median
+            continue
+        key = tuple(info.get(k) for k in SHAPE_KEYS)
+        groups[key][info["backend"]] = median
+        if "floor_bytes" in info:
+            floors[key] = info["floor_bytes"]
+    rows = []
+    for key, medians in groups.items():
+        row = {k: v for k, v in zip(SHAPE_KEYS, key) if v is not None}
+        reference = medians.get("reference")
+        for backend, median in sorted(medians.items()):
+            row[f"{backend}_ms"] = round(median * 1e3, 4)
+            if reference and backend != "reference":
+                row[f"{backend}_speedup"] = round(reference / median, 2)
+        if key in floors and bandwidth:
+            floor = floors[key] / bandwidth
+            row["floor_ms"] = round(floor * 1e3, 4)
+            fused = [m for b, m in medians.items() if b != "reference"]
+            if fused:
+                row["best_over_floor"] = round(min(fused) / floor, 2)
+        rows.append(row)
+    meta = {"machine": raw.get("machine_info", {}).get("node"), "datetime": raw.get("datetime"),
+            "commit": raw.get("commit_info", {}).get("id"), "copy_GBps": bandwidth and round(bandwidth / 1e9, 1)}
+    return rows, meta
+
+
+def write_tables(rows: list[dict], meta: dict, out_dir: str) -> str:
+    """One CSV of every row; one Markdown table per op (each op has its own shape columns)."""
+    columns = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(os.path.join(out_dir, "kernels.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"Measured {meta['datetime']} on {meta['machine']}, commit {meta['commit']}, device-to-device copy "
+             f"bandwidth {meta['copy_GBps']} GB/s; medians in ms; speedup = reference median / backend median.", ""]
+    for op in sorted({row["op"] for row in rows}):
+        op_rows = [row for row in rows if row["op"] == op]
+        op_columns = [c for c in columns if c != "op" and any(c in row for row in op_rows)]
+        lines += [f"### {op}", "", "| " + " | ".join(op_columns) + " |", "|" + "---|" * len(op_columns)]
+        lines += ["| " + " | ".join(str(row.get(c, "")) for c in op_columns) + " |" for row in op_rows]
+        lines.append("")
+    table = "\n".join(lines)
+    with open(os.path.join(out_dir, "kernels.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory")
+    parser.add_argument("--from-json", help="summarize an existing pytest-benchmark JSON instead of running")
+    args, pytest_args = parser.parse_known_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    raw = args.from_json or run_suites(args.out, pytest_args)
+    rows, meta = summarize(raw)
+    print(write_tables(rows, meta, args.out))
+
+
+if __name__ == "__main__":
+    main()

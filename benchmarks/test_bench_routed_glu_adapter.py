@@ -1,0 +1,92 @@
+"""Routed GLU adapter (PILL MoMAE with its fused RMSNorm and skip): every backend against the eager reference,
+forward and forward+backward.
+
+GPU shapes (issue 3): bf16, D=4096, r=32, E=2, T in {2048, 8192, 32768}, image fraction in {6%, 25%, 50%}.
+"unfused_norm" runs the reference RMSNorm followed by the same backend's adapter without a norm, the
+composition that the fused op replaces. `test_copy_bandwidth` measures the device-to-device copy bandwidth
+that turns the op's bytes (x and dy read, y and dx written) into its floor.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pill_kernels as pk
+from pill_kernels import reference as ref
+
+from conftest import DEVICE, FULL, seed_everything, skip_unless_runs
+
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+HIDDEN, RANK, EXPERTS = (4096, 32, 2) if FULL else (72, 8, 2)
+TOKENS = [2048, 8192, 32768] if FULL else [37]
+IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if FULL else [0.25]
+BACKENDS = ["reference", "triton", "cuda", "cpp"]
+RUN_IMAGE_TOKENS = 1024  # image tokens come in runs, as an image's placeholders do in a sequence
+
+
+def expert_ids(tokens: int, image_fraction: float) -> torch.Tensor:
+    position = torch.arange(tokens, device=DEVICE) % RUN_IMAGE_TOKENS
+    return (position < round(image_fraction * RUN_IMAGE_TOKENS)).long()
+
+
+def make_inputs(tokens: int, image_fraction: float, requires_grad: bool):
+    seed_everything()
+    x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=DTYPE)
+    weights = [0.02 * torch.randn(EXPERTS, HIDDEN, RANK, device=DEVICE, dtype=DTYPE) for _ in range(2)]
+    w_up = 0.02 * torch.randn(EXPERTS, RANK, HIDDEN, device=DEVICE, dtype=DTYPE)
+    norm_weight = 1 + 0.1 * torch.randn(HIDDEN, device=DEVICE, dtype=DTYPE)
+    leaves = [x, *weights, w_up, norm_weight]
+    for t in leaves:
+        t.requires_grad_(requires_grad)
+    return leaves, expert_ids(tokens, image_fraction)
+
+
+def adapter_fn(backend: str, variant: str):
+    def fused(x, w_down, w_gate, w_up, ids, norm_weight):
+        if backend == "reference":
+            return ref.routed_glu_adapter(x, w_down, w_gate, w_up, ids, norm_weight, 1e-6)
+        return pk.routed_glu_adapter(x, w_down, w_gate, w_up, ids, norm_weight=norm_weight, backend=backend)
+
+    def unfused(x, w_down, w_gate, w_up, ids, norm_weight):
+        n = ref.rms_norm(x, norm_weight, 1e-6)
+        return fused(n, w_down, w_gate, w_up, ids, None)
+
+    return fused if variant == "fused_norm" else unfused
+
+
+@pytest.mark.parametrize("image_fraction", IMAGE_FRACTIONS)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("variant", ["fused_norm", "unfused_norm"])
+@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routed_glu_adapter(benchmark, backend, pass_, variant, tokens, image_fraction):
+    skip_unless_runs("routed_glu_adapter", backend)
+    if variant == "unfused_norm" and image_fraction != IMAGE_FRACTIONS[len(IMAGE_FRACTIONS) // 2]:
+        pytest.skip("the unfused composition is measured at the middle image fraction only")
+    backward = pass_ == "forward_backward"
+    leaves, ids = make_inputs(tokens, image_fraction, backward)
+    fn = adapter_fn(backend, variant)
+    grad_y = torch.randn_like(leaves[0])
+    x, w_down, w_gate, w_up, norm_weight = leaves
+
+    def step():
+        y = fn(x, w_down, w_gate, w_up, ids, norm_weight)
+        if backward:
+            torch.autograd.backward(y, grad_y, inputs=leaves)
+        return y
+
+    step()  # compile / autotune outside the timed rounds
+    benchmark.extra_info.update(op="routed_glu_adapter", backend=backend, pass_=pass_, variant=variant,
+                                tokens=tokens, hidden=HIDDEN, rank=RANK, experts=EXPERTS,
+                                image_fraction=image_fraction, dtype=str(DTYPE), device=str(DEVICE),
+                                floor_bytes=(4 if backward else 2) * x.numel() * x.element_size())
+    benchmark(step)
+
+
+def test_copy_bandwidth(benchmark):
+    """Device-to-device copy of a buffer the size of the largest activation: bytes read + written per second."""
+    numel = max(TOKENS) * HIDDEN
+    src = torch.randn(numel, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    benchmark.extra_info.update(op="copy", bytes_moved=2 * src.numel() * src.element_size(), device=str(DEVICE))
+    benchmark(dst.copy_, src)
