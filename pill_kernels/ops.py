@@ -236,48 +236,58 @@ dispatch.register("modality_gate", "eager", _eager_gate_forward, _eager_gate_bac
 # Op 3: gated attention (per-query-head value gate, LLaMA-Adapter V2 prompt branch).
 # ----------------------------------------------------------------------------------------------------------
 
+# The forward also returns the backend's softmax statistics (the Triton kernel's per-row log-sum-exp; empty for
+# eager), saved with the output so that the backward needs no recomputation of the forward.
+_SOFTMAX_STATS = {"triton": lambda q: q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))}
+
+
 @torch.library.custom_op("pill_kernels::gated_attention", mutates_args=())
 def _gated_attention_op(q: Tensor, k: Tensor, v: Tensor, gate_logits: Optional[Tensor], image_mask: Optional[Tensor],
                         key_padding_mask: Optional[Tensor], prompt_k: Optional[Tensor], prompt_v: Optional[Tensor],
-                        prompt_gate: Optional[Tensor], causal: bool, scale: float, backend: str) -> Tensor:
-    return dispatch.kernel("gated_attention", backend).forward(
+                        prompt_gate: Optional[Tensor], causal: bool, scale: float,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    out, stats = dispatch.kernel("gated_attention", backend).forward(
         q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, causal, scale)
+    return out, _empty_if_none(stats, q)
 
 
 @_gated_attention_op.register_fake
 def _(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, causal, scale, backend):
-    return torch.empty_like(q)
+    return torch.empty_like(q), _SOFTMAX_STATS.get(backend, lambda q: q.new_empty(0))(q)
 
 
 @torch.library.custom_op("pill_kernels::gated_attention_backward", mutates_args=())
 def _gated_attention_backward_op(
-        grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, gate_logits: Optional[Tensor], image_mask: Optional[Tensor],
-        key_padding_mask: Optional[Tensor], prompt_k: Optional[Tensor], prompt_v: Optional[Tensor],
-        prompt_gate: Optional[Tensor], causal: bool, scale: float, backend: str,
+        grad_o: Tensor, out: Tensor, stats: Tensor, q: Tensor, k: Tensor, v: Tensor, gate_logits: Optional[Tensor],
+        image_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], prompt_k: Optional[Tensor],
+        prompt_v: Optional[Tensor], prompt_gate: Optional[Tensor], causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = dispatch.kernel("gated_attention", backend).backward(
-        grad_o, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, causal, scale)
+        grad_o, out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate,
+        causal, scale)
     return tuple(_empty_if_none(g, q) for g in grads)
 
 
 @_gated_attention_backward_op.register_fake
-def _(grad_o, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, causal, scale,
-      backend):
+def _(grad_o, out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, causal,
+      scale, backend):
     like = lambda t: torch.empty_like(t) if t is not None else q.new_empty(0)  # noqa: E731
     return like(q), like(k), like(v), like(gate_logits), like(prompt_k), like(prompt_v), like(prompt_gate)
 
 
 def _attention_setup(ctx, inputs, output):
     *tensors, causal, scale, backend = inputs
-    ctx.save_for_backward(*tensors)
+    ctx.save_for_backward(*tensors, *output)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.mark_non_differentiable(output[1])
 
 
-def _attention_backward(ctx, grad_o):
-    q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate = ctx.saved_tensors
+def _attention_backward(ctx, grad_o, _grad_stats):
+    q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, out, stats = \
+        ctx.saved_tensors
     dq, dk, dv, dgate, dpk, dpv, dpg = _gated_attention_backward_op(
-        grad_o.contiguous(), q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate,
-        ctx.causal, ctx.scale, ctx.backend)
+        grad_o.contiguous(), out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
+        prompt_gate, ctx.causal, ctx.scale, ctx.backend)
     return (dq, dk, dv, _none_if_empty(dgate, gate_logits is not None), None, None,
             _none_if_empty(dpk, prompt_k is not None), _none_if_empty(dpv, prompt_v is not None),
             _none_if_empty(dpg, prompt_gate is not None), None, None, None)
@@ -322,11 +332,11 @@ def _sdpa_gated_attention(q, k, v, gate_logits, image_mask, key_padding_mask, pr
 
 def _eager_attention_forward(*args):
     with torch.no_grad():
-        return _sdpa_gated_attention(*args)
+        return _sdpa_gated_attention(*args), None
 
 
-def _eager_attention_backward(grad_o, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
-                              prompt_gate, causal, scale):
+def _eager_attention_backward(grad_o, out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k,
+                              prompt_v, prompt_gate, causal, scale):
     fn = lambda *a: _sdpa_gated_attention(*a, causal, scale)  # noqa: E731
     grads = _reference_vjp(fn, grad_o, (q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
                                         prompt_gate), (True, True, True, True, False, False, True, True, True))
@@ -543,6 +553,7 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Optional[Te
     scale = head_dim ** -0.5 if scale is None else float(scale)
     chosen = dispatch.resolve(op, q.device, backend)
     contiguous = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    return _gated_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), contiguous(gate_logits),
-                               contiguous(image_mask), contiguous(key_padding_mask), contiguous(prompt_k),
-                               contiguous(prompt_v), contiguous(prompt_gate), bool(causal), scale, chosen)
+    out, _ = _gated_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), contiguous(gate_logits),
+                                 contiguous(image_mask), contiguous(key_padding_mask), contiguous(prompt_k),
+                                 contiguous(prompt_v), contiguous(prompt_gate), bool(causal), scale, chosen)
+    return out

@@ -357,7 +357,7 @@ EXPECTED_CPU_BACKENDS_IN_CI = {
     "routed_glu_adapter": ["eager", "triton"],
     "soft_routed_adapter": ["eager", "triton"],
     "modality_gate": ["eager", "triton"],
-    "gated_attention": ["eager"],
+    "gated_attention": ["eager", "triton"],
 }
 
 

@@ -18,7 +18,7 @@ NOT_DIFFERENTIABLE = ("dropout_mask",)
 
 @pytest.fixture(autouse=True)
 def _triton_available():
-    for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate"):
+    for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate", "gated_attention"):
         require_backend(op, "triton")
 
 
@@ -221,3 +221,88 @@ def test_decoder_layer_on_triton_compiles_as_one_graph(method):
         out_eager.square().sum().backward()
     torch.testing.assert_close(out_compiled, out_eager)
     torch.testing.assert_close(h1.grad, h2.grad)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gated flash attention
+# ------------------------------------------------------------------------------------------------------
+
+def attention_case(batch=2, heads=4, kv_heads=2, seq_q=37, seq_k=37, head_dim=64, prompts=5, gate=True, prompt=True,
+                   padding=None):
+    t = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+    pad = None
+    if padding is not None:
+        pad = torch.ones(batch, seq_k, dtype=torch.bool)
+        if padding == "left":
+            pad[0, :5] = False  # the first queries of row 0 see no key
+        else:
+            pad[0, -4:] = False
+    return dict(q=t(batch, heads, seq_q, head_dim), k=t(batch, kv_heads, seq_k, head_dim),
+                v=t(batch, kv_heads, seq_k, head_dim),
+                gate_logits=t(batch, heads, seq_k) if gate else None,
+                image_mask=(torch.rand(batch, seq_k) < 0.4) if gate else None, key_padding_mask=pad,
+                prompt_k=t(batch, kv_heads, prompts, head_dim) if prompt else None,
+                prompt_v=t(batch, kv_heads, prompts, head_dim) if prompt else None,
+                prompt_gate=t(heads) if prompt else None)
+
+
+ATTENTION_CASES = {
+    "plain": dict(gate=False, prompt=False),
+    "gate": dict(prompt=False),
+    "prompt": dict(gate=False),
+    "gate_prompt_left_padding": dict(padding="left"),
+    "gate_right_padding_mha": dict(kv_heads=4, prompt=False, padding="right"),
+    "head_dim_128_gqa_4": dict(heads=4, kv_heads=1, head_dim=128, seq_q=21, seq_k=21),
+    "decode_one_token": dict(seq_q=1, seq_k=40, padding="left"),
+    "decode_three_tokens": dict(seq_q=3, seq_k=40),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_gated_attention_matrix(poisoned_allocations, case, dtype):
+    inputs = attention_case(**ATTENTION_CASES[case])
+    names = ["o"] + [k for k in ("q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate")
+                     if inputs[k] is not None]
+    op = lambda **a: pk.gated_attention(**a, backend="triton")  # noqa: E731
+    check_against_reference(op, lambda **a: ref.gated_attention(**a), inputs, torch.randn_like(inputs["q"]), dtype,
+                            names)
+
+
+def test_gated_attention_long_sequence_over_many_blocks():
+    inputs = attention_case(batch=1, heads=2, kv_heads=1, seq_q=130, seq_k=130, head_dim=64, padding="right")
+    names = ["o", "q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
+    op = lambda **a: pk.gated_attention(**a, backend="triton")  # noqa: E731
+    check_against_reference(op, lambda **a: ref.gated_attention(**a), inputs, torch.randn_like(inputs["q"]),
+                            torch.float32, names)
+
+
+def test_gated_attention_not_picked_by_auto_without_measurements():
+    reason = pk.dispatch.kernel("gated_attention", "triton").auto_skip_reason(torch.device("cpu"))
+    assert "interpreter" in reason
+
+
+@pytest.mark.parametrize("method", ["pill_query_head", "llama_adapter_v2"])
+def test_attention_models_on_the_triton_backend_equal_the_eager_models(method):
+    from test_models import all_adapter_params_trainable, batch_for, make_model
+
+    model = make_model(method, dtype=torch.float32)
+    params = all_adapter_params_trainable(model)
+    ids, features, extra = batch_for(method, seq=9)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+
+    def run(backend):
+        with pk.use_backend(backend):
+            logits = model(input_ids=ids, attention_mask=mask, image_features=features.float(), **extra).logits
+        grads = torch.autograd.grad((logits * mask[..., None]).square().sum(), list(params.values()),
+                                    allow_unused=True)
+        return logits.detach(), grads
+
+    (logits_t, grads_t), (logits_e, grads_e) = run("triton"), run("eager")
+    torch.testing.assert_close(logits_t, logits_e, rtol=2e-5, atol=2e-5)
+    for name, gt, ge in zip(params, grads_t, grads_e):
+        if ge is None:
+            assert gt is None, name
+            continue
+        torch.testing.assert_close(gt, ge, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
