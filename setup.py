@@ -85,7 +85,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pill_kernels", "pill_kernels.*", "pill", "pill.*"]),
-    package_data={"pill_kernels.triton": ["measured_wins.json"]},
+    package_data={"pill_kernels": ["measured_wins.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -11,6 +11,7 @@ being worth picking, e.g. Triton under the CPU interpreter), and `explain()` say
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -50,6 +51,27 @@ _HOW_TO_GET = {
 
 def _no_objection(device: torch.device) -> str | None:
     return None
+
+
+_MEASURED_WINS = os.path.join(os.path.dirname(__file__), "measured_wins.json")
+
+
+def measured_win_reason(op: str, backend: str) -> Callable[[torch.device], str | None]:
+    """An `auto_skip_reason` for a backend that "auto" should pick only where a measurement recorded in the
+    repository (measured_wins.json, from benchmarks/RESULTS.md) says it wins: elsewhere it runs when named."""
+    with open(_MEASURED_WINS) as f:
+        devices = json.load(f).get(op, {}).get(backend, [])
+
+    def reason(device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return f"auto uses {backend} for {op} only on GPUs where it measured faster"
+        name = torch.cuda.get_device_name(device)
+        if name in devices:
+            return None
+        return (f"not measured faster than the alternatives on {name} (benchmarks/RESULTS.md, "
+                f"pill_kernels/measured_wins.json); ask for backend={backend!r} by name")
+
+    return reason
 
 
 def register(op: str, backend: str, forward: Callable, backward: Callable,
