@@ -18,11 +18,12 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPE_KEYS = ("op", "pass_", "variant", "batch", "seq", "tokens", "image_fraction", "hidden", "rank", "experts",
-              "heads", "head_dim", "dtype", "device")
-# What each op's speedups are relative to: the eager reference, or for attention PyTorch's sdpa without the
-# method's additions (the cost of the gate / prompts shows as a speedup below 1).
-BASELINES = ("reference", "sdpa")
+SHAPE_KEYS = ("op", "pass_", "variant", "batch", "seq", "image_tokens", "layers", "tokens", "image_fraction", "hidden",
+              "rank", "experts", "heads", "head_dim", "dtype", "device")
+# What each row's speedups are relative to: the eager reference (kernels); PyTorch's sdpa without the method's
+# additions (attention: the cost of the gate / prompts shows as a speedup below 1); the plain LLaMA layer
+# (decoder layer: the adapters' overhead shows as a speedup below 1); the seed formulation (training step).
+BASELINES = ("reference", "sdpa", "plain-sdpa", "seed")
 
 
 def run_suites(out_dir: str, pytest_args: list[str]) -> str:
@@ -39,6 +40,7 @@ def summarize(raw_path: str) -> tuple[list[dict], dict]:
     bandwidth = None
     groups: dict[tuple, dict[str, float]] = defaultdict(dict)
     floors: dict[tuple, int] = {}
+    extras: dict[tuple, dict[str, object]] = defaultdict(dict)
     for bench in raw["benchmarks"]:
         info = bench["extra_info"]
         median = bench["stats"]["median"]
@@ -49,6 +51,10 @@ def summarize(raw_path: str) -> tuple[list[dict], dict]:
         groups[key][info["backend"]] = median
         if "floor_bytes" in info:
             floors[key] = info["floor_bytes"]
+        if "peak_memory_MiB" in info:
+            extras[key][f"{info['backend']}_peak_MiB"] = info["peak_memory_MiB"]
+        if "tokens_per_step" in info:
+            extras[key][f"{info['backend']}_tokens_per_s"] = round(info["tokens_per_step"] / median)
     rows = []
     for key, medians in groups.items():
         row = {k: v for k, v in zip(SHAPE_KEYS, key) if v is not None}
@@ -57,6 +63,7 @@ def summarize(raw_path: str) -> tuple[list[dict], dict]:
             row[f"{backend}_ms"] = round(median * 1e3, 4)
             if baseline and backend != baseline:
                 row[f"{backend}_speedup"] = round(medians[baseline] / median, 2)
+        row.update(extras.get(key, {}))
         if key in floors and bandwidth:
             floor = floors[key] / bandwidth
             row["floor_ms"] = round(floor * 1e3, 4)
@@ -80,7 +87,8 @@ def write_tables(rows: list[dict], meta: dict, out_dir: str) -> str:
         writer.writerows(rows)
     lines = [f"Measured {meta['datetime']} on {meta['machine']}, commit {meta['commit']}, device-to-device copy "
              f"bandwidth {meta['copy_GBps']} GB/s; medians in ms; speedup = baseline median / backend median (baseline: the eager "
-             f"reference, or sdpa without gate or prompts for gated_attention).", ""]
+             f"reference for kernels, sdpa without gate or prompts for gated_attention, the plain LLaMA layer for "
+             f"decoder_layer, the seed formulation for training_step).", ""]
     for op in sorted({row["op"] for row in rows}):
         op_rows = [row for row in rows if row["op"] == op]
         op_columns = [c for c in columns if c != "op" and any(c in row for row in op_rows)]
