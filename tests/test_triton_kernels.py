@@ -306,3 +306,23 @@ def test_attention_models_on_the_triton_backend_equal_the_eager_models(method):
             assert gt is None, name
             continue
         torch.testing.assert_close(gt, ge, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", ["pill", "pill_query_head", "lavin", "llama_adapter_v2"])
+def test_cached_generation_on_triton_equals_eager(method):
+    from test_models import batch_for, make_model
+
+    model = make_model(method)  # float64: the interpreter runs the kernels in fp64, so tokens must agree exactly
+    ids, features, extra = batch_for(method, batch=2, seq=9, images=(True, False))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = dict(attention_mask=mask, image_features=features, max_new_tokens=4, do_sample=False,
+                  eos_token_id=None, pad_token_id=0, use_cache=True, output_logits=True,
+                  return_dict_in_generate=True, **extra)
+    with pk.use_backend("triton"):
+        on_triton = model.generate(ids, **kwargs)
+    with pk.use_backend("eager"):
+        on_eager = model.generate(ids, **kwargs)
+    assert torch.equal(on_triton.sequences, on_eager.sequences)
+    for a, b in zip(on_triton.logits, on_eager.logits):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
