@@ -28,12 +28,15 @@ from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_ind
                       pow2_at_least_16)
 
 
-def _blocks(hidden: int) -> tuple[int, int, int]:
+def _blocks(hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps). GPU: 64-token tiles feed the MMA; 64-wide D chunks keep a program's
-    x/dy/weight chunks within registers at r <= 64. Not yet tuned on a GPU."""
+    x/dy/weight chunks in registers at r <= 64; 8 warps because with 4 the kernels spill registers on sm_90
+    (cuobjdump on the cubins tests/triton_gpu_compile.py builds). Not yet timed on a GPU."""
     if INTERPRET:
         return 16, 32, 1
-    return 64, 64, 4
+    if dtype == torch.float32:  # fp32 tiles take twice the registers
+        return 32, 32, 8
+    return 64, 64, 8
 
 
 @triton.jit
@@ -267,7 +270,7 @@ def forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
     y = torch.empty_like(x)
     if tokens == 0:
         return y
-    block_t, block_d, warps = _blocks(hidden)
+    block_t, block_d, warps = _blocks(hidden, x.dtype)
     _forward_kernel[(triton.cdiv(tokens, block_t),)](
         x, w_down, w_gate, w_up, ids, g, y, tokens, hidden, rank, num_experts, eps,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, **flags)
@@ -287,7 +290,7 @@ def backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
     check_index_range("routed_glu_adapter", x)
     tokens, hidden, num_experts, rank, ids, g, flags = _common_args(x, w_down, expert_ids, norm_weight)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block_t, block_d, warps = _blocks(hidden)
+    block_t, block_d, warps = _blocks(hidden, x.dtype)
     dx = torch.empty_like(x)
     act, d_hd, d_hg = (torch.empty(tokens, rank, device=x.device, dtype=acc) for _ in range(3))
     rstd = torch.empty(tokens, device=x.device, dtype=acc)

@@ -168,14 +168,15 @@ def _backward_weights_kernel(dy_ptr, x_ptr, wd_ptr, w_ptr, g_ptr, z_ptr, dpre_pt
                              dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, dg_ptr, T, D, R, E, scale, tiles_per_split,
                              HAS_NORM: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_E: tl.constexpr):
+                             BLOCK_E: tl.constexpr, BLOCK_E16: tl.constexpr):
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = cols < D
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
-    ee = tl.arange(0, BLOCK_E)
+    # Expert index padded to 16 rows so that the up-bias gradient is an MMA rather than a 3D broadcast.
+    ee = tl.arange(0, BLOCK_E16)
     # Stacked expert index c = e * BLOCK_R + j over the E up-projections.
     cc = tl.arange(0, BLOCK_E * BLOCK_R)
     c_e = cc // BLOCK_R
@@ -183,7 +184,7 @@ def _backward_weights_kernel(dy_ptr, x_ptr, wd_ptr, w_ptr, g_ptr, z_ptr, dpre_pt
     c_valid = (c_e < E) & (c_j < R)
     dtype = dy_ptr.dtype.element_ty
     acc_wu = tl.zeros([BLOCK_E * BLOCK_R, BLOCK_D], ACC)
-    acc_bu = tl.zeros([BLOCK_E, BLOCK_D], ACC)
+    acc_bu = tl.zeros([BLOCK_E16, BLOCK_D], ACC)
     acc_wd = tl.zeros([BLOCK_D, BLOCK_R], ACC)
     acc_bd = tl.zeros([BLOCK_R], ACC)
     acc_g = tl.zeros([BLOCK_D], ACC)
@@ -207,7 +208,7 @@ def _backward_weights_kernel(dy_ptr, x_ptr, wd_ptr, w_ptr, g_ptr, z_ptr, dpre_pt
         acc_wu += dot(tl.trans(cast(scale * w_stacked * z_stacked, dtype)), dy, UPCAST, IEEE)
         w = tl.load(w_ptr + rows[:, None] * E + ee[None, :], mask=row_ok[:, None] & (ee < E)[None, :],
                     other=0.).to(ACC)
-        acc_bu += tl.sum(scale * w[:, :, None] * dy.to(ACC)[:, None, :], axis=0)
+        acc_bu += dot(tl.trans(cast(scale * w, dtype)), dy, UPCAST, IEEE)
         acc_bd += tl.sum(dpre, axis=0)
         dpre_op = cast(dpre, dtype)
         if HAS_NORM:
@@ -245,7 +246,7 @@ def forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_w
     y = torch.empty_like(x)
     if tokens == 0:
         return y
-    block_t, block_d, warps = _blocks(hidden)
+    block_t, block_d, warps = _blocks(hidden, x.dtype)
     _forward_kernel[(triton.cdiv(tokens, block_t),)](
         x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask if dropout_mask is not None else x,
         norm_weight if norm_weight is not None else x, y, tokens, hidden, rank, num_experts, eps, scale,
@@ -262,7 +263,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mas
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     flags = _flags(x, rank, dropout_mask, norm_weight)
     block_e = triton.next_power_of_2(num_experts)
-    block_t, block_d, warps = _blocks(hidden)
+    block_t, block_d, warps = _blocks(hidden, x.dtype)
     g = norm_weight if norm_weight is not None else x
     dx = torch.empty_like(x)
     dw = torch.empty_like(routing_weights)
@@ -285,7 +286,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mas
     _backward_weights_kernel[(d_chunks, splits)](
         grad_y, x, w_down, routing_weights, g, z, dpre, rstd, dwd, dbd, dwu, dbu, dg, tokens, hidden, rank,
         num_experts, scale, triton.cdiv(tiles, splits), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
-        num_warps=warps, **flags)
+        BLOCK_E16=pow2_at_least_16(num_experts), num_warps=warps, **flags)
     reduce = lambda t: t.sum(0).to(x.dtype)  # noqa: E731
     return (dx, reduce(dwd), reduce(dbd), reduce(dwu), reduce(dbu), dw,
             reduce(dg) if norm_weight is not None else None)
