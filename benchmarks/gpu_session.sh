@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# What a lent GPU machine is for, in as few device calls as possible (device tool, from the repository root):
+#
+#   bash benchmarks/gpu_session.sh tests     # build the CUDA extension, the whole test suite on the GPU
+#   bash benchmarks/gpu_session.sh bench     # every benchmark suite -> kernels.md / .csv, speedups.png, raw.json
+#   bash benchmarks/gpu_session.sh all       # both (may not fit in one 10-minute call)
+#
+# Logs and tables go to $OUT (the device tool brings them back). Extra pytest arguments for the benchmarks:
+# BENCH_ARGS, e.g. BENCH_ARGS="-k routed_glu --benchmark-max-time=0.5".
+set -uo pipefail
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+what=${1:-all}
+{
+  nvidia-smi
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+  git log -1 --format='commit %H %cd' 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+
+if [[ $what == tests || $what == all ]]; then
+  # The sm_90 build only: this machine is a Hopper; CI compiles sm_80 separately.
+  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PILL_KERNELS_BUILD_CUDA=1 python3 setup.py build_ext --inplace \
+    > "$OUT/build.log" 2>&1 || echo "extension build FAILED (build.log)"
+  python3 -c "import pill_kernels; print(pill_kernels.extension_info())" >> "$OUT/build.log" 2>&1
+  python3 -m pytest tests -q -rs > "$OUT/tests.log" 2>&1
+  echo "tests exit code $?"
+  tail -n 25 "$OUT/tests.log"
+fi
+
+if [[ $what == bench || $what == all ]]; then
+  # shellcheck disable=SC2086
+  python3 benchmarks/run.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "benchmarks exit code $?"
+  cat "$OUT/kernels.md" 2>/dev/null || tail -n 40 "$OUT/bench.log"
+fi
