@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import pill
 import pill_kernels as pk
 
-from conftest import DEVICE, FULL, seed_everything
+from conftest import DEVICE, ON_GPU as FULL, seed_everything  # LLaMA-7B widths only on a GPU
 from seed_pill import seed_pill_layer
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -1,7 +1,7 @@
 """Modality gate (PILL MAG on values): every backend against the eager reference, forward and forward+backward.
 
 GPU shapes: bf16, D=4096, 32 heads of 128 (LLaMA-7B's values, gated per head), T in {2048, 8192, 32768},
-image fraction in {6%, 25%, 50%}.
+image fraction in {6%, 25%, 50%}. CPU (PILL_BENCH_FULL=1): fp32, D=1024, 8 heads of 128, T=4096, 25% image.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 import pill_kernels as pk
 from pill_kernels import reference as ref
 
-from conftest import DEVICE, FULL, seed_everything, skip_unless_runs
+from conftest import DEVICE, FULL, ON_GPU, seed_everything, skip_unless_runs
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-HIDDEN, HEADS, HEAD_DIM = (4096, 32, 128) if FULL else (72, 3, 8)
-TOKENS = [2048, 8192, 32768] if FULL else [37]
-IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if FULL else [0.25]
+HIDDEN, HEADS, HEAD_DIM = (4096, 32, 128) if ON_GPU else (1024, 8, 128) if FULL else (72, 3, 8)
+TOKENS = [2048, 8192, 32768] if ON_GPU else [4096] if FULL else [37]
+IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if ON_GPU else [0.25]
 BACKENDS = ["reference", "triton", "cuda", "cpp"]
 RUN_IMAGE_TOKENS = 1024
 

@@ -2,6 +2,7 @@
 forward and forward+backward.
 
 GPU shapes (issue 3): bf16, D=4096, r=32, E=2, T in {2048, 8192, 32768}, image fraction in {6%, 25%, 50%}.
+CPU shapes (PILL_BENCH_FULL=1, issue 5): fp32, D=1024, r=32, E=2, T=4096, 25% image tokens.
 "unfused_norm" runs the reference RMSNorm followed by the same backend's adapter without a norm, the
 composition that the fused op replaces. `test_copy_bandwidth` measures the device-to-device copy bandwidth
 that turns the op's bytes (x and dy read, y and dx written) into its floor.
@@ -14,12 +15,13 @@ import torch
 import pill_kernels as pk
 from pill_kernels import reference as ref
 
-from conftest import DEVICE, FULL, seed_everything, skip_unless_runs
+from conftest import DEVICE, FULL, ON_GPU, seed_everything, skip_unless_runs
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-HIDDEN, RANK, EXPERTS = (4096, 32, 2) if FULL else (72, 8, 2)
-TOKENS = [2048, 8192, 32768] if FULL else [37]
-IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if FULL else [0.25]
+# GPU: issue 3's shapes. CPU with PILL_BENCH_FULL=1: issue 5's C++ target shape (T=4096, D=1024, r=32, fp32).
+HIDDEN, RANK, EXPERTS = (4096, 32, 2) if ON_GPU else (1024, 32, 2) if FULL else (72, 8, 2)
+TOKENS = [2048, 8192, 32768] if ON_GPU else [4096] if FULL else [37]
+IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if ON_GPU else [0.25]
 BACKENDS = ["reference", "triton", "cuda", "cpp"]
 RUN_IMAGE_TOKENS = 1024  # image tokens come in runs, as an image's placeholders do in a sequence
 

@@ -1,7 +1,7 @@
 """Soft-routed adapter (LaVIN's RepAdapter router with its fused RMSNorm and skip, training mode with a dropout
 mask): every backend against the eager reference, forward and forward+backward.
 
-GPU shapes: bf16, D=4096, r=32, E=2, T in {2048, 8192, 32768}.
+GPU shapes: bf16, D=4096, r=32, E=2, T in {2048, 8192, 32768}. CPU (PILL_BENCH_FULL=1): fp32, D=1024, T=4096.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 import pill_kernels as pk
 from pill_kernels import reference as ref
 
-from conftest import DEVICE, FULL, seed_everything, skip_unless_runs
+from conftest import DEVICE, FULL, ON_GPU, seed_everything, skip_unless_runs
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-HIDDEN, RANK, EXPERTS = (4096, 32, 2) if FULL else (72, 8, 2)
-TOKENS = [2048, 8192, 32768] if FULL else [37]
+HIDDEN, RANK, EXPERTS = (4096, 32, 2) if ON_GPU else (1024, 32, 2) if FULL else (72, 8, 2)
+TOKENS = [2048, 8192, 32768] if ON_GPU else [4096] if FULL else [37]
 BACKENDS = ["reference", "triton", "cuda", "cpp"]
 
 
