@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import pill_kernels as pk
 
-from conftest import DEVICE, FULL, seed_everything, skip_unless_runs
+from conftest import DEVICE, ON_GPU as FULL, seed_everything, skip_unless_runs  # full shapes only on a GPU
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HEADS, HEAD_DIM, HIDDEN, PROMPTS = (32, 128, 4096, 10) if FULL else (2, 16, 24, 3)
