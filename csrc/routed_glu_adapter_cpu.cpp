@@ -12,6 +12,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu_common.h"
 #include "cpu_gemm.h"
 
@@ -93,37 +95,64 @@ Routing route(const char* op, const Shapes& s, const c10::optional<at::Tensor>& 
   return routing;
 }
 
-// The experts' weights in the layouts the tile GEMMs read, in acc_t, zero-padded:
-// down_gate [E][D][2rp] (W_down columns, then W_gate columns at offset rp), up [E][rp][Dp]; for the backward
-// also up_t [E][D][rp] (W_up^T) and down_gate_t [E][2rp][Dp].
+// The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate [D][r] with
+// leading dimension ld_down_gate, W_up [rp][Dp] with ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
+// down_gate_t [E][2rp][Dp] ([W_down | W_gate]^T). When the weights already are acc_t and r and D are multiples
+// of kGemmColAlign, the GEMMs read the caller's tensors directly: a decode step (T = 1) then costs no copy of
+// the weights.
 template <typename scalar_t, typename acc_t>
 struct PackedWeights {
   std::unique_ptr<acc_t[]> down_gate, up, up_t, down_gate_t;
-  int64_t down_gate_size, up_size;
+  const acc_t* down_base;
+  const acc_t* gate_base;
+  const acc_t* up_base;
+  int64_t expert_stride_down_gate, ld_down_gate, expert_stride_up, ld_up;
+
+  const acc_t* down(int64_t e) const { return down_base + e * expert_stride_down_gate; }
+  const acc_t* gate(int64_t e) const { return gate_base + e * expert_stride_down_gate; }
+  const acc_t* upw(int64_t e) const { return up_base + e * expert_stride_up; }
 
   PackedWeights(const Shapes& s, const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
                 bool for_backward) {
     const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
-    down_gate_size = D * 2 * rp;
-    up_size = rp * Dp;
-    down_gate = scratch<acc_t>(s.experts * down_gate_size);
-    up = scratch<acc_t>(s.experts * up_size);
+    const scalar_t* wd = w_down.data_ptr<scalar_t>();
+    const scalar_t* wg = w_gate.data_ptr<scalar_t>();
+    const scalar_t* wu = w_up.data_ptr<scalar_t>();
+    const bool direct = std::is_same<scalar_t, acc_t>::value && r == rp && D == Dp;
+    if (direct) {
+      down_base = reinterpret_cast<const acc_t*>(wd);
+      gate_base = reinterpret_cast<const acc_t*>(wg);
+      up_base = reinterpret_cast<const acc_t*>(wu);
+      expert_stride_down_gate = D * r;
+      ld_down_gate = r;
+      expert_stride_up = r * D;
+      ld_up = D;
+    } else {
+      expert_stride_down_gate = D * 2 * rp;
+      ld_down_gate = 2 * rp;
+      expert_stride_up = rp * Dp;
+      ld_up = Dp;
+      down_gate = scratch<acc_t>(s.experts * expert_stride_down_gate);
+      up = scratch<acc_t>(s.experts * expert_stride_up);
+      down_base = down_gate.get();
+      gate_base = down_gate.get() + rp;
+      up_base = up.get();
+    }
     if (for_backward) {
       up_t = scratch<acc_t>(s.experts * D * rp);
       down_gate_t = scratch<acc_t>(s.experts * 2 * rp * Dp);
     }
-    const scalar_t* wd = w_down.data_ptr<scalar_t>();
-    const scalar_t* wg = w_gate.data_ptr<scalar_t>();
-    const scalar_t* wu = w_up.data_ptr<scalar_t>();
     at::parallel_for(0, s.experts, 1, [&](int64_t e_begin, int64_t e_end) {
       for (int64_t e = e_begin; e < e_end; ++e) {
-        acc_t* dg = down_gate.get() + e * down_gate_size;
-        std::fill(dg, dg + down_gate_size, acc_t(0));
-        pack(wd + e * D * r, D, r, false, dg, 2 * rp);
-        pack(wg + e * D * r, D, r, false, dg + rp, 2 * rp);
-        acc_t* u = up.get() + e * up_size;
-        std::fill(u, u + up_size, acc_t(0));
-        pack(wu + e * r * D, r, D, false, u, Dp);
+        if (!direct) {
+          acc_t* dg = down_gate.get() + e * expert_stride_down_gate;
+          std::fill(dg, dg + expert_stride_down_gate, acc_t(0));
+          pack(wd + e * D * r, D, r, false, dg, 2 * rp);
+          pack(wg + e * D * r, D, r, false, dg + rp, 2 * rp);
+          acc_t* u = up.get() + e * expert_stride_up;
+          std::fill(u, u + expert_stride_up, acc_t(0));
+          pack(wu + e * r * D, r, D, false, u, Dp);
+        }
         if (for_backward) {
           acc_t* ut = up_t.get() + e * D * rp;
           std::fill(ut, ut + D * rp, acc_t(0));
@@ -177,20 +206,20 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
     acc_t rstd[kTileTokens];
     for (int64_t c = c_begin; c < c_end; ++c) {
       const Chunk& chunk = routing.chunks[c];
-      const acc_t* down_gate = packed.down_gate.get() + chunk.expert * packed.down_gate_size;
-      const acc_t* up = packed.up.get() + chunk.expert * packed.up_size;
+      const int64_t e = chunk.expert;
       for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
         const int64_t count = std::min(kTileTokens, chunk.end - p);
         const int64_t rows = round_up(count, kGemmRowAlign);
         const int64_t* tokens = routing.order.data() + p;
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
-        gemm(false, rows, 2 * rp, D, n.get(), Dp, down_gate, 2 * rp, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rp; ++j) {
             const acc_t down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
             a[i * rp + j] = gate * sigmoid(gate) * down;
           }
-        gemm(false, rows, Dp, rp, a.get(), rp, up, Dp, out.get(), Dp);
+        gemm(false, rows, Dp, rp, a.get(), rp, packed.upw(e), packed.ld_up, out.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           scalar_t* y_row = y_ptr + tokens[i] * D;
           for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
@@ -241,7 +270,6 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
       acc_t* d_up = d_down_gate + part_dg;
       acc_t* d_norm = d_up + part_up;
       std::fill(d_down_gate, d_down_gate + part_size, acc_t(0));
-      const acc_t* down_gate = packed.down_gate.get() + e * packed.down_gate_size;
       const acc_t* up_t = packed.up_t.get() + e * D * rp;
       const acc_t* down_gate_t = packed.down_gate_t.get() + e * 2 * rp * Dp;
       for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
@@ -251,7 +279,8 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_tile<scalar_t, acc_t>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         // Recompute u = n W_down, v = n W_gate; da = gy W_up^T.
-        gemm(false, rows, 2 * rp, D, n.get(), Dp, down_gate, 2 * rp, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
         gemm(false, rows, rp, D, gy.get(), Dp, up_t, rp, da.get(), rp);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rp; ++j) {

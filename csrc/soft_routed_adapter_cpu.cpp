@@ -9,6 +9,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu_common.h"
 #include "cpu_gemm.h"
 
@@ -58,11 +60,15 @@ Shapes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_dow
   return s;
 }
 
-// Weights in the layouts the tile GEMMs read, in acc_t, zero-padded: down [D][rp]; up [E*rp][Dp] (the experts
-// stacked along K); for the backward down_t [rp][Dp] and up_t [D][E*rp].
+// Weights as the tile GEMMs read them, in acc_t with zero padding: down [D][r] with leading dimension ld_down;
+// up [E*rp][ld_up] (the experts stacked along K); for the backward down_t [rp][Dp] and up_t [D][E*rp]. When the
+// weights already are acc_t and r and D are multiples of kGemmColAlign, down and up are the caller's tensors.
 template <typename scalar_t, typename acc_t>
 struct PackedWeights {
-  std::unique_ptr<acc_t[]> down, up, down_t, up_t;
+  std::unique_ptr<acc_t[]> down_packed, up_packed, down_t, up_t;
+  const acc_t* down;
+  const acc_t* up;
+  int64_t ld_down, ld_up;
   std::vector<acc_t> b_down, b_up;
 
   PackedWeights(const Shapes& s, const at::Tensor& w_down, const at::Tensor& bd, const at::Tensor& w_up,
@@ -70,12 +76,23 @@ struct PackedWeights {
     const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad, E = s.experts;
     const scalar_t* wd = w_down.data_ptr<scalar_t>();
     const scalar_t* wu = w_up.data_ptr<scalar_t>();
-    down = scratch<acc_t>(D * rp);
-    std::fill(down.get(), down.get() + D * rp, acc_t(0));
-    pack(wd, D, r, false, down.get(), rp);
-    up = scratch<acc_t>(E * rp * Dp);
-    std::fill(up.get(), up.get() + E * rp * Dp, acc_t(0));
-    for (int64_t e = 0; e < E; ++e) pack(wu + e * r * D, r, D, false, up.get() + e * rp * Dp, Dp);
+    if (std::is_same<scalar_t, acc_t>::value && r == rp && D == Dp) {
+      down = reinterpret_cast<const acc_t*>(wd);
+      up = reinterpret_cast<const acc_t*>(wu);
+      ld_down = r;
+      ld_up = D;
+    } else {
+      down_packed = scratch<acc_t>(D * rp);
+      std::fill(down_packed.get(), down_packed.get() + D * rp, acc_t(0));
+      pack(wd, D, r, false, down_packed.get(), rp);
+      up_packed = scratch<acc_t>(E * rp * Dp);
+      std::fill(up_packed.get(), up_packed.get() + E * rp * Dp, acc_t(0));
+      for (int64_t e = 0; e < E; ++e) pack(wu + e * r * D, r, D, false, up_packed.get() + e * rp * Dp, Dp);
+      down = down_packed.get();
+      up = up_packed.get();
+      ld_down = rp;
+      ld_up = Dp;
+    }
     if (for_backward) {
       down_t = scratch<acc_t>(rp * Dp);
       std::fill(down_t.get(), down_t.get() + rp * Dp, acc_t(0));
@@ -149,14 +166,14 @@ void forward_kernel(const Shapes& s, const at::Tensor& x, const at::Tensor& w_do
       const int64_t t0 = tile * kTileTokens, count = std::min(kTileTokens, T - t0);
       const int64_t rows = round_up(count, kGemmRowAlign);
       load_rows<scalar_t, acc_t>(x_ptr, t0, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
-      gemm(false, rows, rp, D, n.get(), Dp, packed.down.get(), rp, z.get(), rp);
+      gemm(false, rows, rp, D, n.get(), Dp, packed.down, packed.ld_down, z.get(), rp);
       finish_down<scalar_t, acc_t>(z.get(), t0, count, rows, s, packed.b_down.data(), mask_ptr);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t e = 0; e < E; ++e) {
           const acc_t w = i < count ? static_cast<acc_t>(w_ptr[(t0 + i) * E + e]) : acc_t(0);
           for (int64_t j = 0; j < rp; ++j) zw[(i * E + e) * rp + j] = w * z[i * rp + j];
         }
-      gemm(false, rows, Dp, E * rp, zw.get(), E * rp, packed.up.get(), Dp, out.get(), Dp);
+      gemm(false, rows, Dp, E * rp, zw.get(), E * rp, packed.up, packed.ld_up, out.get(), Dp);
       for (int64_t i = 0; i < count; ++i) {
         acc_t* out_row = out.get() + i * Dp;
         for (int64_t e = 0; e < E; ++e) {
@@ -224,7 +241,7 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
         load_rows<scalar_t, acc_t>(x_ptr, t0, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_rows<scalar_t, acc_t>(gy_ptr, t0, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         for (int64_t i = 0; i < rows * Dp; ++i) gs[i] = s_acc * gy[i];
-        gemm(false, rows, rp, D, n.get(), Dp, packed.down.get(), rp, z.get(), rp);
+        gemm(false, rows, rp, D, n.get(), Dp, packed.down, packed.ld_down, z.get(), rp);
         finish_down<scalar_t, acc_t>(z.get(), t0, count, rows, s, packed.b_down.data(), mask_ptr);
         // proj[i][e*rp + j] = (scale gy_i) . W_up[e][j, :]
         gemm(false, rows, Er, D, gs.get(), Dp, packed.up_t.get(), Er, proj.get(), Er);
