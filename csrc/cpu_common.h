@@ -94,13 +94,30 @@ acc_t rms_norm_row(const scalar_t* x, const acc_t* weight, int64_t size, double 
 template <typename scalar_t, typename acc_t>
 void rms_norm_row_backward(const acc_t* dn, const acc_t* xr, acc_t rstd, const acc_t* weight, int64_t size,
                            scalar_t* dx, acc_t* dweight) {
+  // The dot product in independent lanes: vectorisable without reassociation, summed in a fixed order.
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= size; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += dn[k + l] * weight[k + l] * xr[k + l];
+  for (; k < size; ++k) lanes[0] += dn[k] * weight[k] * xr[k];
   acc_t dot = 0;
-  for (int64_t k = 0; k < size; ++k) {
-    dweight[k] += dn[k] * xr[k];
-    dot += dn[k] * weight[k] * xr[k];
-  }
+  for (int l = 0; l < kLanes; ++l) dot += lanes[l];
+  for (k = 0; k < size; ++k) dweight[k] += dn[k] * xr[k];
   const acc_t mean_dot = dot / static_cast<acc_t>(size);
-  for (int64_t k = 0; k < size; ++k) dx[k] = static_cast<scalar_t>(rstd * (dn[k] * weight[k] - xr[k] * mean_dot));
+  for (k = 0; k < size; ++k) dx[k] = static_cast<scalar_t>(rstd * (dn[k] * weight[k] - xr[k] * mean_dot));
+}
+
+// out[0:size] = sum over c of parts[c * part_stride + 0:size], added in the order of c (deterministic), for the
+// chunk indices chunks[0:count]; contiguous rows, so the additions vectorise.
+template <typename acc_t>
+void sum_partials(const acc_t* parts, int64_t part_stride, const int64_t* chunks, int64_t count, int64_t size,
+                  acc_t* out) {
+  std::fill(out, out + size, acc_t(0));
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t* part = parts + chunks[i] * part_stride;
+    for (int64_t j = 0; j < size; ++j) out[j] += part[j];
+  }
 }
 
 template <typename scalar_t, typename acc_t>

@@ -27,8 +27,8 @@ constexpr int kRows = static_cast<int>(kGemmRowAlign);
 // length dividing kGemmColAlign), chosen so that kRows * NB accumulators fit the register file.
 #define PILL_DEFINE_GEMM(NAME, TARGET_ATTRIBUTE, VBYTES)                                                         \
   template <typename T, int NB, bool ACCUMULATE>                                                                 \
-  TARGET_ATTRIBUTE void NAME##_micro(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B,       \
-                                     int64_t ldb, T* __restrict C, int64_t ldc) {                                 \
+  TARGET_ATTRIBUTE void NAME##_micro(int64_t K, const T* __restrict A, int64_t lda, int64_t acs,                \
+                                     const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {          \
     typedef T vec __attribute__((vector_size(VBYTES)));                                                          \
     constexpr int kLanes = VBYTES / sizeof(T);                                                                   \
     constexpr int kVecs = NB / kLanes;                                                                           \
@@ -45,7 +45,7 @@ constexpr int kRows = static_cast<int>(kGemmRowAlign);
       vec b[kVecs];                                                                                              \
       for (int v = 0; v < kVecs; ++v) std::memcpy(&b[v], B + k * ldb + v * kLanes, sizeof(vec));                \
       for (int m = 0; m < kRows; ++m) {                                                                          \
-        const T a = A[m * lda + k];                                                                              \
+        const T a = A[m * lda + k * acs];                                                                        \
         for (int v = 0; v < kVecs; ++v) acc[m][v] += a * b[v];                                                   \
       }                                                                                                          \
     }                                                                                                            \
@@ -55,14 +55,14 @@ constexpr int kRows = static_cast<int>(kGemmRowAlign);
                                                                                                                  \
   template <typename T, int NB>                                                                                  \
   TARGET_ATTRIBUTE void NAME##_gemm(bool accumulate, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,  \
-                                    const T* B, int64_t ldb, T* C, int64_t ldc) {                                \
+                                    int64_t acs, const T* B, int64_t ldb, T* C, int64_t ldc) {                   \
     /* Column blocks outside: a K x NB panel of B stays in cache while every row block of A passes over it. */   \
     for (int64_t n0 = 0; n0 < N; n0 += NB)                                                                       \
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {                                                                \
         if (accumulate) {                                                                                        \
-          NAME##_micro<T, NB, true>(K, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc);                  \
+          NAME##_micro<T, NB, true>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);             \
         } else {                                                                                                 \
-          NAME##_micro<T, NB, false>(K, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc);                 \
+          NAME##_micro<T, NB, false>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);            \
         }                                                                                                        \
       }                                                                                                          \
   }

@@ -16,10 +16,12 @@ constexpr int64_t kGemmColAlign = 32;
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// C[M, N] = A[M, K] B[K, N] (accumulate = false) or C += A B (accumulate = true); leading dimensions in elements.
+// C[M, N] = A[M, K] B[K, N] (accumulate = false) or C += A B (accumulate = true). A[m][k] is
+// A[m * lda + k * a_col_stride]: a_col_stride = 1 for a row-major A, lda = 1 for a transposed one (A^T products
+// such as the weight gradients n^T du then need no transposed copy). B and C are row-major; strides in elements.
 template <typename T>
-using GemmFn = void (*)(bool accumulate, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                        int64_t ldb, T* C, int64_t ldc);
+using GemmFn = void (*)(bool accumulate, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                        int64_t a_col_stride, const T* B, int64_t ldb, T* C, int64_t ldc);
 
 // The micro-kernels for this CPU: the widest instruction set it supports, or the one named by the environment
 // variable PILL_KERNELS_CPU_ISA (generic | avx2 | avx512), which lets tests run every variant on one machine.

@@ -68,7 +68,7 @@ void tile_logits(const Shapes& s, const scalar_t* x, const int64_t* tokens, int6
     std::fill(xt + i * Dp + D, xt + (i + 1) * Dp, acc_t(0));
   }
   std::fill(xt + count * Dp, xt + rows * Dp, acc_t(0));
-  gemm(false, rows, Hp, D, xt, Dp, w_packed, Hp, logits, Hp);
+  gemm(false, rows, Hp, D, xt, Dp, 1, w_packed, Hp, logits, Hp);
 }
 
 template <typename scalar_t>
@@ -152,7 +152,6 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_v, const at::Tensor
   auto partials = scratch<acc_t>(num_chunks * part_size);
   at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     auto xt = scratch<acc_t>(kTileTokens * Dp);
-    auto x_t = scratch<acc_t>(Dp * kTileTokens);
     auto logits = scratch<acc_t>(kTileTokens * Hp);
     auto dlogits = scratch<acc_t>(kTileTokens * Hp);
     auto dxt = scratch<acc_t>(kTileTokens * Dp);
@@ -179,10 +178,8 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_v, const at::Tensor
             dlogits[i * Hp + h] = dgate * (acc_t(1) - gate * gate);
           }
         }
-        for (int64_t k = 0; k < Dp; ++k)
-          for (int64_t i = 0; i < count; ++i) x_t[k * kTileTokens + i] = xt[i * Dp + k];
-        gemm(true, Dp, Hp, count, x_t.get(), kTileTokens, dlogits.get(), Hp, part, Hp);
-        gemm(false, rows, Dp, Hp, dlogits.get(), Hp, w_packed_t.get(), Dp, dxt.get(), Dp);
+        gemm(true, Dp, Hp, count, xt.get(), 1, Dp, dlogits.get(), Hp, part, Hp);
+        gemm(false, rows, Dp, Hp, dlogits.get(), Hp, 1, w_packed_t.get(), Dp, dxt.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           scalar_t* dx_row = dx_ptr + tokens[i] * D;
           for (int64_t k = 0; k < D; ++k) dx_row[k] = static_cast<scalar_t>(dxt[i * Dp + k]);

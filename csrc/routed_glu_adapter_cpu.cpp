@@ -212,14 +212,14 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
         const int64_t rows = round_up(count, kGemmRowAlign);
         const int64_t* tokens = routing.order.data() + p;
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
-        gemm(false, rows, rp, D, n.get(), Dp, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
-        gemm(false, rows, rp, D, n.get(), Dp, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rp; ++j) {
             const acc_t down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
             a[i * rp + j] = gate * sigmoid(gate) * down;
           }
-        gemm(false, rows, Dp, rp, a.get(), rp, packed.upw(e), packed.ld_up, out.get(), Dp);
+        gemm(false, rows, Dp, rp, a.get(), rp, 1, packed.upw(e), packed.ld_up, out.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           scalar_t* y_row = y_ptr + tokens[i] * D;
           for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
@@ -259,8 +259,7 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
     auto uv = scratch<acc_t>(kTileTokens * 2 * rp);
     auto da = scratch<acc_t>(kTileTokens * rp);
     auto dudv = scratch<acc_t>(kTileTokens * 2 * rp);
-    auto a_t = scratch<acc_t>(rp * kTileTokens);
-    auto n_t = scratch<acc_t>(Dp * kTileTokens);
+    auto a = scratch<acc_t>(kTileTokens * rp);
     auto dn = scratch<acc_t>(kTileTokens * Dp);
     acc_t rstd[kTileTokens];
     for (int64_t c = c_begin; c < c_end; ++c) {
@@ -279,24 +278,22 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_tile<scalar_t, acc_t>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         // Recompute u = n W_down, v = n W_gate; da = gy W_up^T.
-        gemm(false, rows, rp, D, n.get(), Dp, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
-        gemm(false, rows, rp, D, n.get(), Dp, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
-        gemm(false, rows, rp, D, gy.get(), Dp, up_t, rp, da.get(), rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
+        gemm(false, rows, rp, D, gy.get(), Dp, 1, up_t, rp, da.get(), rp);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rp; ++j) {
             const acc_t u = uv[i * 2 * rp + j], v = uv[i * 2 * rp + rp + j], g = da[i * rp + j];
             const acc_t sig = sigmoid(v), silu = v * sig;
-            a_t[j * kTileTokens + i] = silu * u;
+            a[i * rp + j] = silu * u;
             dudv[i * 2 * rp + j] = g * silu;
             dudv[i * 2 * rp + rp + j] = g * u * sig * (acc_t(1) + v * (acc_t(1) - sig));
           }
-        for (int64_t k = 0; k < Dp; ++k)
-          for (int64_t i = 0; i < count; ++i) n_t[k * kTileTokens + i] = n[i * Dp + k];
         // d W_up += a^T gy; d [W_down | W_gate] += n^T [du | dv] (K = the tile's tokens).
-        gemm(true, rp, Dp, count, a_t.get(), kTileTokens, gy.get(), Dp, d_up, Dp);
-        gemm(true, Dp, 2 * rp, count, n_t.get(), kTileTokens, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
+        gemm(true, rp, Dp, count, a.get(), 1, rp, gy.get(), Dp, d_up, Dp);
+        gemm(true, Dp, 2 * rp, count, n.get(), 1, Dp, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
         // dn = gy (the skip) + du W_down^T + dv W_gate^T.
-        gemm(false, rows, Dp, 2 * rp, dudv.get(), 2 * rp, down_gate_t, Dp, dn.get(), Dp);
+        gemm(false, rows, Dp, 2 * rp, dudv.get(), 2 * rp, 1, down_gate_t, Dp, dn.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           acc_t* dn_row = dn.get() + i * Dp;
           for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
@@ -311,34 +308,39 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
     }
   });
 
-  // Reduce the chunks' partial sums in chunk order, per row k of D (parallel over rows, fixed order within).
+  // Reduce the chunks' partial sums in chunk order; parallel over rows of the gradients, each row summed as a
+  // contiguous vector.
   std::vector<std::vector<int64_t>> chunks_of_expert(static_cast<size_t>(s.experts));
-  for (int64_t c = 0; c < num_chunks; ++c) chunks_of_expert[routing.chunks[c].expert].push_back(c);
+  std::vector<int64_t> all_chunks;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    chunks_of_expert[routing.chunks[c].expert].push_back(c);
+    all_chunks.push_back(c);
+  }
   scalar_t* dwd = dw_down.data_ptr<scalar_t>();
   scalar_t* dwg = dw_gate.data_ptr<scalar_t>();
   scalar_t* dwu = dw_up.data_ptr<scalar_t>();
-  scalar_t* dnw = has_norm ? dnorm.data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, D, 16, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      for (int64_t e = 0; e < s.experts; ++e) {
+  // Rows: E * D rows of [d W_down | d W_gate], then E * r rows of d W_up, then the norm weight's gradient.
+  const int64_t down_gate_rows = s.experts * D, up_rows = s.experts * r;
+  at::parallel_for(0, down_gate_rows + up_rows + (has_norm ? 1 : 0), 8, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> sum(static_cast<size_t>(std::max(2 * rp, Dp)));
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (row < down_gate_rows) {
+        const int64_t e = row / D, k = row % D;
         const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials.get() + k * 2 * rp, part_size, chunks.data(), chunks.size(), 2 * rp, sum.data());
         for (int64_t j = 0; j < r; ++j) {
-          acc_t sum_down = 0, sum_gate = 0, sum_up = 0;
-          for (const int64_t c : chunks) {
-            const acc_t* part = partials.get() + c * part_size;
-            sum_down += part[k * 2 * rp + j];
-            sum_gate += part[k * 2 * rp + rp + j];
-            sum_up += part[part_dg + j * Dp + k];
-          }
-          dwd[(e * D + k) * r + j] = static_cast<scalar_t>(sum_down);
-          dwg[(e * D + k) * r + j] = static_cast<scalar_t>(sum_gate);
-          dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum_up);
+          dwd[(e * D + k) * r + j] = static_cast<scalar_t>(sum[j]);
+          dwg[(e * D + k) * r + j] = static_cast<scalar_t>(sum[rp + j]);
         }
-      }
-      if (has_norm) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < num_chunks; ++c) sum += partials[c * part_size + part_dg + part_up + k];
-        dnw[k] = static_cast<scalar_t>(sum);
+      } else if (row < down_gate_rows + up_rows) {
+        const int64_t e = (row - down_gate_rows) / r, j = (row - down_gate_rows) % r;
+        const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials.get() + part_dg + j * Dp, part_size, chunks.data(), chunks.size(), D, sum.data());
+        for (int64_t k = 0; k < D; ++k) dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum[k]);
+      } else {
+        sum_partials(partials.get() + part_dg + part_up, part_size, all_chunks.data(), num_chunks, D, sum.data());
+        scalar_t* dnw = dnorm.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < D; ++k) dnw[k] = static_cast<scalar_t>(sum[k]);
       }
     }
   });

@@ -166,14 +166,14 @@ void forward_kernel(const Shapes& s, const at::Tensor& x, const at::Tensor& w_do
       const int64_t t0 = tile * kTileTokens, count = std::min(kTileTokens, T - t0);
       const int64_t rows = round_up(count, kGemmRowAlign);
       load_rows<scalar_t, acc_t>(x_ptr, t0, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
-      gemm(false, rows, rp, D, n.get(), Dp, packed.down, packed.ld_down, z.get(), rp);
+      gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down, packed.ld_down, z.get(), rp);
       finish_down<scalar_t, acc_t>(z.get(), t0, count, rows, s, packed.b_down.data(), mask_ptr);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t e = 0; e < E; ++e) {
           const acc_t w = i < count ? static_cast<acc_t>(w_ptr[(t0 + i) * E + e]) : acc_t(0);
           for (int64_t j = 0; j < rp; ++j) zw[(i * E + e) * rp + j] = w * z[i * rp + j];
         }
-      gemm(false, rows, Dp, E * rp, zw.get(), E * rp, packed.up, packed.ld_up, out.get(), Dp);
+      gemm(false, rows, Dp, E * rp, zw.get(), E * rp, 1, packed.up, packed.ld_up, out.get(), Dp);
       for (int64_t i = 0; i < count; ++i) {
         acc_t* out_row = out.get() + i * Dp;
         for (int64_t e = 0; e < E; ++e) {
@@ -225,10 +225,9 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
     auto gy = scratch<acc_t>(kTileTokens * Dp);
     auto gs = scratch<acc_t>(kTileTokens * Dp);
     auto z = scratch<acc_t>(kTileTokens * rp);
-    auto zw_t = scratch<acc_t>(Er * kTileTokens);
+    auto zw = scratch<acc_t>(kTileTokens * Er);
     auto proj = scratch<acc_t>(kTileTokens * Er);
     auto dpre = scratch<acc_t>(kTileTokens * rp);
-    auto n_t = scratch<acc_t>(Dp * kTileTokens);
     auto dn = scratch<acc_t>(kTileTokens * Dp);
     acc_t rstd[kTileTokens];
     for (int64_t c = c_begin; c < c_end; ++c) {
@@ -241,10 +240,10 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
         load_rows<scalar_t, acc_t>(x_ptr, t0, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_rows<scalar_t, acc_t>(gy_ptr, t0, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         for (int64_t i = 0; i < rows * Dp; ++i) gs[i] = s_acc * gy[i];
-        gemm(false, rows, rp, D, n.get(), Dp, packed.down, packed.ld_down, z.get(), rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down, packed.ld_down, z.get(), rp);
         finish_down<scalar_t, acc_t>(z.get(), t0, count, rows, s, packed.b_down.data(), mask_ptr);
         // proj[i][e*rp + j] = (scale gy_i) . W_up[e][j, :]
-        gemm(false, rows, Er, D, gs.get(), Dp, packed.up_t.get(), Er, proj.get(), Er);
+        gemm(false, rows, Er, D, gs.get(), Dp, 1, packed.up_t.get(), Er, proj.get(), Er);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t t = t0 + i;
           const acc_t* gs_row = gs.get() + i * Dp;
@@ -255,7 +254,7 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
             acc_t dw = 0;
             for (int64_t j = 0; j < rp; ++j) {
               dw += z[i * rp + j] * proj[i * Er + e * rp + j];
-              zw_t[(e * rp + j) * kTileTokens + i] = w * z[i * rp + j];
+              zw[i * Er + e * rp + j] = w * z[i * rp + j];
             }
             for (int64_t k = 0; k < D; ++k) {
               dw += gs_row[k] * bias[k];
@@ -272,12 +271,10 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
           }
         }
         std::fill(dpre.get() + count * rp, dpre.get() + rows * rp, acc_t(0));
-        for (int64_t k = 0; k < Dp; ++k)
-          for (int64_t i = 0; i < count; ++i) n_t[k * kTileTokens + i] = n[i * Dp + k];
-        gemm(true, Er, Dp, count, zw_t.get(), kTileTokens, gs.get(), Dp, part + off_up, Dp);
-        gemm(true, Dp, rp, count, n_t.get(), kTileTokens, dpre.get(), rp, part, rp);
+        gemm(true, Er, Dp, count, zw.get(), 1, Er, gs.get(), Dp, part + off_up, Dp);
+        gemm(true, Dp, rp, count, n.get(), 1, Dp, dpre.get(), rp, part, rp);
         // dn = gy (the skip) + dpre W_down^T.
-        gemm(false, rows, Dp, rp, dpre.get(), rp, packed.down_t.get(), Dp, dn.get(), Dp);
+        gemm(false, rows, Dp, rp, dpre.get(), rp, 1, packed.down_t.get(), Dp, dn.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           acc_t* dn_row = dn.get() + i * Dp;
           for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
@@ -293,29 +290,41 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
     }
   });
 
-  // Chunk partials summed in chunk order, parallel over rows k of D.
+  // Chunk partials summed in chunk order; parallel over rows of the gradients, each a contiguous vector:
+  // D rows of d W_down, E * r rows of d W_up, then d b_down, d b_up and d norm weight.
   scalar_t* dwd = dw_down.data_ptr<scalar_t>();
   scalar_t* dbd = db_down.data_ptr<scalar_t>();
   scalar_t* dwu = dw_up.data_ptr<scalar_t>();
   scalar_t* dbu = db_up.data_ptr<scalar_t>();
-  scalar_t* dnw = has_norm ? dnorm.data_ptr<scalar_t>() : nullptr;
-  auto sum_chunks = [&](int64_t offset) {
-    acc_t sum = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) sum += partials[c * part_size + offset];
-    return sum;
-  };
-  at::parallel_for(0, D, 16, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      for (int64_t j = 0; j < r; ++j) dwd[k * r + j] = static_cast<scalar_t>(sum_chunks(k * rp + j));
-      for (int64_t e = 0; e < E; ++e) {
-        for (int64_t j = 0; j < r; ++j)
-          dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum_chunks(off_up + (e * rp + j) * Dp + k));
-        dbu[e * D + k] = static_cast<scalar_t>(sum_chunks(off_bu + e * D + k));
+  std::vector<int64_t> chunks(static_cast<size_t>(num_chunks));
+  for (int64_t c = 0; c < num_chunks; ++c) chunks[c] = c;
+  const int64_t up_rows = E * r;
+  at::parallel_for(0, D + up_rows + 1, 8, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> sum(static_cast<size_t>(std::max({rp, Dp, E * D})));
+    auto reduce = [&](int64_t offset, int64_t size) {
+      sum_partials(partials.get() + offset, part_size, chunks.data(), num_chunks, size, sum.data());
+    };
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (row < D) {
+        reduce(row * rp, r);
+        for (int64_t j = 0; j < r; ++j) dwd[row * r + j] = static_cast<scalar_t>(sum[j]);
+      } else if (row < D + up_rows) {
+        const int64_t e = (row - D) / r, j = (row - D) % r;
+        reduce(off_up + (e * rp + j) * Dp, D);
+        for (int64_t k = 0; k < D; ++k) dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum[k]);
+      } else {
+        reduce(off_bd, r);
+        for (int64_t j = 0; j < r; ++j) dbd[j] = static_cast<scalar_t>(sum[j]);
+        reduce(off_bu, E * D);
+        for (int64_t i = 0; i < E * D; ++i) dbu[i] = static_cast<scalar_t>(sum[i]);
+        if (has_norm) {
+          reduce(off_norm, D);
+          scalar_t* dnw = dnorm.data_ptr<scalar_t>();
+          for (int64_t k = 0; k < D; ++k) dnw[k] = static_cast<scalar_t>(sum[k]);
+        }
       }
-      if (has_norm) dnw[k] = static_cast<scalar_t>(sum_chunks(off_norm + k));
     }
   });
-  for (int64_t j = 0; j < r; ++j) dbd[j] = static_cast<scalar_t>(sum_chunks(off_bd + j));
 }
 
 at::Tensor soft_routed_adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& b_down,

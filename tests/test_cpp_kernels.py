@@ -325,3 +325,18 @@ def test_without_the_extension_cpp_is_unavailable_and_says_how_to_build():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "backend 'cpp' is not available" in result.stdout and "pip install" in result.stdout
+
+
+def test_no_tokens():
+    x, wd, wg, wu, ids, nw = routed_case(0, 40, 5, 2, "random", norm=True)
+    assert C.routed_glu_adapter_forward(x, wd, wg, wu, ids, nw, 1e-6).shape == (0, 40)
+    dx, dwd, dwg, dwu, dnw = C.routed_glu_adapter_backward(x, x, wd, wg, wu, ids, nw, 1e-6)
+    assert dx.shape == (0, 40) and all(torch.equal(g, torch.zeros_like(g)) for g in (dwd, dwg, dwu, dnw))
+    a = soft_inputs(tokens=0)
+    keys = ["x", "w_down", "b_down", "w_up", "b_up", "routing_weights", "dropout_mask", "norm_weight"]
+    grads = C.soft_routed_adapter_backward(a["x"], *[a[k] for k in keys], 1e-6, 1.0)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    x, w, v = torch.randn(0, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), \
+        torch.randn(0, 2, 3, dtype=torch.float64)
+    dx, dw, dv = C.modality_gate_backward(v, x, w, v, torch.zeros(0, dtype=torch.bool))
+    assert torch.equal(dw, torch.zeros_like(dw)) and dx.shape == (0, 8) and dv.shape == (0, 2, 3)
