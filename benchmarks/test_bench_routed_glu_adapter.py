@@ -22,7 +22,7 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HIDDEN, RANK, EXPERTS = (4096, 32, 2) if ON_GPU else (1024, 32, 2) if FULL else (72, 8, 2)
 TOKENS = [2048, 8192, 32768] if ON_GPU else [4096] if FULL else [37]
 IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if ON_GPU else [0.25]
-BACKENDS = ["reference", "triton", "cuda", "cpp"]
+BACKENDS = ["reference", "eager", "triton", "cuda", "cpp"]
 RUN_IMAGE_TOKENS = 1024  # image tokens come in runs, as an image's placeholders do in a sequence
 
 

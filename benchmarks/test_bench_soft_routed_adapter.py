@@ -16,7 +16,7 @@ from conftest import DEVICE, FULL, ON_GPU, seed_everything, skip_unless_runs
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HIDDEN, RANK, EXPERTS = (4096, 32, 2) if ON_GPU else (1024, 32, 2) if FULL else (72, 8, 2)
 TOKENS = [2048, 8192, 32768] if ON_GPU else [4096] if FULL else [37]
-BACKENDS = ["reference", "triton", "cuda", "cpp"]
+BACKENDS = ["reference", "eager", "triton", "cuda", "cpp"]
 
 
 @pytest.mark.parametrize("tokens", TOKENS)

@@ -15,6 +15,7 @@ from . import dispatch, reference
 from .dispatch import (BackendUnavailableError, available_backends, explain, get_backend, set_backend,
                        use_backend)
 from .ops import gated_attention, modality_gate, routed_glu_adapter, soft_routed_adapter
+from . import compiled  # noqa: E402,F401  (registers the compiled extension's backends when it is built)
 
 try:
     import triton as _triton  # noqa: F401

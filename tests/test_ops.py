@@ -354,9 +354,9 @@ def test_auto_skips_backends_that_run_but_should_not_be_picked(monkeypatch):
 # Backends that CI (a CPU machine with triton installed and the C++ extension built) must be able to test; a
 # missing one would otherwise only show up as skipped tests.
 EXPECTED_CPU_BACKENDS_IN_CI = {
-    "routed_glu_adapter": ["eager", "triton"],
-    "soft_routed_adapter": ["eager", "triton"],
-    "modality_gate": ["eager", "triton"],
+    "routed_glu_adapter": ["eager", "triton", "cpp"],
+    "soft_routed_adapter": ["eager", "triton", "cpp"],
+    "modality_gate": ["eager", "triton", "cpp"],
     "gated_attention": ["eager", "triton"],
 }
 

@@ -1,0 +1,152 @@
+// Register-blocked GEMM micro-kernels for the C++ CPU kernels; see cpu_gemm.h.
+//
+// One template, instantiated per instruction set through GCC/Clang function target attributes: the
+// accumulators of a kGemmRowAlign x NB block of C stay in vector registers across the whole K loop (GCC vector
+// extensions, which the compiler contracts to FMA where the target has it), B rows are loaded once per k and
+// reused for every row of the block, A elements are broadcast.
+#include "cpu_gemm.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PILL_KERNELS_X86_MULTIVERSION 1
+#else
+#define PILL_KERNELS_X86_MULTIVERSION 0
+#endif
+
+namespace pill_kernels_cpu {
+namespace {
+
+constexpr int kRows = static_cast<int>(kGemmRowAlign);
+
+// VBYTES: vector width of the instruction set; NB: columns of C per micro-kernel call (a multiple of the vector
+// length dividing kGemmColAlign), chosen so that kRows * NB accumulators fit the register file.
+#define PILL_DEFINE_GEMM(NAME, TARGET_ATTRIBUTE, VBYTES)                                                         \
+  template <typename T, int NB, bool ACCUMULATE>                                                                 \
+  TARGET_ATTRIBUTE void NAME##_micro(int64_t K, const T* __restrict A, int64_t lda, int64_t acs,                \
+                                     const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {          \
+    typedef T vec __attribute__((vector_size(VBYTES)));                                                          \
+    constexpr int kLanes = VBYTES / sizeof(T);                                                                   \
+    constexpr int kVecs = NB / kLanes;                                                                           \
+    vec acc[kRows][kVecs];                                                                                       \
+    for (int m = 0; m < kRows; ++m)                                                                              \
+      for (int v = 0; v < kVecs; ++v) {                                                                          \
+        if (ACCUMULATE) {                                                                                        \
+          std::memcpy(&acc[m][v], C + m * ldc + v * kLanes, sizeof(vec));                                        \
+        } else {                                                                                                 \
+          acc[m][v] = vec{};                                                                                     \
+        }                                                                                                        \
+      }                                                                                                          \
+    for (int64_t k = 0; k < K; ++k) {                                                                            \
+      vec b[kVecs];                                                                                              \
+      for (int v = 0; v < kVecs; ++v) std::memcpy(&b[v], B + k * ldb + v * kLanes, sizeof(vec));                \
+      for (int m = 0; m < kRows; ++m) {                                                                          \
+        const T a = A[m * lda + k * acs];                                                                        \
+        for (int v = 0; v < kVecs; ++v) acc[m][v] += a * b[v];                                                   \
+      }                                                                                                          \
+    }                                                                                                            \
+    for (int m = 0; m < kRows; ++m)                                                                              \
+      for (int v = 0; v < kVecs; ++v) std::memcpy(C + m * ldc + v * kLanes, &acc[m][v], sizeof(vec));           \
+  }                                                                                                              \
+                                                                                                                 \
+  template <typename T, int NB>                                                                                  \
+  TARGET_ATTRIBUTE void NAME##_gemm(bool accumulate, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,  \
+                                    int64_t acs, const T* B, int64_t ldb, T* C, int64_t ldc) {                   \
+    /* Column blocks outside: a K x NB panel of B stays in cache while every row block of A passes over it. */   \
+    for (int64_t n0 = 0; n0 < N; n0 += NB)                                                                       \
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {                                                                \
+        if (accumulate) {                                                                                        \
+          NAME##_micro<T, NB, true>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);             \
+        } else {                                                                                                 \
+          NAME##_micro<T, NB, false>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);            \
+        }                                                                                                        \
+      }                                                                                                          \
+  }
+
+PILL_DEFINE_GEMM(generic, , 16)
+#if PILL_KERNELS_X86_MULTIVERSION
+PILL_DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))), 32)
+PILL_DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 64)
+#endif
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#if PILL_KERNELS_X86_MULTIVERSION
+  __builtin_cpu_init();
+  // libgcc's and compiler-rt's feature bits also check that the OS saves the vector registers (XGETBV).
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+
+Isa current_isa() {
+  static const Isa best = detect_isa();
+  const char* requested = std::getenv("PILL_KERNELS_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') return best;
+  const std::string name(requested);
+  Isa wanted;
+  if (name == "generic") {
+    wanted = Isa::kGeneric;
+  } else if (name == "avx2") {
+    wanted = Isa::kAvx2;
+  } else if (name == "avx512") {
+    wanted = Isa::kAvx512;
+  } else {
+    TORCH_CHECK(false, "PILL_KERNELS_CPU_ISA must be generic, avx2 or avx512, got '", name, "'");
+  }
+  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best), "PILL_KERNELS_CPU_ISA=", name,
+              " but this CPU (or this build) supports at most ",
+              best == Isa::kAvx512 ? "avx512" : best == Isa::kAvx2 ? "avx2" : "generic");
+  return wanted;
+}
+
+}  // namespace
+
+template <>
+GemmFn<float> select_gemm<float>() {
+  switch (current_isa()) {
+#if PILL_KERNELS_X86_MULTIVERSION
+    case Isa::kAvx512:
+      return &avx512_gemm<float, 32>;
+    case Isa::kAvx2:
+      return &avx2_gemm<float, 16>;
+#endif
+    default:
+      return &generic_gemm<float, 8>;
+  }
+}
+
+template <>
+GemmFn<double> select_gemm<double>() {
+  switch (current_isa()) {
+#if PILL_KERNELS_X86_MULTIVERSION
+    case Isa::kAvx512:
+      return &avx512_gemm<double, 16>;
+    case Isa::kAvx2:
+      return &avx2_gemm<double, 8>;
+#endif
+    default:
+      return &generic_gemm<double, 4>;
+  }
+}
+
+const char* selected_gemm_isa() {
+  switch (current_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+}  // namespace pill_kernels_cpu

@@ -1,0 +1,385 @@
+// C++ CPU kernels of pill_kernels_C::routed_glu_adapter_{forward,backward}: hard-routed GLU adapter experts
+// with their input skip, y[t] = n[t] + W_up_e(SiLU(n[t] W_gate_e) * (n[t] W_down_e)), e = expert_ids[t],
+// n = RMSNorm(x) when norm_weight is given, else x (semantics: pill_kernels/reference.py).
+//
+// Tokens are sorted by expert (counting sort) and processed in tiles of kTileTokens tokens of one expert, so
+// every token runs through its own expert only and a tile's products are small GEMMs (cpu_gemm.h) whose weight
+// panels stay in cache across the tile. Work is parallel over fixed chunks of tiles; weight gradients are
+// summed per chunk and reduced in chunk order (cpu_common.h), hence deterministic for any thread count.
+// Everything is computed in the accumulation type (fp32 for half types, fp64 for fp64) and rounded once on
+// output, except n, which follows the reference's rounding.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "cpu_common.h"
+#include "cpu_gemm.h"
+
+namespace pill_kernels_cpu {
+namespace {
+
+constexpr const char* kForwardOp = "routed_glu_adapter_forward";
+constexpr const char* kBackwardOp = "routed_glu_adapter_backward";
+
+struct Shapes {
+  int64_t tokens, hidden, rank, experts;
+  int64_t hidden_pad, rank_pad;  // padded to kGemmColAlign: packed weights and tile buffers use these
+};
+
+struct Chunk {
+  int64_t expert, begin, end;  // positions [begin, end) of the expert-sorted token order
+};
+
+struct Routing {
+  std::vector<int64_t> order;  // token indices sorted by expert, stable
+  std::vector<Chunk> chunks;
+};
+
+Shapes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
+                    const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids,
+                    const c10::optional<at::Tensor>& norm_weight) {
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape [T, D], got ", x.sizes());
+  check_like(w_down, x, op, "w_down", "x");
+  check_like(w_gate, x, op, "w_gate", "x");
+  check_like(w_up, x, op, "w_up", "x");
+  TORCH_CHECK(w_down.dim() == 3, op, ": w_down must have shape [E, D, r], got ", w_down.sizes());
+  Shapes s{};
+  s.tokens = x.size(0);
+  s.hidden = x.size(1);
+  s.experts = w_down.size(0);
+  s.rank = w_down.size(2);
+  TORCH_CHECK(s.hidden > 0 && s.experts > 0 && s.rank > 0, op, ": D, E and r must be positive, got D=", s.hidden,
+              " E=", s.experts, " r=", s.rank);
+  check_shape(w_down, {s.experts, s.hidden, s.rank}, op, "w_down", "[E, D, r]");
+  check_shape(w_gate, {s.experts, s.hidden, s.rank}, op, "w_gate", "[E, D, r]");
+  check_shape(w_up, {s.experts, s.rank, s.hidden}, op, "w_up", "[E, r, D]");
+  if (norm_weight.has_value()) {
+    check_like(*norm_weight, x, op, "norm_weight", "x");
+    check_shape(*norm_weight, {s.hidden}, op, "norm_weight", "[D]");
+  }
+  if (expert_ids.has_value()) {
+    const at::Tensor& ids = *expert_ids;
+    TORCH_CHECK(ids.device().is_cpu(), op, ": expert_ids must be a CPU tensor, got ", ids.device());
+    TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": expert_ids must be int64, got ", ids.scalar_type());
+    TORCH_CHECK(ids.is_contiguous(), op, ": expert_ids must be contiguous");
+    check_shape(ids, {s.tokens}, op, "expert_ids", "[T]");
+  } else {
+    TORCH_CHECK(s.experts == 1, op, ": expert_ids is required when there are E=", s.experts, " experts");
+  }
+  s.hidden_pad = round_up(s.hidden, kGemmColAlign);
+  s.rank_pad = round_up(s.rank, kGemmColAlign);
+  return s;
+}
+
+Routing route(const char* op, const Shapes& s, const c10::optional<at::Tensor>& expert_ids) {
+  Routing routing;
+  routing.order.resize(static_cast<size_t>(s.tokens));
+  std::vector<int64_t> starts(static_cast<size_t>(s.experts + 1), 0);
+  const int64_t* ids = expert_ids.has_value() ? expert_ids->data_ptr<int64_t>() : nullptr;
+  for (int64_t t = 0; t < s.tokens; ++t) {
+    const int64_t e = ids != nullptr ? ids[t] : 0;
+    TORCH_CHECK(e >= 0 && e < s.experts, op, ": expert_ids must lie in [0, ", s.experts, ") for E=", s.experts,
+                " experts, got ", e, " at token ", t);
+    ++starts[e + 1];
+  }
+  for (int64_t e = 0; e < s.experts; ++e) starts[e + 1] += starts[e];
+  std::vector<int64_t> next(starts.begin(), starts.end() - 1);
+  for (int64_t t = 0; t < s.tokens; ++t) routing.order[next[ids != nullptr ? ids[t] : 0]++] = t;
+  const int64_t per_chunk = chunk_tokens(s.tokens);
+  for (int64_t e = 0; e < s.experts; ++e)
+    for (int64_t b = starts[e]; b < starts[e + 1]; b += per_chunk)
+      routing.chunks.push_back({e, b, std::min(b + per_chunk, starts[e + 1])});
+  return routing;
+}
+
+// The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate [D][r] with
+// leading dimension ld_down_gate, W_up [rp][Dp] with ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
+// down_gate_t [E][2rp][Dp] ([W_down | W_gate]^T). When the weights already are acc_t and r and D are multiples
+// of kGemmColAlign, the GEMMs read the caller's tensors directly: a decode step (T = 1) then costs no copy of
+// the weights.
+template <typename scalar_t, typename acc_t>
+struct PackedWeights {
+  std::unique_ptr<acc_t[]> down_gate, up, up_t, down_gate_t;
+  const acc_t* down_base;
+  const acc_t* gate_base;
+  const acc_t* up_base;
+  int64_t expert_stride_down_gate, ld_down_gate, expert_stride_up, ld_up;
+
+  const acc_t* down(int64_t e) const { return down_base + e * expert_stride_down_gate; }
+  const acc_t* gate(int64_t e) const { return gate_base + e * expert_stride_down_gate; }
+  const acc_t* upw(int64_t e) const { return up_base + e * expert_stride_up; }
+
+  PackedWeights(const Shapes& s, const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
+                bool for_backward) {
+    const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
+    const scalar_t* wd = w_down.data_ptr<scalar_t>();
+    const scalar_t* wg = w_gate.data_ptr<scalar_t>();
+    const scalar_t* wu = w_up.data_ptr<scalar_t>();
+    const bool direct = std::is_same<scalar_t, acc_t>::value && r == rp && D == Dp;
+    if (direct) {
+      down_base = reinterpret_cast<const acc_t*>(wd);
+      gate_base = reinterpret_cast<const acc_t*>(wg);
+      up_base = reinterpret_cast<const acc_t*>(wu);
+      expert_stride_down_gate = D * r;
+      ld_down_gate = r;
+      expert_stride_up = r * D;
+      ld_up = D;
+    } else {
+      expert_stride_down_gate = D * 2 * rp;
+      ld_down_gate = 2 * rp;
+      expert_stride_up = rp * Dp;
+      ld_up = Dp;
+      down_gate = scratch<acc_t>(s.experts * expert_stride_down_gate);
+      up = scratch<acc_t>(s.experts * expert_stride_up);
+      down_base = down_gate.get();
+      gate_base = down_gate.get() + rp;
+      up_base = up.get();
+    }
+    if (for_backward) {
+      up_t = scratch<acc_t>(s.experts * D * rp);
+      down_gate_t = scratch<acc_t>(s.experts * 2 * rp * Dp);
+    }
+    at::parallel_for(0, s.experts, 1, [&](int64_t e_begin, int64_t e_end) {
+      for (int64_t e = e_begin; e < e_end; ++e) {
+        if (!direct) {
+          acc_t* dg = down_gate.get() + e * expert_stride_down_gate;
+          std::fill(dg, dg + expert_stride_down_gate, acc_t(0));
+          pack(wd + e * D * r, D, r, false, dg, 2 * rp);
+          pack(wg + e * D * r, D, r, false, dg + rp, 2 * rp);
+          acc_t* u = up.get() + e * expert_stride_up;
+          std::fill(u, u + expert_stride_up, acc_t(0));
+          pack(wu + e * r * D, r, D, false, u, Dp);
+        }
+        if (for_backward) {
+          acc_t* ut = up_t.get() + e * D * rp;
+          std::fill(ut, ut + D * rp, acc_t(0));
+          pack(wu + e * r * D, r, D, true, ut, rp);
+          acc_t* dgt = down_gate_t.get() + e * 2 * rp * Dp;
+          std::fill(dgt, dgt + 2 * rp * Dp, acc_t(0));
+          pack(wd + e * D * r, D, r, true, dgt, Dp);
+          pack(wg + e * D * r, D, r, true, dgt + rp * Dp, Dp);
+        }
+      }
+    });
+  }
+};
+
+// Loads the tile's rows of x into n (normalised when weight != nullptr; xr and rstd kept for the backward)
+// and zero-fills the rows up to rows_pad, which the GEMMs read.
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* x, const int64_t* tokens, int64_t count, int64_t rows_pad, int64_t D, int64_t ld,
+               const acc_t* weight, double eps, acc_t* n, acc_t* xr, acc_t* rstd) {
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t* row = x + tokens[i] * D;
+    if (weight != nullptr) {
+      rstd[i] = rms_norm_row<scalar_t, acc_t>(row, weight, D, eps, n + i * ld, xr != nullptr ? xr + i * ld : nullptr);
+    } else {
+      for (int64_t k = 0; k < D; ++k) n[i * ld + k] = static_cast<acc_t>(row[k]);
+    }
+    std::fill(n + i * ld + D, n + (i + 1) * ld, acc_t(0));
+  }
+  std::fill(n + count * ld, n + rows_pad * ld, acc_t(0));
+}
+
+template <typename scalar_t>
+void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x, const at::Tensor& w_down,
+                    const at::Tensor& w_gate, const at::Tensor& w_up, const c10::optional<at::Tensor>& norm_weight,
+                    double eps, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmFn<acc_t> gemm = select_gemm<acc_t>();
+  const int64_t D = s.hidden, rp = s.rank_pad, Dp = s.hidden_pad;
+  const PackedWeights<scalar_t, acc_t> packed(s, w_down, w_gate, w_up, /*for_backward=*/false);
+  std::vector<acc_t> weight;
+  if (norm_weight.has_value()) weight = to_acc<scalar_t, acc_t>(*norm_weight);
+  const acc_t* weight_ptr = norm_weight.has_value() ? weight.data() : nullptr;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  scalar_t* y_ptr = y.data_ptr<scalar_t>();
+
+  at::parallel_for(0, static_cast<int64_t>(routing.chunks.size()), 1, [&](int64_t c_begin, int64_t c_end) {
+    auto n = scratch<acc_t>(kTileTokens * Dp);
+    auto uv = scratch<acc_t>(kTileTokens * 2 * rp);
+    auto a = scratch<acc_t>(kTileTokens * rp);
+    auto out = scratch<acc_t>(kTileTokens * Dp);
+    acc_t rstd[kTileTokens];
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const Chunk& chunk = routing.chunks[c];
+      const int64_t e = chunk.expert;
+      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
+        const int64_t count = std::min(kTileTokens, chunk.end - p);
+        const int64_t rows = round_up(count, kGemmRowAlign);
+        const int64_t* tokens = routing.order.data() + p;
+        load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < rp; ++j) {
+            const acc_t down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
+            a[i * rp + j] = gate * sigmoid(gate) * down;
+          }
+        gemm(false, rows, Dp, rp, a.get(), rp, 1, packed.upw(e), packed.ld_up, out.get(), Dp);
+        for (int64_t i = 0; i < count; ++i) {
+          scalar_t* y_row = y_ptr + tokens[i] * D;
+          for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& grad_y, const at::Tensor& x,
+                     const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
+                     const c10::optional<at::Tensor>& norm_weight, double eps, at::Tensor& dx, at::Tensor& dw_down,
+                     at::Tensor& dw_gate, at::Tensor& dw_up, at::Tensor& dnorm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GemmFn<acc_t> gemm = select_gemm<acc_t>();
+  const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
+  const PackedWeights<scalar_t, acc_t> packed(s, w_down, w_gate, w_up, /*for_backward=*/true);
+  const bool has_norm = norm_weight.has_value();
+  std::vector<acc_t> weight;
+  if (has_norm) weight = to_acc<scalar_t, acc_t>(*norm_weight);
+  const acc_t* weight_ptr = has_norm ? weight.data() : nullptr;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  const scalar_t* gy_ptr = grad_y.data_ptr<scalar_t>();
+  scalar_t* dx_ptr = dx.data_ptr<scalar_t>();
+
+  // Per-chunk partial weight gradients: d down_gate [Dp][2rp], d up [rp][Dp], d norm weight [D].
+  const int64_t part_dg = Dp * 2 * rp, part_up = rp * Dp, part_norm = has_norm ? D : 0;
+  const int64_t part_size = part_dg + part_up + part_norm;
+  const int64_t num_chunks = static_cast<int64_t>(routing.chunks.size());
+  auto partials = scratch<acc_t>(num_chunks * part_size);
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    auto n = scratch<acc_t>(kTileTokens * Dp);
+    auto xr = scratch<acc_t>(has_norm ? kTileTokens * Dp : 0);
+    auto gy = scratch<acc_t>(kTileTokens * Dp);
+    auto uv = scratch<acc_t>(kTileTokens * 2 * rp);
+    auto da = scratch<acc_t>(kTileTokens * rp);
+    auto dudv = scratch<acc_t>(kTileTokens * 2 * rp);
+    auto a = scratch<acc_t>(kTileTokens * rp);
+    auto dn = scratch<acc_t>(kTileTokens * Dp);
+    acc_t rstd[kTileTokens];
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const Chunk& chunk = routing.chunks[c];
+      const int64_t e = chunk.expert;
+      acc_t* d_down_gate = partials.get() + c * part_size;
+      acc_t* d_up = d_down_gate + part_dg;
+      acc_t* d_norm = d_up + part_up;
+      std::fill(d_down_gate, d_down_gate + part_size, acc_t(0));
+      const acc_t* up_t = packed.up_t.get() + e * D * rp;
+      const acc_t* down_gate_t = packed.down_gate_t.get() + e * 2 * rp * Dp;
+      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
+        const int64_t count = std::min(kTileTokens, chunk.end - p);
+        const int64_t rows = round_up(count, kGemmRowAlign);
+        const int64_t* tokens = routing.order.data() + p;
+        load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
+        load_tile<scalar_t, acc_t>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
+        // Recompute u = n W_down, v = n W_gate; da = gy W_up^T.
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
+        gemm(false, rows, rp, D, gy.get(), Dp, 1, up_t, rp, da.get(), rp);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < rp; ++j) {
+            const acc_t u = uv[i * 2 * rp + j], v = uv[i * 2 * rp + rp + j], g = da[i * rp + j];
+            const acc_t sig = sigmoid(v), silu = v * sig;
+            a[i * rp + j] = silu * u;
+            dudv[i * 2 * rp + j] = g * silu;
+            dudv[i * 2 * rp + rp + j] = g * u * sig * (acc_t(1) + v * (acc_t(1) - sig));
+          }
+        // d W_up += a^T gy; d [W_down | W_gate] += n^T [du | dv] (K = the tile's tokens).
+        gemm(true, rp, Dp, count, a.get(), 1, rp, gy.get(), Dp, d_up, Dp);
+        gemm(true, Dp, 2 * rp, count, n.get(), 1, Dp, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
+        // dn = gy (the skip) + du W_down^T + dv W_gate^T.
+        gemm(false, rows, Dp, 2 * rp, dudv.get(), 2 * rp, 1, down_gate_t, Dp, dn.get(), Dp);
+        for (int64_t i = 0; i < count; ++i) {
+          acc_t* dn_row = dn.get() + i * Dp;
+          for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
+          scalar_t* dx_row = dx_ptr + tokens[i] * D;
+          if (has_norm) {
+            rms_norm_row_backward<scalar_t, acc_t>(dn_row, xr.get() + i * Dp, rstd[i], weight_ptr, D, dx_row, d_norm);
+          } else {
+            for (int64_t k = 0; k < D; ++k) dx_row[k] = static_cast<scalar_t>(dn_row[k]);
+          }
+        }
+      }
+    }
+  });
+
+  // Reduce the chunks' partial sums in chunk order; parallel over rows of the gradients, each row summed as a
+  // contiguous vector.
+  std::vector<std::vector<int64_t>> chunks_of_expert(static_cast<size_t>(s.experts));
+  std::vector<int64_t> all_chunks;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    chunks_of_expert[routing.chunks[c].expert].push_back(c);
+    all_chunks.push_back(c);
+  }
+  scalar_t* dwd = dw_down.data_ptr<scalar_t>();
+  scalar_t* dwg = dw_gate.data_ptr<scalar_t>();
+  scalar_t* dwu = dw_up.data_ptr<scalar_t>();
+  // Rows: E * D rows of [d W_down | d W_gate], then E * r rows of d W_up, then the norm weight's gradient.
+  const int64_t down_gate_rows = s.experts * D, up_rows = s.experts * r;
+  at::parallel_for(0, down_gate_rows + up_rows + (has_norm ? 1 : 0), 8, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> sum(static_cast<size_t>(std::max(2 * rp, Dp)));
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (row < down_gate_rows) {
+        const int64_t e = row / D, k = row % D;
+        const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials.get() + k * 2 * rp, part_size, chunks.data(), chunks.size(), 2 * rp, sum.data());
+        for (int64_t j = 0; j < r; ++j) {
+          dwd[(e * D + k) * r + j] = static_cast<scalar_t>(sum[j]);
+          dwg[(e * D + k) * r + j] = static_cast<scalar_t>(sum[rp + j]);
+        }
+      } else if (row < down_gate_rows + up_rows) {
+        const int64_t e = (row - down_gate_rows) / r, j = (row - down_gate_rows) % r;
+        const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials.get() + part_dg + j * Dp, part_size, chunks.data(), chunks.size(), D, sum.data());
+        for (int64_t k = 0; k < D; ++k) dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum[k]);
+      } else {
+        sum_partials(partials.get() + part_dg + part_up, part_size, all_chunks.data(), num_chunks, D, sum.data());
+        scalar_t* dnw = dnorm.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < D; ++k) dnw[k] = static_cast<scalar_t>(sum[k]);
+      }
+    }
+  });
+}
+
+at::Tensor routed_glu_adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
+                                          const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids,
+                                          const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const Shapes s = check_inputs(kForwardOp, x, w_down, w_gate, w_up, expert_ids, norm_weight);
+  const Routing routing = route(kForwardOp, s, expert_ids);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kForwardOp, [&] {
+    forward_kernel<scalar_t>(s, routing, x, w_down, w_gate, w_up, norm_weight, eps, y);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_glu_adapter_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
+    const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids, const c10::optional<at::Tensor>& norm_weight,
+    double eps) {
+  const Shapes s = check_inputs(kBackwardOp, x, w_down, w_gate, w_up, expert_ids, norm_weight);
+  check_like(grad_y, x, kBackwardOp, "grad_y", "x");
+  check_shape(grad_y, x.sizes(), kBackwardOp, "grad_y", "x.shape");
+  const Routing routing = route(kBackwardOp, s, expert_ids);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw_down = at::empty_like(w_down), dw_gate = at::empty_like(w_gate), dw_up = at::empty_like(w_up);
+  at::Tensor dnorm = norm_weight.has_value() ? at::empty_like(*norm_weight) : x.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBackwardOp, [&] {
+    backward_kernel<scalar_t>(s, routing, grad_y, x, w_down, w_gate, w_up, norm_weight, eps, dx, dw_down, dw_gate,
+                              dw_up, dnorm);
+  });
+  return {dx, dw_down, dw_gate, dw_up, dnorm};
+}
+
+}  // namespace
+}  // namespace pill_kernels_cpu
+
+TORCH_LIBRARY_IMPL(pill_kernels_C, CPU, m) {
+  m.impl("routed_glu_adapter_forward", &pill_kernels_cpu::routed_glu_adapter_forward_cpu);
+  m.impl("routed_glu_adapter_backward", &pill_kernels_cpu::routed_glu_adapter_backward_cpu);
+}

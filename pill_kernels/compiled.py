@@ -1,0 +1,87 @@
+"""Registers the compiled extension pill_kernels._C as the "cpp" (C++ CPU kernels) and "cuda" backends.
+
+The extension is optional: when it is not built, nothing is registered here and asking for "cpp" or "cuda"
+raises `dispatch.BackendUnavailableError` saying how to build it. Its ops (namespace ``pill_kernels_C``,
+schemas in csrc/extension.cpp) take the eager backend's arguments; a backward returns an empty tensor for the
+gradient of an absent optional input, which the wrappers below turn back into None.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the pill_kernels_C ops)
+except ImportError as _exc:
+    IMPORT_ERROR: str | None = str(_exc)
+else:
+    IMPORT_ERROR = None
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pill_kernels_C::{name}", dispatch_key)
+
+
+def _only_on(device_type: str):
+    def unavailable_reason(device: torch.device) -> str | None:
+        if device.type != device_type:
+            return f"its kernels run on {device_type} tensors, not {device.type}"
+        return None
+
+    return unavailable_reason
+
+
+def _none_if_empty(grad: torch.Tensor, present) -> torch.Tensor | None:
+    return grad if present is not None else None
+
+
+def _routed_glu_forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
+    return torch.ops.pill_kernels_C.routed_glu_adapter_forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+
+
+def _routed_glu_backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
+    dx, dwd, dwg, dwu, dnw = torch.ops.pill_kernels_C.routed_glu_adapter_backward(
+        grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+    return dx, dwd, dwg, dwu, _none_if_empty(dnw, norm_weight)
+
+
+def _soft_forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
+    return torch.ops.pill_kernels_C.soft_routed_adapter_forward(
+        x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale)
+
+
+def _soft_backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
+    *grads, dnw = torch.ops.pill_kernels_C.soft_routed_adapter_backward(
+        grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale)
+    return (*grads, _none_if_empty(dnw, norm_weight))
+
+
+def _gate_forward(x, w_gate, v, image_mask):
+    return torch.ops.pill_kernels_C.modality_gate_forward(x, w_gate, v, image_mask)
+
+
+def _gate_backward(grad_v, x, w_gate, v, image_mask):
+    return tuple(torch.ops.pill_kernels_C.modality_gate_backward(grad_v, x, w_gate, v, image_mask))
+
+
+# op -> (name of its forward in pill_kernels_C, forward wrapper, backward wrapper)
+_OPS = {
+    "routed_glu_adapter": ("routed_glu_adapter_forward", _routed_glu_forward, _routed_glu_backward),
+    "soft_routed_adapter": ("soft_routed_adapter_forward", _soft_forward, _soft_backward),
+    "modality_gate": ("modality_gate_forward", _gate_forward, _gate_backward),
+}
+
+# Set by measurement (benchmarks/RESULTS.md): op -> function(device) returning why "auto" should not pick the
+# C++ CPU kernels there, for an op where they measured slower than eager.
+_CPP_AUTO_SKIP: dict = {}
+
+if IMPORT_ERROR is None:
+    for _op, (_name, _forward, _backward) in _OPS.items():
+        if _has_kernel(_name, "CPU"):
+            dispatch.register(_op, "cpp", _forward, _backward, unavailable_reason=_only_on("cpu"),
+                              **({"auto_skip_reason": _CPP_AUTO_SKIP[_op]} if _op in _CPP_AUTO_SKIP else {}))
+        if _has_kernel(_name, "CUDA"):
+            # Hand-written CUDA kernels compete with the Triton ones: auto takes them only where measured faster.
+            dispatch.register(_op, "cuda", _forward, _backward, unavailable_reason=_only_on("cuda"),
+                              auto_skip_reason=dispatch.measured_win_reason(_op, "cuda"))
