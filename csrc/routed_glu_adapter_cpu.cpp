@@ -98,8 +98,9 @@ Routing route(const char* op, const Shapes& s, const c10::optional<at::Tensor>& 
   return routing;
 }
 
-// The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate [D][r] with
-// leading dimension ld_down_gate, W_up [rp][Dp] with ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
+// The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate as [D][rp]
+// blocks with leading dimension ld_down_gate (side by side in one [D][2rp] buffer when packed), W_up [rp][Dp] with
+// ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
 // down_gate_t [E][2rp][Dp] ([W_down | W_gate]^T). When the weights already are acc_t and r and D are multiples
 // of kGemmColAlign, the GEMMs read the caller's tensors directly: a decode step (T = 1) then costs no copy of
 // the weights.
