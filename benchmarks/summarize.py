@@ -13,7 +13,7 @@ def main(path):
     data = json.load(open(path))
     rows = defaultdict(dict)  # (op, case, pass) -> backend -> (median s, extra_info)
     for bench in data["benchmarks"]:
-        case, backend, which = bench["param"].rsplit("-", 2) if "param" in bench else bench["name"].split("[")[1][:-1].rsplit("-", 2)
+        case, backend, which = bench["param"].rsplit("-", 2)  # ids made by bench_common.params
         op = bench["name"].split("[")[0].removeprefix("test_")
         rows[(op, case, which)][backend] = (bench["stats"]["median"], bench.get("extra_info", {}))
     print("| op | case | pass | backend | median ms | vs reference | vs eager |")
