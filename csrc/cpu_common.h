@@ -129,17 +129,21 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
 }
 
 // Packs a row-major [rows, cols] matrix (scalar_t) into an acc_t buffer with leading dimension ld, optionally
-// transposed (out[c][r] = in[r][c]); the caller zero-fills the padding.
+// transposed (out[c][r] = in[r][c]); the caller zero-fills the padding. Transposes go in square blocks so that
+// both the reads and the strided writes stay within a few cache lines.
 template <typename scalar_t, typename acc_t>
 void pack(const scalar_t* in, int64_t rows, int64_t cols, bool transpose, acc_t* out, int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc_t v = static_cast<acc_t>(in[i * cols + j]);
-      if (transpose) {
-        out[j * ld + i] = v;
-      } else {
-        out[i * ld + j] = v;
-      }
+  if (!transpose) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out[i * ld + j] = static_cast<acc_t>(in[i * cols + j]);
+    return;
+  }
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock)
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t i1 = std::min(rows, i0 + kBlock), j1 = std::min(cols, j0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) out[j * ld + i] = static_cast<acc_t>(in[i * cols + j]);
     }
 }
 

@@ -24,7 +24,7 @@ namespace {
 constexpr int kRows = static_cast<int>(kGemmRowAlign);
 
 // VBYTES: vector width of the instruction set; NB: columns of C per micro-kernel call (a multiple of the vector
-// length dividing kGemmColAlign), chosen so that kRows * NB accumulators fit the register file.
+// length, and a multiple or divisor of kGemmColAlign), chosen so that kRows * NB accumulators fit the register file.
 #define PILL_DEFINE_GEMM(NAME, TARGET_ATTRIBUTE, VBYTES)                                                         \
   template <typename T, int NB, bool ACCUMULATE>                                                                 \
   TARGET_ATTRIBUTE void NAME##_micro(int64_t K, const T* __restrict A, int64_t lda, int64_t acs,                \
@@ -57,12 +57,23 @@ constexpr int kRows = static_cast<int>(kGemmRowAlign);
   TARGET_ATTRIBUTE void NAME##_gemm(bool accumulate, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,  \
                                     int64_t acs, const T* B, int64_t ldb, T* C, int64_t ldc) {                   \
     /* Column blocks outside: a K x NB panel of B stays in cache while every row block of A passes over it. */   \
-    for (int64_t n0 = 0; n0 < N; n0 += NB)                                                                       \
+    int64_t n0 = 0;                                                                                              \
+    for (; n0 + NB <= N; n0 += NB)                                                                               \
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {                                                                \
         if (accumulate) {                                                                                        \
           NAME##_micro<T, NB, true>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);             \
         } else {                                                                                                 \
           NAME##_micro<T, NB, false>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);            \
+        }                                                                                                        \
+      }                                                                                                          \
+    /* NB may exceed kGemmColAlign (AVX-512 fp32): the last kGemmColAlign-wide columns, if any, in half blocks. */ \
+    constexpr int kHalf = NB > kGemmColAlign ? NB / 2 : NB;                                                      \
+    for (; n0 < N; n0 += kHalf)                                                                                  \
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {                                                                \
+        if (accumulate) {                                                                                        \
+          NAME##_micro<T, kHalf, true>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);          \
+        } else {                                                                                                 \
+          NAME##_micro<T, kHalf, false>(K, A + m0 * lda, lda, acs, B + n0, ldb, C + m0 * ldc + n0, ldc);         \
         }                                                                                                        \
       }                                                                                                          \
   }

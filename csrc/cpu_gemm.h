@@ -12,7 +12,7 @@
 namespace pill_kernels_cpu {
 
 constexpr int64_t kGemmRowAlign = 4;
-constexpr int64_t kGemmColAlign = 32;
+constexpr int64_t kGemmColAlign = 16;
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 

@@ -157,7 +157,6 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_v, const at::Tensor
     auto dxt = scratch<acc_t>(kTileTokens * Dp);
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* part = partials.get() + c * part_size;
-      std::fill(part, part + part_size, acc_t(0));
       const int64_t chunk_end = std::min(num_images, (c + 1) * per_chunk);
       for (int64_t p = c * per_chunk; p < chunk_end; p += kTileTokens) {
         const int64_t count = std::min(kTileTokens, chunk_end - p), rows = round_up(count, kGemmRowAlign);
@@ -178,7 +177,8 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_v, const at::Tensor
             dlogits[i * Hp + h] = dgate * (acc_t(1) - gate * gate);
           }
         }
-        gemm(true, Dp, Hp, count, xt.get(), 1, Dp, dlogits.get(), Hp, part, Hp);
+        // The chunk's first tile overwrites the partial, later tiles add to it.
+        gemm(p != c * per_chunk, Dp, Hp, count, xt.get(), 1, Dp, dlogits.get(), Hp, part, Hp);
         gemm(false, rows, Dp, Hp, dlogits.get(), Hp, 1, w_packed_t.get(), Dp, dxt.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           scalar_t* dx_row = dx_ptr + tokens[i] * D;

@@ -35,6 +35,7 @@ struct Chunk {
 struct Routing {
   std::vector<int64_t> order;  // token indices sorted by expert, stable
   std::vector<Chunk> chunks;
+  std::vector<bool> used;  // used[e]: expert e has at least one token
 };
 
 Shapes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
@@ -88,6 +89,8 @@ Routing route(const char* op, const Shapes& s, const c10::optional<at::Tensor>& 
   for (int64_t e = 0; e < s.experts; ++e) starts[e + 1] += starts[e];
   std::vector<int64_t> next(starts.begin(), starts.end() - 1);
   for (int64_t t = 0; t < s.tokens; ++t) routing.order[next[ids != nullptr ? ids[t] : 0]++] = t;
+  routing.used.resize(static_cast<size_t>(s.experts));
+  for (int64_t e = 0; e < s.experts; ++e) routing.used[e] = starts[e + 1] > starts[e];
   const int64_t per_chunk = chunk_tokens(s.tokens);
   for (int64_t e = 0; e < s.experts; ++e)
     for (int64_t b = starts[e]; b < starts[e + 1]; b += per_chunk)
@@ -95,8 +98,9 @@ Routing route(const char* op, const Shapes& s, const c10::optional<at::Tensor>& 
   return routing;
 }
 
-// The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate [D][r] with
-// leading dimension ld_down_gate, W_up [rp][Dp] with ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
+// The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate as [D][rp]
+// blocks with leading dimension ld_down_gate (side by side in one [D][2rp] buffer when packed), W_up [rp][Dp] with
+// ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
 // down_gate_t [E][2rp][Dp] ([W_down | W_gate]^T). When the weights already are acc_t and r and D are multiples
 // of kGemmColAlign, the GEMMs read the caller's tensors directly: a decode step (T = 1) then costs no copy of
 // the weights.
@@ -112,8 +116,9 @@ struct PackedWeights {
   const acc_t* gate(int64_t e) const { return gate_base + e * expert_stride_down_gate; }
   const acc_t* upw(int64_t e) const { return up_base + e * expert_stride_up; }
 
-  PackedWeights(const Shapes& s, const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
-                bool for_backward) {
+  // Only experts that have tokens (used[e]) are packed: a decode step touches one expert.
+  PackedWeights(const Shapes& s, const std::vector<bool>& used, const at::Tensor& w_down, const at::Tensor& w_gate,
+                const at::Tensor& w_up, bool for_backward) {
     const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
     const scalar_t* wd = w_down.data_ptr<scalar_t>();
     const scalar_t* wg = w_gate.data_ptr<scalar_t>();
@@ -144,6 +149,7 @@ struct PackedWeights {
     }
     at::parallel_for(0, s.experts, 1, [&](int64_t e_begin, int64_t e_end) {
       for (int64_t e = e_begin; e < e_end; ++e) {
+        if (!used[e]) continue;
         if (!direct) {
           acc_t* dg = down_gate.get() + e * expert_stride_down_gate;
           std::fill(dg, dg + expert_stride_down_gate, acc_t(0));
@@ -191,7 +197,7 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
   using acc_t = at::opmath_type<scalar_t>;
   const GemmFn<acc_t> gemm = select_gemm<acc_t>();
   const int64_t D = s.hidden, rp = s.rank_pad, Dp = s.hidden_pad;
-  const PackedWeights<scalar_t, acc_t> packed(s, w_down, w_gate, w_up, /*for_backward=*/false);
+  const PackedWeights<scalar_t, acc_t> packed(s, routing.used, w_down, w_gate, w_up, /*for_backward=*/false);
   std::vector<acc_t> weight;
   if (norm_weight.has_value()) weight = to_acc<scalar_t, acc_t>(*norm_weight);
   const acc_t* weight_ptr = norm_weight.has_value() ? weight.data() : nullptr;
@@ -237,7 +243,7 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
   using acc_t = at::opmath_type<scalar_t>;
   const GemmFn<acc_t> gemm = select_gemm<acc_t>();
   const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
-  const PackedWeights<scalar_t, acc_t> packed(s, w_down, w_gate, w_up, /*for_backward=*/true);
+  const PackedWeights<scalar_t, acc_t> packed(s, routing.used, w_down, w_gate, w_up, /*for_backward=*/true);
   const bool has_norm = norm_weight.has_value();
   std::vector<acc_t> weight;
   if (has_norm) weight = to_acc<scalar_t, acc_t>(*norm_weight);
@@ -268,7 +274,8 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
       acc_t* d_down_gate = partials.get() + c * part_size;
       acc_t* d_up = d_down_gate + part_dg;
       acc_t* d_norm = d_up + part_up;
-      std::fill(d_down_gate, d_down_gate + part_size, acc_t(0));
+      // The chunk's first tile overwrites the GEMM-accumulated partials; only d norm is summed with +=.
+      std::fill(d_norm, d_norm + part_norm, acc_t(0));
       const acc_t* up_t = packed.up_t.get() + e * D * rp;
       const acc_t* down_gate_t = packed.down_gate_t.get() + e * 2 * rp * Dp;
       for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
@@ -290,8 +297,9 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
             dudv[i * 2 * rp + rp + j] = g * u * sig * (acc_t(1) + v * (acc_t(1) - sig));
           }
         // d W_up += a^T gy; d [W_down | W_gate] += n^T [du | dv] (K = the tile's tokens).
-        gemm(true, rp, Dp, count, a.get(), 1, rp, gy.get(), Dp, d_up, Dp);
-        gemm(true, Dp, 2 * rp, count, n.get(), 1, Dp, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
+        const bool accumulate = p != chunk.begin;
+        gemm(accumulate, rp, Dp, count, a.get(), 1, rp, gy.get(), Dp, d_up, Dp);
+        gemm(accumulate, Dp, 2 * rp, count, n.get(), 1, Dp, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
         // dn = gy (the skip) + du W_down^T + dv W_gate^T.
         gemm(false, rows, Dp, 2 * rp, dudv.get(), 2 * rp, 1, down_gate_t, Dp, dn.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {

@@ -232,7 +232,10 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
     acc_t rstd[kTileTokens];
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* part = partials.get() + c * part_size;
-      std::fill(part, part + part_size, acc_t(0));
+      // The chunk's first tile overwrites the GEMM-accumulated partials (d W_down, d W_up); the rest is summed
+      // with +=.
+      std::fill(part + off_bd, part + off_up, acc_t(0));
+      std::fill(part + off_bu, part + part_size, acc_t(0));
       const int64_t chunk_end = std::min(T, (c + 1) * per_chunk);
       for (int64_t t0 = c * per_chunk; t0 < chunk_end; t0 += kTileTokens) {
         const int64_t count = std::min(kTileTokens, chunk_end - t0);
@@ -271,8 +274,9 @@ void backward_kernel(const Shapes& s, const at::Tensor& grad_y, const at::Tensor
           }
         }
         std::fill(dpre.get() + count * rp, dpre.get() + rows * rp, acc_t(0));
-        gemm(true, Er, Dp, count, zw.get(), 1, Er, gs.get(), Dp, part + off_up, Dp);
-        gemm(true, Dp, rp, count, n.get(), 1, Dp, dpre.get(), rp, part, rp);
+        const bool accumulate = t0 != c * per_chunk;
+        gemm(accumulate, Er, Dp, count, zw.get(), 1, Er, gs.get(), Dp, part + off_up, Dp);
+        gemm(accumulate, Dp, rp, count, n.get(), 1, Dp, dpre.get(), rp, part, rp);
         // dn = gy (the skip) + dpre W_down^T.
         gemm(false, rows, Dp, rp, dpre.get(), rp, 1, packed.down_t.get(), Dp, dn.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {

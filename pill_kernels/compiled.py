@@ -72,15 +72,12 @@ _OPS = {
     "modality_gate": ("modality_gate_forward", _gate_forward, _gate_backward),
 }
 
-# Set by measurement (benchmarks/RESULTS.md): op -> function(device) returning why "auto" should not pick the
-# C++ CPU kernels there, for an op where they measured slower than eager.
-_CPP_AUTO_SKIP: dict = {}
-
 if IMPORT_ERROR is None:
     for _op, (_name, _forward, _backward) in _OPS.items():
         if _has_kernel(_name, "CPU"):
-            dispatch.register(_op, "cpp", _forward, _backward, unavailable_reason=_only_on("cpu"),
-                              **({"auto_skip_reason": _CPP_AUTO_SKIP[_op]} if _op in _CPP_AUTO_SKIP else {}))
+            # No auto_skip_reason: the C++ kernels measured at least as fast as eager for every op and pass
+            # (benchmarks/RESULTS.md, "CPU (2-core CI machine)").
+            dispatch.register(_op, "cpp", _forward, _backward, unavailable_reason=_only_on("cpu"))
         if _has_kernel(_name, "CUDA"):
             # Hand-written CUDA kernels compete with the Triton ones: auto takes them only where measured faster.
             dispatch.register(_op, "cuda", _forward, _backward, unavailable_reason=_only_on("cuda"),
