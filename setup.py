@@ -4,7 +4,8 @@
 
 The compiled extension pill_kernels._C is optional. With a CUDA torch and a CUDA toolkit (CUDA_HOME) it builds
 C++ and CUDA sources (csrc/*.cpp, csrc/*.cu) for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise;
-with a CPU torch it builds the C++ sources only. Environment:
+with a CPU torch it builds the C++ sources only, leaving out the CUDA kernels' torch bindings (csrc/*_cuda.cpp).
+Environment:
     PILL_KERNELS_BUILD_CUDA=1|0   force or skip the CUDA part (default: auto)
     PILL_KERNELS_SKIP_EXT=1       build no extension at all (pure Python install; eager backend only)
     MAX_JOBS                      parallel compile jobs (default: capped by cores and memory)
