@@ -54,7 +54,8 @@ def check(out, ref_lowp, ref_fp64, what):
     else:
         err = (out.double() - ref_fp64).abs().max().item()
         ref_err = (ref_lowp.double() - ref_fp64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-6 * scale, f"{what}: fp32 error {err:.3e} > 2 x {ref_err:.3e} + 1e-6 x {scale:.3g}"
+        # The atol covers fp32 sums taken in another order than cuBLAS's; garbage is off by O(scale).
+        assert err <= 2 * ref_err + 1e-5 * scale, f"{what}: fp32 error {err:.3e} > 2 x {ref_err:.3e} + 1e-5 x {scale:.3g}"
 
 
 def reference_and_grads(fn, args, differentiable, grad_out):
