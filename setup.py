@@ -4,7 +4,8 @@
 
 The compiled extension pill_kernels._C is optional. With a CUDA torch and a CUDA toolkit (CUDA_HOME) it builds
 C++ and CUDA sources (csrc/*.cpp, csrc/*.cu) for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise;
-with a CPU torch it builds the C++ sources only. Environment:
+with a CPU torch it builds the C++ sources only, leaving out the CUDA kernels' torch bindings (csrc/*_cuda.cpp).
+Environment:
     PILL_KERNELS_BUILD_CUDA=1|0   force or skip the CUDA part (default: auto)
     PILL_KERNELS_SKIP_EXT=1       build no extension at all (pure Python install; eager backend only)
     MAX_JOBS                      parallel compile jobs (default: capped by cores and memory)
@@ -45,7 +46,11 @@ def extension_modules():
             "use `pip install --no-build-isolation .`")
         return [], {}
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    all_cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # <op>_cuda.cpp are the torch bindings of the CUDA kernels: they include ATen/cuda headers that a CPU torch
+    # wheel lacks, so they belong to the CUDA build only.
+    cuda_bindings = [p for p in all_cpp if p.endswith("_cuda.cpp")]
+    cpp_sources = [p for p in all_cpp if p not in cuda_bindings]
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     forced = os.environ.get("PILL_KERNELS_BUILD_CUDA")
     cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
@@ -60,9 +65,12 @@ def extension_modules():
         cuda_version = torch.version.cuda
         define = ["-DPILL_KERNELS_WITH_CUDA", f'-DPILL_KERNELS_CUDA_VERSION="{cuda_version}"']
         ext = CUDAExtension(
-            "pill_kernels._C", cpp_sources + cu_sources,
+            "pill_kernels._C", cpp_sources + cuda_bindings + cu_sources,
+            # No --use_fast_math: it swaps expf/tanhf for approximate intrinsics and flushes denormals, and the
+            # kernels' error budget (DESIGN.md: at most 2x the reference's own low-precision error) is spent on
+            # the SiLU/sigmoid and tanh gates. -lineinfo only maps SASS to source lines for profilers.
             extra_compile_args={"cxx": cxx_flags + define,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + define})
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + define})
         say(f"building pill_kernels._C with C++ and CUDA {cuda_version} kernels for TORCH_CUDA_ARCH_LIST="
             f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, MAX_JOBS={os.environ['MAX_JOBS']}")
     else:

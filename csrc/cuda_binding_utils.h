@@ -1,0 +1,60 @@
+// Input checks shared by the torch bindings of the CUDA kernels (csrc/*_cuda.cpp). Torch code: never include
+// this from a .cu file (the .cu files stay torch-free so CI can compile them with plain nvcc).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
+
+#include "pill_cuda.h"
+
+namespace pill_cuda {
+
+inline Dtype dtype_of(const char* op, const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": the CUDA backend takes float16, bfloat16 or float32 inputs, got x of dtype ",
+                  x.scalar_type(), "; use backend='eager' (or 'triton') for other dtypes");
+  }
+  return Dtype::kFloat32;  // unreachable
+}
+
+// x itself: on a CUDA device, 2-D [T, D], contiguous.
+inline void check_input(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA backend, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D [T, D], got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Any other tensor: on x's device, of `dtype`, of exactly `shape`, contiguous.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                       at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; move them to the same device");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_rank(const char* op, int64_t rank) {
+  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, op, ": the CUDA kernels take an adapter bottleneck r in [1, ",
+              kMaxRank, "], got r=", rank, "; use backend='triton' or 'eager' for larger r");
+}
+
+inline int checked_int(const char* op, const char* what, int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, op, ": ", what, " must fit in 32 bits, got ", v);
+  return static_cast<int>(v);
+}
+
+inline void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed to launch: ", cudaGetErrorString(err));
+}
+
+inline at::Tensor float_workspace(const at::Tensor& x, size_t floats) {
+  return at::empty({static_cast<int64_t>(floats)}, x.options().dtype(at::kFloat));
+}
+
+}  // namespace pill_cuda

@@ -1,0 +1,365 @@
+"""The hand-written CUDA kernels (csrc/*.cu) against the fp64 reference, called through their compiled ops
+``torch.ops.pill_kernels_C.*`` (the schemas of csrc/extension.cpp).
+
+GPU tests are marked ``gpu`` and skip without a CUDA device or without a CUDA build of pill_kernels._C. The
+source-layout tests at the bottom run everywhere: they keep the .cu files torch-free (CI compiles them with
+plain nvcc) and every kernel file paired with its launcher header and torch binding.
+"""
+import pathlib
+import re
+
+import pytest
+import torch
+
+from pill_kernels import reference
+from op_testing import LOW_PRECISION, assert_matches_reference, image_mask
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+OPS = ["routed_glu_adapter_forward", "routed_glu_adapter_backward", "soft_routed_adapter_forward",
+       "soft_routed_adapter_backward", "modality_gate_forward", "modality_gate_backward"]
+
+
+def cuda_ops():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        import pill_kernels._C  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"pill_kernels._C is not built: {exc}")
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pill_kernels_C::{op}", "CUDA")]
+    if missing:
+        pytest.skip(f"pill_kernels._C was built without CUDA kernels for {missing} ({torch.ops.pill_kernels_C.build_info()})")
+    return torch.ops.pill_kernels_C
+
+
+def poison_allocator():
+    """Fill the caching allocator's free blocks with NaN, so outputs the kernels fail to write show up as NaN."""
+    blocks = [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]  # small pool (512 KiB each)
+    blocks.append(torch.full((1 << 24,), float("nan"), device="cuda"))  # large pool (64 MiB)
+    torch.cuda.synchronize()
+    del blocks
+
+
+def check(out, ref_lowp, ref_fp64, what):
+    """DESIGN.md's rule in every dtype: error against fp64 at most 2x the reference's own error in out's dtype,
+    plus an atol scaled to the magnitude (sums of hundreds of terms differ from fp64 by rounding)."""
+    assert out.dtype == ref_lowp.dtype, f"{what}: dtype {out.dtype}, expected {ref_lowp.dtype}"
+    assert out.shape == ref_fp64.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref_fp64.shape)}"
+    out, ref_lowp, ref_fp64 = out.cpu(), ref_lowp.cpu(), ref_fp64.double().cpu()
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (an unwritten output?)"
+    scale = max(ref_fp64.abs().max().item(), 1.0)
+    if out.dtype in LOW_PRECISION:
+        assert_matches_reference(out, ref_lowp, ref_fp64, atol=1e-5 * scale, what=what)
+    else:
+        err = (out.double() - ref_fp64).abs().max().item()
+        ref_err = (ref_lowp.double() - ref_fp64).abs().max().item()
+        # The atol covers fp32 sums taken in another order than cuBLAS's; garbage is off by O(scale).
+        assert err <= 2 * ref_err + 1e-5 * scale, f"{what}: fp32 error {err:.3e} > 2 x {ref_err:.3e} + 1e-5 x {scale:.3g}"
+
+
+def reference_and_grads(fn, args, differentiable, grad_out):
+    """fn(*args) and d/d args (where differentiable) for grad_out, through autograd on the reference."""
+    leaves = [a.detach().clone().requires_grad_(True) if d else a for a, d in zip(args, differentiable)]
+    out = fn(*leaves)
+    wrt = [a for a, d in zip(leaves, differentiable) if d]
+    grads = torch.autograd.grad(out, wrt, grad_out)
+    return out.detach(), list(grads)
+
+
+def as_dtype(args, dtype, device="cuda"):
+    return [a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            else (a.to(device) if isinstance(a, torch.Tensor) else a) for a in args]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# routed_glu_adapter
+# ---------------------------------------------------------------------------------------------------------
+
+# (tokens, hidden, rank, experts, norm, mask kind): T = 1, odd T, D not a power of two nor a multiple of 8,
+# r not a multiple of 16, every mask kind, an expert with no tokens (all_text / all_image / E=3 with ids {0, 2}).
+ROUTED_CASES = [
+    (1, 40, 5, 2, True, "one_image"),
+    (33, 72, 32, 2, True, "alternating"),
+    (64, 100, 16, 2, False, "all_text"),
+    (17, 136, 7, 2, True, "all_image"),
+    (57, 37, 32, 2, True, "random"),
+    (40, 1000, 24, 2, True, "random"),
+    (9, 48, 12, 1, True, None),
+    (31, 64, 8, 3, False, "skip_expert_1"),
+]
+
+
+def routed_case(tokens, hidden, rank, experts, norm, kind):
+    x = torch.randn(tokens, hidden, dtype=torch.float64)
+    w_down = torch.randn(experts, hidden, rank, dtype=torch.float64) / hidden ** 0.5
+    w_gate = torch.randn(experts, hidden, rank, dtype=torch.float64) / hidden ** 0.5
+    w_up = torch.randn(experts, rank, hidden, dtype=torch.float64) / rank ** 0.5
+    if kind is None:
+        ids = None
+    elif kind == "skip_expert_1":
+        ids = 2 * torch.randint(0, 2, (tokens,))
+    else:
+        ids = image_mask(kind, tokens).long()
+    norm_weight = 1 + 0.2 * torch.randn(hidden, dtype=torch.float64) if norm else None
+    return [x, w_down, w_gate, w_up, ids, norm_weight]
+
+
+def routed_ref(x, w_down, w_gate, w_up, ids, norm_weight):
+    return reference.routed_glu_adapter(x, w_down, w_gate, w_up, ids, norm_weight, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROUTED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_routed_glu_adapter(case, dtype):
+    ops = cuda_ops()
+    args64 = routed_case(*case)
+    has_norm = args64[5] is not None
+    differentiable = [True, True, True, True, False, has_norm]
+    grad64 = torch.randn(args64[0].shape, dtype=torch.float64)
+    y64, g64 = reference_and_grads(routed_ref, args64, differentiable, grad64)
+    args = as_dtype(args64, dtype)
+    grad = grad64.to("cuda", dtype)
+    y_lp, g_lp = reference_and_grads(routed_ref, args, differentiable, grad)
+
+    poison_allocator()
+    y = ops.routed_glu_adapter_forward(*args, 1e-6)
+    check(y, y_lp, y64, "y")
+    poison_allocator()
+    grads = ops.routed_glu_adapter_backward(grad, *args, 1e-6)
+    names = ["dx", "dw_down", "dw_gate", "dw_up"] + (["dnorm_weight"] if has_norm else [])
+    for name, got, lp, ref in zip(names, grads, g_lp, g64):
+        check(got, lp, ref, name)
+    if not has_norm:
+        assert grads[4].numel() == 0
+    again = ops.routed_glu_adapter_backward(grad, *args, 1e-6)
+    for name, a, b in zip(names, grads, again):
+        assert torch.equal(a, b), f"{name}: two backward runs differ (nondeterministic reduction)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_routed_glu_adapter_misaligned_rows(dtype):
+    """D a multiple of 8 but every row base off by one element: the scalar path must give the vector path's answer."""
+    ops = cuda_ops()
+    args64 = routed_case(23, 64, 32, 2, True, "random")
+    args = as_dtype(args64, dtype)
+    buf = torch.empty(args[0].numel() + 1, device="cuda", dtype=dtype)
+    x_off = buf[1:].view_as(args[0])
+    x_off.copy_(args[0])
+    assert x_off.is_contiguous() and x_off.data_ptr() % 16 != 0
+    grad = torch.randn_like(args[0])
+    y_vec = ops.routed_glu_adapter_forward(*args, 1e-6)
+    y_sc = ops.routed_glu_adapter_forward(x_off, *args[1:], 1e-6)
+    y64 = routed_ref(*args64)
+    y_lp = routed_ref(*args)
+    check(y_sc, y_lp, y64, "y (scalar path)")
+    torch.testing.assert_close(y_sc, y_vec, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+    g_vec = ops.routed_glu_adapter_backward(grad, *args, 1e-6)
+    g_sc = ops.routed_glu_adapter_backward(grad, x_off, *args[1:], 1e-6)
+    for a, b in zip(g_vec, g_sc):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_routed_glu_adapter_bad_inputs():
+    ops = cuda_ops()
+    x, wd, wg, wu, ids, nw = as_dtype(routed_case(8, 40, 5, 2, True, "random"), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        ops.routed_glu_adapter_forward(x.double(), wd.double(), wg.double(), wu.double(), ids, nw.double(), 1e-6)
+    with pytest.raises(RuntimeError, match="w_gate must have dtype"):
+        ops.routed_glu_adapter_forward(x, wd, wg.half(), wu, ids, nw, 1e-6)
+    with pytest.raises(RuntimeError, match="w_up must have shape"):
+        ops.routed_glu_adapter_forward(x, wd, wg, wu[:, :4], ids, nw, 1e-6)
+    with pytest.raises(RuntimeError, match="expert_ids is on"):
+        ops.routed_glu_adapter_forward(x, wd, wg, wu, ids.cpu(), nw, 1e-6)
+    with pytest.raises(RuntimeError, match="expert_ids must have dtype"):
+        ops.routed_glu_adapter_forward(x, wd, wg, wu, ids.int(), nw, 1e-6)
+    with pytest.raises(RuntimeError, match="expert_ids is required"):
+        ops.routed_glu_adapter_forward(x, wd, wg, wu, None, nw, 1e-6)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        ops.routed_glu_adapter_forward(x.t().contiguous().t(), wd, wg, wu, ids, nw, 1e-6)
+    with pytest.raises(RuntimeError, match=r"bottleneck r in \[1, 32\]"):
+        big = torch.randn(2, 40, 40, device="cuda", dtype=torch.bfloat16)
+        ops.routed_glu_adapter_forward(x, big, big, big.transpose(1, 2).contiguous(), ids, nw, 1e-6)
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        ops.routed_glu_adapter_backward(x[:4], x, wd, wg, wu, ids, nw, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# soft_routed_adapter
+# ---------------------------------------------------------------------------------------------------------
+
+# (tokens, hidden, rank, experts, norm, dropout)
+SOFT_CASES = [
+    (1, 40, 8, 2, True, False),
+    (33, 72, 8, 2, True, True),
+    (64, 100, 5, 2, False, True),
+    (17, 37, 32, 3, True, True),
+    (40, 1000, 12, 2, True, False),
+]
+
+
+def soft_case(tokens, hidden, rank, experts, norm, dropout):
+    f64 = dict(dtype=torch.float64)
+    return [torch.randn(tokens, hidden, **f64), torch.randn(hidden, rank, **f64) / hidden ** 0.5,
+            0.1 * torch.randn(rank, **f64), torch.randn(experts, rank, hidden, **f64) / rank ** 0.5,
+            0.1 * torch.randn(experts, hidden, **f64), torch.softmax(torch.randn(tokens, experts, **f64), -1),
+            (torch.rand(tokens, rank) > 0.25).double() / 0.75 if dropout else None,
+            1 + 0.2 * torch.randn(hidden, **f64) if norm else None]
+
+
+def soft_ref(x, w_down, b_down, w_up, b_up, routing, mask, norm_weight):
+    return reference.soft_routed_adapter(x, w_down, b_down, w_up, b_up, routing, mask, norm_weight, 1e-6, 0.7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SOFT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_soft_routed_adapter(case, dtype):
+    ops = cuda_ops()
+    args64 = soft_case(*case)
+    has_norm = args64[7] is not None
+    differentiable = [True] * 6 + [False, has_norm]
+    grad64 = torch.randn(args64[0].shape, dtype=torch.float64)
+    y64, g64 = reference_and_grads(soft_ref, args64, differentiable, grad64)
+    args = as_dtype(args64, dtype)
+    grad = grad64.to("cuda", dtype)
+    y_lp, g_lp = reference_and_grads(soft_ref, args, differentiable, grad)
+
+    poison_allocator()
+    y = ops.soft_routed_adapter_forward(*args, 1e-6, 0.7)
+    check(y, y_lp, y64, "y")
+    poison_allocator()
+    grads = ops.soft_routed_adapter_backward(grad, *args, 1e-6, 0.7)
+    names = ["dx", "dw_down", "db_down", "dw_up", "db_up", "drouting_weights"] + (["dnorm_weight"] if has_norm else [])
+    for name, got, lp, ref in zip(names, grads, g_lp, g64):
+        check(got, lp, ref, name)
+    if not has_norm:
+        assert grads[6].numel() == 0
+    again = ops.soft_routed_adapter_backward(grad, *args, 1e-6, 0.7)
+    for name, a, b in zip(names, grads, again):
+        assert torch.equal(a, b), f"{name}: two backward runs differ (nondeterministic reduction)"
+
+
+@pytest.mark.gpu
+def test_soft_routed_adapter_bad_inputs():
+    ops = cuda_ops()
+    args = as_dtype(soft_case(6, 40, 8, 2, True, True), torch.float16)
+    with pytest.raises(RuntimeError, match="routing_weights must have shape"):
+        ops.soft_routed_adapter_forward(*args[:5], args[5][:, :1].contiguous(), *args[6:], 1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="dropout_mask must have dtype"):
+        ops.soft_routed_adapter_forward(*args[:6], args[6].float(), args[7], 1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ops.soft_routed_adapter_forward(*[a.cpu() if a is not None else None for a in args], 1e-6, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# modality_gate
+# ---------------------------------------------------------------------------------------------------------
+
+# (tokens, hidden, heads, head_dim, mask kind)
+GATE_CASES = [
+    (1, 40, 3, 8, "one_image"),
+    (33, 72, 4, 16, "alternating"),
+    (20, 100, 9, 64, "all_text"),
+    (17, 37, 3, 5, "all_image"),
+    (50, 576, 32, 128, "random"),
+]
+
+
+def gate_case(tokens, hidden, heads, head_dim, kind):
+    return [torch.randn(tokens, hidden, dtype=torch.float64),
+            torch.randn(hidden, heads, dtype=torch.float64) / hidden ** 0.5,
+            torch.randn(tokens, heads, head_dim, dtype=torch.float64), image_mask(kind, tokens)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GATE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_modality_gate(case, dtype):
+    ops = cuda_ops()
+    args64 = gate_case(*case)
+    differentiable = [True, True, True, False]
+    grad64 = torch.randn(args64[2].shape, dtype=torch.float64)
+    y64, g64 = reference_and_grads(reference.modality_gate, args64, differentiable, grad64)
+    args = as_dtype(args64, dtype)
+    grad = grad64.to("cuda", dtype)
+    y_lp, g_lp = reference_and_grads(reference.modality_gate, args, differentiable, grad)
+
+    poison_allocator()
+    out = ops.modality_gate_forward(*args)
+    check(out, y_lp, y64, "out")
+    poison_allocator()
+    grads = ops.modality_gate_backward(grad, *args)
+    for name, got, lp, ref in zip(["dx", "dw_gate", "dv"], grads, g_lp, g64):
+        check(got, lp, ref, name)
+    again = ops.modality_gate_backward(grad, *args)
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b), "two backward runs differ (nondeterministic reduction)"
+
+
+@pytest.mark.gpu
+def test_modality_gate_bad_inputs():
+    ops = cuda_ops()
+    x, w, v, mask = as_dtype(gate_case(6, 40, 3, 8, "random"), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="image_mask must have dtype"):
+        ops.modality_gate_forward(x, w, v, mask.long())
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        ops.modality_gate_forward(x, w, v[:, :2].contiguous(), mask)
+    with pytest.raises(RuntimeError, match="v must be contiguous"):
+        ops.modality_gate_forward(x, w, v.transpose(0, 1).contiguous().transpose(0, 1), mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Source layout (runs without a GPU).
+# ---------------------------------------------------------------------------------------------------------
+
+TORCH_INCLUDE = re.compile(r'#\s*include\s*[<"](torch/|ATen/|c10/|caffe2/|pybind11/|Python\.h)')
+LOCAL_INCLUDE = re.compile(r'#\s*include\s*"([^"]+)"')
+
+
+def local_closure(path):
+    """The file and every csrc header it includes, transitively."""
+    seen, todo = set(), [path]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        for name in LOCAL_INCLUDE.findall(p.read_text()):
+            if (CSRC / name).exists():
+                todo.append(CSRC / name)
+    return seen
+
+
+def test_cuda_sources_are_torch_free():
+    cu_files = sorted(CSRC.glob("*.cu"))
+    assert cu_files, "no csrc/*.cu files"
+    for cu in cu_files:
+        for f in local_closure(cu):
+            hits = TORCH_INCLUDE.findall(f.read_text())
+            assert not hits, f"{f.name} (included by {cu.name}) includes torch headers {hits}: .cu files must stay pure CUDA"
+
+
+def test_every_cuda_kernel_has_header_and_binding():
+    declared = set(re.findall(r'm\.def\("(\w+)\(', (CSRC / "extension.cpp").read_text()))
+    for cu in sorted(CSRC.glob("*.cu")):
+        op = cu.stem
+        header, binding = CSRC / f"{op}.h", CSRC / f"{op}_cuda.cpp"
+        assert header.exists(), f"{cu.name} has no launcher header {header.name}"
+        assert binding.exists(), f"{cu.name} has no torch binding {binding.name}"
+        assert f'#include "{header.name}"' in cu.read_text(), f"{cu.name} does not include {header.name}"
+        text = binding.read_text()
+        assert f'#include "{header.name}"' in text, f"{binding.name} does not include {header.name}"
+        assert "TORCH_LIBRARY_IMPL(pill_kernels_C, CUDA, m)" in text, f"{binding.name} registers no CUDA kernels"
+        impls = set(re.findall(r'm\.impl\("(\w+)"', text))
+        assert impls == {f"{op}_forward", f"{op}_backward"}, f"{binding.name} registers {sorted(impls)}"
+        assert impls <= declared, f"{binding.name} implements ops without a schema in extension.cpp: {impls - declared}"
+        assert "getCurrentCUDAStream" in text and "CUDAGuard" in text, f"{binding.name} must launch on the current stream of x's device"
+
+
+def test_cpu_build_leaves_cuda_bindings_out():
+    setup = (CSRC.parent / "setup.py").read_text()
+    assert '_cuda.cpp' in setup and "cuda_bindings" in setup, "setup.py must keep csrc/*_cuda.cpp out of the C++-only build"
