@@ -41,6 +41,7 @@ class DemoSettings:
     batch_size: int = 16
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
+    threads: int | None = None    # None: time 1 vs all cores before each phase and keep the faster
     image_size: int = 64
     grid: int = 2
     adapter_dim: int = 16
@@ -79,6 +80,30 @@ def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> l
         out.append(Example(messages, [image], [f"sklearn-digits:{i}"], choices, answer,
                            {"digit": DIGIT_WORDS[label]}, where))
     return out
+
+
+def pick_threads(candidates=None) -> int:
+    """The faster intra-op thread count for this machine right now: on a CPU shared with other busy processes,
+    OpenMP threads waiting for each other can make 2 threads many times slower than 1, so both are timed on a
+    matmul of the demo's shape and the faster is kept."""
+    import os
+
+    cores = os.cpu_count() or 1
+    candidates = candidates or sorted({1, cores})
+    if len(candidates) == 1:
+        return candidates[0]
+    a, w = torch.randn(640, 576), torch.randn(576, 1536)
+    best: dict[int, float] = {}
+    for _ in range(3):
+        for n in candidates:
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            for _ in range(10):
+                a @ w
+            best[n] = min(best.get(n, float("inf")), time.perf_counter() - start)
+    choice = min(best, key=best.get)
+    torch.set_num_threads(choice)
+    return choice
 
 
 def inject(method: str, llm, settings: DemoSettings, vision_dim: int):
@@ -136,6 +161,7 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
     say(f"[demo] frozen LLM {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({timings['load LLM']:.1f} s)")
 
+    torch.set_num_threads(settings.threads or pick_threads())
     rng = random.Random(settings.seed + 1)
     test_mc = digit_examples(test_idx, digits.images, digits.target, rng, "mc")
     results: dict = {"method": settings.method}
@@ -167,13 +193,16 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
                              batch_size=settings.batch_size, warmup_steps=max(1, steps // 10), seed=settings.seed,
                              progress=progress)
         _clear_run(Path(config.output_dir))
+        threads = settings.threads or pick_threads()
+        torch.set_num_threads(threads)
         trainer = Trainer(model, formatter, data, config, features=lookup)
         say(f"[demo] phase {phase}: {name}, method stage {stage}, {steps} steps of {settings.batch_size}, "
-            f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters")
+            f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters, {threads} thread(s)")
         metrics = trainer.train()
         t = lap(f"train phase {phase} ({name})", t)
         say(f"[demo]   loss {metrics['recent_loss']:.3f} over the last steps "
             f"({timings[f'train phase {phase} ({name})']:.0f} s)")
+    torch.set_num_threads(settings.threads or pick_threads())
     result = evaluate_multiple_choice(model, formatter, test_mc, lookup, batch_size=settings.eval_batch_size,
                                       max_new_tokens=16, progress=progress)
     t = lap("evaluate", t)
@@ -184,7 +213,13 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
     say(format_report(result, f"[demo] {settings.method} held-out multiple-choice accuracy"))
     say(f"[demo]   e.g. {test_mc[0].messages[0]['content'].splitlines()[-1]!r} -> {result['predictions'][0]['output']!r}"
         f" (right: {'ABCD'[test_mc[0].answer]})")
-    say(f"[demo] adapter saved to {results['adapter']}")
+    from .cli import _record_run
+
+    _record_run(Path(results["adapter"]), {"llm": llm or "smollm2", "cache_dir": cache, "prompt": {
+        "format": "chat", "system": "", "max_length": 256}, "vision": {
+        "type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}})
+    say(f"[demo] adapter saved to {results['adapter']} (try: pill generate --adapter {results['adapter']} "
+        f"--image DIGIT.png --question 'Which digit is shown? Options: (A) one (B) two (C) three (D) four')")
     say(f"[demo] total time {results['total_s']:.0f} s (" +
         ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items()) + ")")
     with open(out_dir / "demo_result.json", "w") as f:

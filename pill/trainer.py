@@ -181,12 +181,14 @@ class Trainer:
         first = int(supervised.min()) if supervised.numel() else width - 1
         # Left padding puts every answer at the end: only the logits that predict answer tokens are computed
         # (the LM head over a 49k-50k vocabulary is otherwise a large share of a small model's step).
-        keep = width - first + 1
+        keep = min(width, width - first + 1)
         model = self.ddp_model or self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
         targets = labels[:, width - keep + 1:]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return loss, int((targets != IGNORE).sum())
 
