@@ -175,10 +175,10 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{config['_path']}: {e}") from None
     torch.manual_seed(tconfig.seed)
     examples = load_examples(config, "train")  # data errors surface before any model is loaded
-    cache = cache_dir(config.get("cache_dir"))
+    cache = cache_dir(_relative(config, config.get("cache_dir")))
     encoder = build_encoder(vision_spec(config))
     lookup = feature_lookup(encoder, examples, cache)
-    model, tokenizer = load_llm(_relative(config, config.get("llm")), cache=config.get("cache_dir"))
+    model, tokenizer = load_llm(_relative(config, config.get("llm")), cache=cache)
     method = config.get("method", "pill")
     if method not in pill.config.METHOD_CONFIGS:
         raise ConfigError(f"{config['_path']}: method must be one of {sorted(pill.config.METHOD_CONFIGS)}, "
@@ -213,8 +213,9 @@ def cmd_train(args) -> int:
 def _record_run(adapter_dir: Path, config: dict) -> None:
     """Write how to rebuild the model around the adapter (LLM, vision encoder, prompt) next to it, so that
     `pill eval` / `pill generate` need only the adapter directory."""
+    cache = config.get("cache_dir")
     run = {"llm": _relative(config, config.get("llm")), "vision": vision_spec(config),
-           "prompt": config.get("prompt") or {}, "cache_dir": config.get("cache_dir")}
+           "prompt": config.get("prompt") or {}, "cache_dir": _relative(config, cache) if cache else None}
     tmp = adapter_dir / ".pill_run.json.tmp"
     tmp.write_text(json.dumps(run, indent=2))
     os.replace(tmp, adapter_dir / "pill_run.json")
@@ -235,7 +236,7 @@ def load_for_inference(adapter: str, config: dict | None):
     llm = _relative(config, config["llm"]) if "llm" in config else recorded.get("llm")
     vision = vision_spec(config) if "vision" in config else recorded.get("vision")
     prompt = config.get("prompt") or recorded.get("prompt") or {}
-    cache = config.get("cache_dir", recorded.get("cache_dir"))
+    cache = _relative(config, config["cache_dir"]) if config.get("cache_dir") else recorded.get("cache_dir")
     if vision is None:
         raise ConfigError(f"{adapter_dir} has no pill_run.json: pass a config naming llm and vision")
     encoder = build_encoder(vision)

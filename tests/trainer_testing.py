@@ -31,7 +31,8 @@ def tiny_llm(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
+                         initializer_range=0.3)  # logits wide enough for the adapters to move the loss
     return LlamaForCausalLM(config).to(dtype)
 
 
