@@ -155,6 +155,20 @@ def _say(*args, end="\n"):
     print(*args, end=end, flush=True)
 
 
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, nccl on GPUs; returns (rank, world)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), world
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -173,6 +187,7 @@ def cmd_train(args) -> int:
         tconfig = TrainConfig.from_dict(train_cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{config['_path']}: {e}") from None
+    rank, world = _init_distributed()
     torch.manual_seed(tconfig.seed)
     examples = load_examples(config, "train")  # data errors surface before any model is loaded
     cache = cache_dir(_relative(config, config.get("cache_dir")))
@@ -200,11 +215,19 @@ def cmd_train(args) -> int:
         model.cuda()
     formatter = build_formatter(tokenizer, model, encoder, config.get("prompt") or {})
     trainer = Trainer(model, formatter, examples, tconfig, features=lookup)
+    if rank != 0:
+        tconfig.progress = False
+        metrics = trainer.train(resume=args.resume)
+        torch.distributed.destroy_process_group()
+        return 0
     _say(pill.trainable_parameter_report(model))
+    _say(f"{world} processes; " if world > 1 else "", end="")
     _say(f"training stage {tconfig.stage}: {len(examples)} examples, {trainer.total_steps} steps, lr {trainer.lr:.3g}, "
          f"output {tconfig.output_dir}")
     metrics = trainer.train(resume=args.resume)
     _record_run(Path(tconfig.output_dir) / "adapter", config)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     _say(f"done: step {trainer.step}, recent loss {metrics.get('recent_loss')}; adapter in "
          f"{Path(tconfig.output_dir) / 'adapter'}")
     return 0

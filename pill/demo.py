@@ -253,4 +253,5 @@ def _clear_run(path: Path) -> None:
 
 
 def _summary(result: dict) -> dict:
-    return {k: result[k] for k in ("accuracy", "correct", "total", "unparseable_rate", "categories")}
+    return {k: result[k] for k in ("accuracy", "correct", "total", "unparseable_rate", "accuracy_random_fallback",
+                                   "categories")}

@@ -18,12 +18,19 @@ from .data import LETTERS, Collator, Example, PromptFormatter
 ANSWER_RE = re.compile(r"answer is:?\s*\(?([A-Z])\)?(?![A-Za-z])")
 
 
-def parse_answer(text: str, num_choices: int) -> int | None:
+def parse_answer(text: str, choices) -> int | None:
+    """The option `text` answers: "The answer is C." (or "(C)"), else "The answer is <an option's text>" naming
+    exactly one option. `choices`: the options, or just their number (letters only)."""
+    num = choices if isinstance(choices, int) else len(choices)
     match = ANSWER_RE.search(text)
-    if not match:
+    if match:
+        index = LETTERS.index(match.group(1))
+        return index if index < num else None
+    if isinstance(choices, int):
         return None
-    index = LETTERS.index(match.group(1))
-    return index if index < num_choices else None
+    named = [i for i, c in enumerate(choices)
+             if re.search(r"answer is:?\s*" + re.escape(c.strip()) + r"(?![\w])", text, flags=re.IGNORECASE)]
+    return named[0] if len(named) == 1 else None
 
 
 @torch.no_grad()
@@ -83,7 +90,7 @@ def evaluate_multiple_choice(model, formatter: PromptFormatter, examples: list[E
     by_category: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     predictions = []
     for ex, text in zip(examples, texts):
-        guess = parse_answer(text, len(ex.choices))
+        guess = parse_answer(text, ex.choices)
         hit = guess is not None and guess == ex.answer
         correct += hit
         unparsed += guess is None
@@ -96,6 +103,9 @@ def evaluate_multiple_choice(model, formatter: PromptFormatter, examples: list[E
     n = len(examples)
     return {
         "accuracy": correct / n, "correct": correct, "total": n, "unparseable_rate": unparsed / n,
+        # The seed scores an unparseable answer as a random option; this is that rule's expected accuracy.
+        "accuracy_random_fallback": (correct + sum(1 / len(ex.choices) for ex, p in zip(examples, predictions)
+                                                   if p["prediction"] is None)) / n,
         "categories": {key: {value: {"accuracy": c / t, "total": t} for value, (c, t) in sorted(values.items())}
                        for key, values in sorted(by_category.items())},
         "predictions": predictions,
@@ -105,6 +115,9 @@ def evaluate_multiple_choice(model, formatter: PromptFormatter, examples: list[E
 def format_report(result: dict, title: str = "accuracy") -> str:
     lines = [f"{title}: {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}), "
              f"unparseable answers {100 * result['unparseable_rate']:.1f}%"]
+    if result["unparseable_rate"]:
+        lines[0] += (f" ({100 * result['accuracy_random_fallback']:.1f}% if those are scored as a random option, "
+                     f"the seed's rule)")
     for key, values in result["categories"].items():
         cells = ", ".join(f"{v} {100 * s['accuracy']:.1f}% (n={s['total']})" for v, s in values.items())
         lines.append(f"  by {key}: {cells}")

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -113,11 +114,10 @@ class Trainer:
 
     def __init__(self, model, formatter: PromptFormatter, examples: list[Example], config: TrainConfig,
                  features: Callable[[list[str]], torch.Tensor] | None = None,
-                 on_step: Callable[[int, dict], None] | None = None, ddp_model=None):
+                 on_step: Callable[[int, dict], None] | None = None, find_unused_parameters: bool = False):
         if not examples:
             raise ValueError("Trainer: no training examples")
         self.model = model
-        self.ddp_model = ddp_model  # a DDP / FSDP wrapper of model when distributed
         self.formatter = formatter
         self.examples = examples
         self.config = config
@@ -151,6 +151,15 @@ class Trainer:
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=config.betas)
         self.param_names = {id(p): n for n, p in self.params.items()}
+        self.ddp_model = None
+        if self.world > 1:
+            # Wrapped after set_stage: DDP registers the parameters that require grad when it is built, so the
+            # frozen base is neither broadcast every step nor all-reduced.
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [model.device.index] if model.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(model, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
         device = model.get_input_embeddings().weight.device
         self.device = device
         self.autocast = (config.bf16 is True) or (config.bf16 == "auto" and device.type == "cuda")
@@ -210,9 +219,12 @@ class Trainer:
         for j, indices in enumerate(micro):
             batch = self._batch(indices)
             seen_tokens += int(batch["attention_mask"].sum())
-            loss_sum, _ = self._loss_sum(batch)
-            # DDP averages gradients over ranks; scaling by world keeps the result the mean over all tokens.
-            (loss_sum * self.world / max(n_tokens, 1)).backward()
+            # Gradients are all-reduced once per optimiser step, after the last micro-batch.
+            sync = self.ddp_model.no_sync() if self.ddp_model is not None and j < len(micro) - 1 else nullcontext()
+            with sync:
+                loss_sum, _ = self._loss_sum(batch)
+                # DDP averages gradients over ranks; scaling by world keeps the result the mean over all tokens.
+                (loss_sum * self.world / max(n_tokens, 1)).backward()
             total_loss += float(loss_sum.detach())
         if self.world > 1:
             reduced = torch.tensor([total_loss, seen_tokens], dtype=torch.float64, device=self.device)
@@ -239,7 +251,7 @@ class Trainer:
             latest = latest_checkpoint(self.output_dir)
             if latest is not None:
                 self.load_checkpoint(latest)
-        elif self.rank == 0 and latest_checkpoint(self.output_dir) is not None:
+        elif latest_checkpoint(self.output_dir) is not None:
             raise FileExistsError(f"{self.output_dir} already holds checkpoints of a run: pass resume to continue "
                                   f"it, or choose another output_dir")
         if self.rank == 0:

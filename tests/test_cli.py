@@ -133,3 +133,42 @@ def test_demo_smoke(tmp_path, capsys):
     Image.fromarray((load_digits().images[0] * 255 / 16).astype("uint8")).save(tmp_path / "digit.png")
     assert main(["generate", "--adapter", str(adapter), "--image", str(tmp_path / "digit.png"), "--question",
                  "Which digit is shown? Options: (A) zero (B) one (C) two (D) three", "--max-new-tokens", "8"]) == 0
+
+
+@needs_efficientnet
+def test_torchrun_ddp_on_two_cpu_processes_matches_one_process(project):
+    """`torchrun --nproc_per_node 2 -m pill.cli train` (gloo): 2 ranks x batch 2 reach the parameters of one
+    process with batch 4 (same examples per step, mean over all answer tokens), and only rank 0 writes."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root, config = project
+    config["train"].update(batch_size=4, save_every=0)
+    (root / "single.yaml").write_text(yaml.safe_dump(config))
+    config["train"].update(batch_size=2, output_dir="run_ddp")
+    (root / "ddp.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "single.yaml")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "pill.cli", "train", str(root / "ddp.yaml")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    single = load_file(root / "run" / "adapter" / "adapter_model.safetensors")
+    ddp = load_file(root / "run_ddp" / "adapter" / "adapter_model.safetensors")
+    assert single.keys() == ddp.keys()
+    import torch
+
+    moved = 0
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        moved += int(not torch.equal(single[name], torch.zeros_like(single[name])))
+    assert moved > 0
+    assert [json.loads(line)["step"] for line in open(root / "run_ddp" / "metrics.jsonl")] == [1, 2, 3]

@@ -226,6 +226,10 @@ def test_parse_answer():
     assert parse_answer("The answer is E.", 4) is None  # outside the options
     assert parse_answer("I think it's a seven", 4) is None
     assert parse_answer("The answer is Alpha", 4) is None
+    choices = ["seven", "two", "one", "nine"]
+    assert parse_answer("The answer is two.", choices) == 1  # the option's text instead of its letter
+    assert parse_answer("The answer is D. It is nine", choices) == 3
+    assert parse_answer("The answer is eleven.", choices) is None
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
