@@ -180,8 +180,10 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
     results: dict = {"method": settings.method}
     if settings.base_eval:
         base_formatter = PromptFormatter(tokenizer, image_token_id=None, image_tokens=0, system="", max_length=256)
+        # 16 new tokens hold any answer sentence the base model gives ("The answer is (B) two."); it does not
+        # stop by itself.
         base = evaluate_multiple_choice(model, base_formatter, test_mc, None, batch_size=settings.eval_batch_size,
-                                        max_new_tokens=24, progress=progress)
+                                        max_new_tokens=16, progress=progress)
         t = lap("evaluate base model", t)
         results["base"] = _summary(base)
         say(format_report(base, "[demo] base model without adapters (sees no image; chance is 25%)"))
@@ -232,7 +234,7 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
         "format": "chat", "system": "", "max_length": 256}, "vision": {
         "type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}})
     say(f"[demo] adapter saved to {results['adapter']} (try: pill generate --adapter {results['adapter']} "
-        f"--image DIGIT.png --question 'Which digit is shown? Options: (A) one (B) two (C) three (D) four')")
+        f"--image DIGIT.png --question 'Which digit is shown? Options: one (A), two (B), three (C), four (D)')")
     say(f"[demo] total time {results['total_s']:.0f} s (" +
         ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items()) + ")")
     with open(out_dir / "demo_result.json", "w") as f:

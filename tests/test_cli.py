@@ -132,7 +132,7 @@ def test_demo_smoke(tmp_path, capsys):
 
     Image.fromarray((load_digits().images[0] * 255 / 16).astype("uint8")).save(tmp_path / "digit.png")
     assert main(["generate", "--adapter", str(adapter), "--image", str(tmp_path / "digit.png"), "--question",
-                 "Which digit is shown? Options: (A) zero (B) one (C) two (D) three", "--max-new-tokens", "8"]) == 0
+                 "Which digit is shown? Options: zero (A), one (B), two (C), three (D)", "--max-new-tokens", "8"]) == 0
 
 
 @needs_efficientnet
