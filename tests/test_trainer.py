@@ -303,3 +303,39 @@ def test_too_long_examples_fail_naming_the_item():
 def test_train_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lerning_rate'\]"):
         TrainConfig.from_dict({"lerning_rate": 1e-3})
+
+
+def test_hf_vision_tower_features_and_the_feature_cache(tmp_path):
+    """A local CLIP vision tower (safetensors) as the encoder: features of one hidden layer, CLS dropped; the cache
+    serves a second encoder instance from disk without encoding again."""
+    import numpy as np
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from pill.vision import FeatureCache, HFVisionEncoder, build_encoder
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    CLIPVisionModel(config).save_pretrained(tmp_path / "clip", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    encoder = build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "feature_layer": -2, "drop_cls": True})
+    assert encoder.feature_dim == 16 and encoder.num_tokens == 4  # (32/16)^2 patches, CLS dropped
+    images = [np.random.rand(40, 30, 3).astype(np.float32) for _ in range(3)]
+    direct = encoder.encode(images)
+    assert direct.shape == (3, 4, 16)
+    calls = []
+
+    def load(i):
+        calls.append(i)
+        return images[i]
+
+    cache = FeatureCache(encoder, tmp_path / "cache")
+    got = cache.features(["a", "b", "c"], load)
+    torch.testing.assert_close(got, direct)
+    assert calls == [0, 1, 2]
+    again = FeatureCache(HFVisionEncoder(tmp_path / "clip", feature_layer=-2, drop_cls=True), tmp_path / "cache")
+    torch.testing.assert_close(again.features(["c", "a"], lambda i: pytest.fail("encoded again")), direct[[2, 0]])
+    other = FeatureCache(HFVisionEncoder(tmp_path / "clip", feature_layer=-1), tmp_path / "cache")
+    assert other.encoder.key != encoder.key  # another layer is another cache
+    with pytest.raises(ValueError, match=r"vision: unknown key\(s\) \['layer'\]"):
+        build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "layer": 1})
