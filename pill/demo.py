@@ -135,8 +135,11 @@ def inject(method: str, llm, settings: DemoSettings, vision_dim: int):
 
 
 def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, cache: str | None = None,
-             output_dir: str | None = None, progress: bool = True, say=print) -> dict:
+             output_dir: str | None = None, progress: bool = True, say=None) -> dict:
     settings = settings or DemoSettings()
+    if say is None:
+        def say(*args):  # flushed: the demo is often watched through a pipe or a log file
+            print(*args, flush=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     cache_root = cache_dir(cache)

@@ -134,7 +134,12 @@ class Trainer:
             if all(label == IGNORE for label in labels):
                 raise ValueError(f"{ex.where}: no answer tokens to train on")
         self.rank, self.world = _world()
-        self.micro_per_epoch = math.ceil(len(examples) / (config.batch_size * self.world))
+        size = config.batch_size * self.world
+        if self.world > 1 and len(examples) < size:
+            raise ValueError(f"{len(examples)} examples cannot fill one batch of {config.batch_size} on each of "
+                             f"{self.world} processes")
+        # Distributed: an epoch's incomplete last batch is dropped, so that every rank has rows to run.
+        self.micro_per_epoch = (len(examples) // size) if self.world > 1 else math.ceil(len(examples) / size)
         steps_per_epoch = math.ceil(self.micro_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         self.warmup = (config.warmup_steps if config.warmup_steps is not None
@@ -174,8 +179,6 @@ class Trainer:
         order = torch.randperm(len(self.examples), generator=generator).tolist()
         size = self.config.batch_size * self.world
         chunk = order[position * size:(position + 1) * size]
-        if not chunk:  # the epoch's tail was already used: wrap into the same epoch's start
-            chunk = order[:size]
         return chunk[self.rank::self.world]
 
     def _batch(self, indices: list[int]) -> dict:
