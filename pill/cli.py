@@ -147,7 +147,9 @@ def feature_lookup(encoder, examples, cache, say=print):
         say("")
 
     def lookup(keys):
-        return store.features(keys, lambda i: (_ for _ in ()).throw(KeyError(keys[i])))
+        def not_cached(i):
+            raise KeyError(f"image {keys[i]!r} was not encoded before training")
+        return store.features(keys, not_cached)
     return lookup
 
 
