@@ -68,7 +68,9 @@ METHOD_DEFAULTS = {
     # biases and norms.
     "pill": {},
     "lavin": {"stage1_lr": 4e-3, "stage2_lr": 4e-3},
-    "llama_adapter_v2": {"stage1_lr": 2e-3, "stage2_lr": 2e-3},
+    # Its visual prompts learn the digits slowly and its stage 2 cannot touch them: a longer stage 1 (measured:
+    # 23% held-out accuracy after 50 caption steps, 51% after 120) is where its accuracy comes from.
+    "llama_adapter_v2": {"stage1_lr": 2e-3, "stage2_lr": 2e-3, "stage1_steps": 120},
 }
 
 
