@@ -63,7 +63,9 @@ def routed_glu_adapter(
         idx = (expert_ids == e).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        delta = delta.index_add(0, idx, glu_adapter(n.index_select(0, idx), w_down[e], w_gate[e], w_up[e]))
+        # .to: under autocast the matmuls return the autocast dtype while delta keeps n's.
+        update = glu_adapter(n.index_select(0, idx), w_down[e], w_gate[e], w_up[e]).to(delta.dtype)
+        delta = delta.index_add(0, idx, update)
     return n + delta
 
 

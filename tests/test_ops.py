@@ -388,3 +388,10 @@ def test_ops_compile_without_graph_breaks():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), step(x))
+
+
+def test_routed_glu_reference_runs_under_bf16_autocast():
+    x, wd, wg, wu, ids, nw = (t.float() if t.is_floating_point() else t for t in routed_inputs(9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pk.routed_glu_adapter(x, wd, wg, wu, ids, norm_weight=nw, backend="eager")
+    torch.testing.assert_close(y, ref.routed_glu_adapter(x, wd, wg, wu, ids, nw), rtol=0.05, atol=0.05)
