@@ -93,5 +93,13 @@ def cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def rms_rstd(sumsq, D, eps, HAS_NORM: tl.constexpr):
+    """The RMSNorm's 1/rms per row from the row's sum of squares; ones when the norm is not fused."""
+    if HAS_NORM:
+        return 1.0 / tl.sqrt(sumsq / D + eps)
+    return tl.zeros_like(sumsq) + 1.0
+
+
+@triton.jit
 def tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
-                      pow2_at_least_16)
+                      pow2_at_least_16, rms_rstd)
 
 
 def _blocks(hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -84,10 +84,7 @@ def _forward_kernel(x_ptr, wd_ptr, wg_ptr, wu_ptr, ids_ptr, g_ptr, y_ptr, T, D, 
                 w_ok = c_ok[:, None] & r_ok[None, :]
                 acc_d += dot(a, tl.load(wd_ptr + w_off, mask=w_ok, other=0.), UPCAST, IEEE)
                 acc_g += dot(a, tl.load(wg_ptr + w_off, mask=w_ok, other=0.), UPCAST, IEEE)
-            if HAS_NORM:
-                rstd = 1.0 / tl.sqrt(sumsq / D + eps)
-            else:
-                rstd = tl.full([BLOCK_T], 1.0, ACC)
+            rstd = rms_rstd(sumsq, D, eps, HAS_NORM)
             hd = acc_d * rstd[:, None]
             hg = acc_g * rstd[:, None]
             act = cast(hg * tl.sigmoid(hg) * hd, y_ptr.dtype.element_ty)
@@ -147,10 +144,7 @@ def _backward_tokens_kernel(dy_ptr, x_ptr, wd_ptr, wg_ptr, wu_ptr, ids_ptr, g_pt
                 # W_up[e] read transposed: [BLOCK_D, BLOCK_R] from the [r, D] matrix.
                 wu_t = tl.load(wu_ptr + e * R * D + rr[None, :] * D + cols[:, None], mask=w_ok, other=0.)
                 d_act += dot(dy, wu_t, UPCAST, IEEE)
-            if HAS_NORM:
-                rstd = 1.0 / tl.sqrt(sumsq / D + eps)
-            else:
-                rstd = tl.full([BLOCK_T], 1.0, ACC)
+            rstd = rms_rstd(sumsq, D, eps, HAS_NORM)
             hd = acc_d * rstd[:, None]
             hg = acc_g * rstd[:, None]
             sig = tl.sigmoid(hg)

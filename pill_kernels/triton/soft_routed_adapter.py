@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
-                      pow2_at_least_16)
+                      pow2_at_least_16, rms_rstd)
 from .routed_glu_adapter import _blocks, _token_splits
 
 
@@ -52,10 +52,7 @@ def _forward_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, w_ptr, mask_ptr, g_pt
             a = x
         acc += dot(a, tl.load(wd_ptr + cols[:, None] * R + rr[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.),
                    UPCAST, IEEE)
-    if HAS_NORM:
-        rstd = 1.0 / tl.sqrt(sumsq / D + eps)
-    else:
-        rstd = tl.full([BLOCK_T], 1.0, ACC)
+    rstd = rms_rstd(sumsq, D, eps, HAS_NORM)
     small = rows[:, None] * R + rr[None, :]
     small_ok = row_ok[:, None] & r_ok[None, :]
     z = acc * rstd[:, None] + tl.load(bd_ptr + rr, mask=r_ok, other=0.).to(ACC)[None, :]
@@ -119,10 +116,7 @@ def _backward_tokens_kernel(dy_ptr, x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, w_ptr
             wu_t = tl.load(wu_ptr + e * R * D + rr[None, :] * D + cols[:, None], mask=w_ok, other=0.)
             w_e = tl.load(w_ptr + rows * E + e, mask=row_ok, other=0.).to(ACC)
             dz += w_e[:, None] * dot(dy, wu_t, UPCAST, IEEE)
-    if HAS_NORM:
-        rstd = 1.0 / tl.sqrt(sumsq / D + eps)
-    else:
-        rstd = tl.full([BLOCK_T], 1.0, ACC)
+    rstd = rms_rstd(sumsq, D, eps, HAS_NORM)
     small = rows[:, None] * R + rr[None, :]
     small_ok = row_ok[:, None] & r_ok[None, :]
     z = acc * rstd[:, None] + tl.load(bd_ptr + rr, mask=r_ok, other=0.).to(ACC)[None, :]
