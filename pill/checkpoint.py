@@ -15,6 +15,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed support has no shards to gather
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
+    distribute_tensor = None
 
 from .config import METHOD_CONFIGS
 from .model import (MultimodalLlamaForCausalLM, _multimodal, adapter_parameters, inject_lavin,
@@ -57,15 +64,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write the adapter of `model` to directory `path` atomically; returns the path."""
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole, detached, contiguous, on CPU. An FSDP shard (DTensor) is gathered from every rank: a collective,
+    so every rank must call it, in the same order."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
+def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
+    value = value.to(device=p.device, dtype=p.dtype)
+    if isinstance(p, DTensor):
+        value = distribute_tensor(value, p.device_mesh, p.placements)
+    p.copy_(value)
+
+
+def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter of `model` to directory `path` atomically; returns the path. tensors: the adapter's
+    tensors gathered beforehand (by `full_tensor` on every rank of an FSDP run) instead of the model's own."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"save_adapter: {target} exists and is not a directory")
     config = adapter_config(model)
     if metadata:
         config["metadata"] = metadata
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(model).items()}
+    params = adapter_parameters(model)
+    if tensors is None:
+        tensors = {name: full_tensor(p) for name, p in params.items()}
+    elif sorted(tensors) != sorted(params):
+        raise ValueError(f"save_adapter: tensors must hold exactly the adapter's parameters {sorted(params)}, "
+                         f"got {sorted(tensors)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -145,7 +174,7 @@ def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True
                          f"shape mismatches {shapes}")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+            _assign(p, tensors[name])
     if set_saved_stage:
         set_stage(model, saved["stage"])
 

@@ -223,6 +223,8 @@ def cmd_train(args) -> int:
         torch.distributed.destroy_process_group()
         return 0
     _say(pill.trainable_parameter_report(model))
+    if world > 1:
+        _say(trainer.distributed_report())
     _say(f"{world} processes; " if world > 1 else "", end="")
     _say(f"training stage {tconfig.stage}: {len(examples)} examples, {trainer.total_steps} steps, lr {trainer.lr:.3g}, "
          f"output {tconfig.output_dir}")

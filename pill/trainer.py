@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import save_adapter
+from .checkpoint import DTensor, distribute_tensor, full_tensor, save_adapter
 from .data import IGNORE, Collator, Example, PromptFormatter
-from .model import _multimodal, set_stage
+from .model import _multimodal, adapter_parameters, set_stage
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -44,7 +44,9 @@ class TrainConfig:
     """One training stage. lr: absolute learning rate; when None, lr = blr * batch_size * grad_accum * world / 256
     (the seed's rule). warmup_steps, when None, is warmup_ratio of the steps. epochs sets the length unless
     max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). bf16: autocast to
-    bfloat16 ("auto": on CUDA only; adapters stay fp32)."""
+    bfloat16 ("auto": on CUDA only; adapters stay fp32). distributed: how several processes (torchrun) share the
+    work: "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
+    included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it."""
 
     stage: int = 1
     output_dir: str = "runs/pill"
@@ -66,6 +68,7 @@ class TrainConfig:
     log_every: int = 1
     bf16: str | bool = "auto"
     progress: bool = True
+    distributed: str = "ddp"
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"train.epochs must be positive, got {self.epochs}")
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"train.bf16 must be 'auto', true or false, got {self.bf16!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -147,6 +152,10 @@ class Trainer:
         eff_batch = config.batch_size * config.grad_accum * self.world
         self.lr = config.lr if config.lr is not None else config.blr * eff_batch / 256
         set_stage(model, config.stage)
+        self.fsdp = self.world > 1 and config.distributed == "fsdp"
+        if self.fsdp:
+            shard_with_fsdp(model)
+        # Built after sharding: FSDP replaces every parameter with its shard (a DTensor).
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError(f"stage {config.stage} has no trainable parameters")
@@ -157,7 +166,7 @@ class Trainer:
             lr=self.lr, betas=config.betas)
         self.param_names = {id(p): n for n, p in self.params.items()}
         self.ddp_model = None
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             # Wrapped after set_stage: DDP registers the parameters that require grad when it is built, so the
             # frozen base is neither broadcast every step nor all-reduced.
             from torch.nn.parallel import DistributedDataParallel
@@ -170,6 +179,17 @@ class Trainer:
         self.autocast = (config.bf16 is True) or (config.bf16 == "auto" and device.type == "cuda")
         self.step = 0
         self.output_dir = Path(config.output_dir)
+
+    def distributed_report(self) -> str:
+        """How the processes share the model (what FSDP saves in memory per process)."""
+        total = sum(p.numel() for p in self.model.parameters())
+        if self.world == 1:
+            return f"1 process holding all {total:,} parameters"
+        if not self.fsdp:
+            return f"DDP over {self.world} processes: each holds all {total:,} parameters"
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in self.model.parameters())
+        return (f"FSDP over {self.world} processes: this one holds {local:,} of the {total:,} parameters "
+                f"({local / total:.0%}), the frozen base included")
 
     # -- data order ------------------------------------------------------------------------------------------
     def micro_batch(self, index: int) -> list[int]:
@@ -222,11 +242,15 @@ class Trainer:
         for j, indices in enumerate(micro):
             batch = self._batch(indices)
             seen_tokens += int(batch["attention_mask"].sum())
-            # Gradients are all-reduced once per optimiser step, after the last micro-batch.
-            sync = self.ddp_model.no_sync() if self.ddp_model is not None and j < len(micro) - 1 else nullcontext()
+            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimiser step, after the last
+            # micro-batch.
+            last = j == len(micro) - 1
+            sync = self.ddp_model.no_sync() if self.ddp_model is not None and not last else nullcontext()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
             with sync:
                 loss_sum, _ = self._loss_sum(batch)
-                # DDP averages gradients over ranks; scaling by world keeps the result the mean over all tokens.
+                # DDP and FSDP average gradients over ranks; scaling by world keeps the mean over all tokens.
                 (loss_sum * self.world / max(n_tokens, 1)).backward()
             total_loss += float(loss_sum.detach())
         if self.world > 1:
@@ -235,7 +259,8 @@ class Trainer:
             total_loss, seen_tokens = float(reduced[0]), int(reduced[1])
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(list(self.params.values()),
+                                                                         cfg.max_grad_norm)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -287,9 +312,11 @@ class Trainer:
             if progress is not None:
                 progress.close()
         self.save_checkpoint()
+        adapter = self._adapter_tensors()
         if self.rank == 0:
             save_adapter(self.model, self.output_dir / "adapter",
-                         metadata={"stage": cfg.stage, "steps": self.step})
+                         metadata={"stage": cfg.stage, "steps": self.step}, tensors=adapter)
+        self._barrier()
         metrics = dict(metrics)
         metrics["recent_loss"] = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
         return metrics
@@ -304,7 +331,14 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
     # -- checkpoints ---------------------------------------------------------------------------------------
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter whole on CPU; under FSDP gathered from every rank's shards (so every rank calls it)."""
+        return {name: full_tensor(p) for name, p in adapter_parameters(self.model).items()}
+
     def save_checkpoint(self) -> Path | None:
+        # Every rank gathers (FSDP's shards need all of them); rank 0 writes.
+        adapter = self._adapter_tensors()
+        tensors, groups = flatten_optimizer_state(self.optimizer, self.param_names)
         if self.rank != 0:
             self._barrier()
             return None
@@ -312,8 +346,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.output_dir))
         try:
-            save_adapter(self.model, staging / "adapter", metadata={"stage": self.config.stage, "step": self.step})
-            tensors, groups = flatten_optimizer_state(self.optimizer, self.param_names)
+            save_adapter(self.model, staging / "adapter", metadata={"stage": self.config.stage, "step": self.step},
+                         tensors=adapter)
             tensors["rng.torch"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -361,6 +395,28 @@ class Trainer:
         self.step = state["step"]
 
 
+def shard_with_fsdp(model) -> None:
+    """FSDP2 over every process of the default group: each decoder layer is one unit (its parameters are
+    gathered just before it runs and freed after), the rest (embeddings, LM head, the method's projector and
+    prompts) one more at the root. Frozen and trainable parameters are sharded alike; gradients exist for the
+    trainable ones only, and only those are reduce-scattered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        raise ValueError("the model is already sharded with FSDP: build a Trainer over a fresh model per run")
+    device = model.get_input_embeddings().weight.device
+    # FSDP shards what each rank holds and does not broadcast: make the adapters (random-initialised, or loaded
+    # per rank) rank 0's everywhere, as DDP does when it wraps.
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            torch.distributed.broadcast(p.data, src=0)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
@@ -387,7 +443,7 @@ def flatten_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, s
             for key, value in optimizer.state.get(p, {}).items():
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
-                tensors[f"{names[id(p)]}::{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{names[id(p)]}::{key}"] = full_tensor(value)
     return tensors, groups
 
 
@@ -405,6 +461,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
         for p in group["params"]:
             name = names[id(p)]
             fields = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "::")}
+            if isinstance(p, DTensor):
+                # Saved whole; each rank keeps the shard of its own parameter shard.
+                fields = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                              if v.shape == p.shape else v) for k, v in fields.items()}
             if fields:
                 state[index] = fields
             ids.append(index)

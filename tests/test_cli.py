@@ -86,6 +86,7 @@ def test_train_eval_generate_from_a_config(project, capsys):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(learning_rate=1), r"run\.yaml: unknown key\(s\) \['learning_rate'\]"),
     (lambda c: c["train"].update(lr_warmup=3), r"train: unknown key\(s\) \['lr_warmup'\]"),
+    (lambda c: c["train"].update(distributed="zero3"), r"train\.distributed must be 'ddp' or 'fsdp', got 'zero3'"),
     (lambda c: c["method_config"].update(bottleneck=3), r"method_config: PillConfig: unknown keys \['bottleneck'\]"),
     (lambda c: c["data"]["train"].update(split="x"), r"data\.train \(conversations\): unknown key\(s\) \['split'\]"),
     (lambda c: c["data"].update(train={"type": "conversations", "path": "bad.jsonl"}),
@@ -135,40 +136,67 @@ def test_demo_smoke(tmp_path, capsys):
                  "Which digit is shown? Options: zero (A), one (B), two (C), three (D)", "--max-new-tokens", "8"]) == 0
 
 
-@needs_efficientnet
-def test_torchrun_ddp_on_two_cpu_processes_matches_one_process(project):
-    """`torchrun --nproc_per_node 2 -m pill.cli train` (gloo): 2 ranks x batch 2 reach the parameters of one
-    process with batch 4 (same examples per step, mean over all answer tokens), and only rank 0 writes."""
+def _torchrun(config_path, *extra):
     import socket
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
-    root, config = project
-    config["train"].update(batch_size=4, save_every=0)
-    (root / "single.yaml").write_text(yaml.safe_dump(config))
-    config["train"].update(batch_size=2, output_dir="run_ddp")
-    (root / "ddp.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(root / "single.yaml")]) == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", "-m", "pill.cli", "train", str(root / "ddp.yaml")],
+                           f"--master_port={port}", "-m", "pill.cli", "train", str(config_path), *extra],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 processes" in proc.stdout
-    single = load_file(root / "run" / "adapter" / "adapter_model.safetensors")
-    ddp = load_file(root / "run_ddp" / "adapter" / "adapter_model.safetensors")
-    assert single.keys() == ddp.keys()
-    import torch
+    return proc.stdout
 
+
+@needs_efficientnet
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed):
+    """`torchrun --nproc_per_node 2 -m pill.cli train` (gloo): 2 ranks x batch 2 reach the parameters of one
+    process with batch 4 (same examples per step, mean over all answer tokens), and only rank 0 writes. With
+    FSDP each rank holds half of every parameter, the frozen base included, and the checkpoints (adapter and
+    optimiser state gathered whole) resume a killed sharded run to the parameters of the uninterrupted one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    root, config = project
+    # Clipping needs the norm over every rank's gradients (FSDP: over every shard).
+    config["train"].update(batch_size=4, save_every=0, max_grad_norm=0.05)
+    (root / "single.yaml").write_text(yaml.safe_dump(config))
+    config["train"].update(batch_size=2, output_dir="run_dist", distributed=distributed, save_every=2)
+    (root / "dist.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "single.yaml")]) == 0
+    stdout = _torchrun(root / "dist.yaml")
+    assert "2 processes" in stdout
+    if distributed == "fsdp":
+        import re
+
+        local, total = (int(n.replace(",", "")) for n in re.search(
+            r"FSDP over 2 processes: this one holds ([\d,]+) of the ([\d,]+) parameters", stdout).groups())
+        assert 0.45 * total <= local <= 0.55 * total, stdout
+    else:
+        assert "DDP over 2 processes" in stdout
+    single = load_file(root / "run" / "adapter" / "adapter_model.safetensors")
+    dist = load_file(root / "run_dist" / "adapter" / "adapter_model.safetensors")
+    assert single.keys() == dist.keys()
     moved = 0
     for name in single:
-        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(dist[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
         moved += int(not torch.equal(single[name], torch.zeros_like(single[name])))
     assert moved > 0
-    assert [json.loads(line)["step"] for line in open(root / "run_ddp" / "metrics.jsonl")] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in open(root / "run_dist" / "metrics.jsonl")] == [1, 2, 3]
+    if distributed == "fsdp":
+        # Kill after step 2: only checkpoint-2 remains; --resume loads it into the shards and redoes step 3.
+        shutil.rmtree(root / "run_dist" / "checkpoint-0000003")
+        shutil.rmtree(root / "run_dist" / "adapter")
+        assert "FSDP over 2 processes" in _torchrun(root / "dist.yaml", "--resume")
+        resumed = load_file(root / "run_dist" / "adapter" / "adapter_model.safetensors")
+        for name in dist:
+            torch.testing.assert_close(resumed[name], dist[name], rtol=0, atol=0, msg=name)
+        assert [json.loads(line)["step"] for line in open(root / "run_dist" / "metrics.jsonl")] == [1, 2, 3]
