@@ -31,7 +31,7 @@ fi
 
 if [[ $what == bench || $what == all ]]; then
   # shellcheck disable=SC2086
-  python3 benchmarks/run.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  python3 benchmarks/run.py --out "$OUT" --record --record-to "$OUT/measured_wins.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "benchmarks exit code $?"
   cat "$OUT/kernels.md" 2>/dev/null || tail -n 40 "$OUT/bench.log"
 fi

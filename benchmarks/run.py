@@ -2,10 +2,16 @@
 
     python benchmarks/run.py                   # everything -> benchmarks/out/{raw.json,kernels.csv,kernels.md,speedups.png}
     python benchmarks/run.py -k modality_gate  # extra arguments go to pytest
+    python benchmarks/run.py --record          # also record the medians for dispatch "auto" (on a GPU)
 
 Each row holds the median of every backend at one shape, the speedup of each over the eager reference, and
 for ops with a byte floor (bytes that must cross memory at least once, at the measured copy bandwidth) the
 ratio of the best fused time to that floor.
+
+--record writes the kernel medians of this device into pill_kernels/measured_wins.json (or --record-to PATH,
+for $PILL_KERNELS_MEASUREMENTS), replacing what was recorded before for this device and leaving other devices'
+entries alone: dispatch "auto" takes a measured-only backend (the Triton attention kernel, the CUDA kernels)
+at a call's shape only when such a record says it is the fastest there.
 """
 from __future__ import annotations
 
@@ -134,10 +140,62 @@ def write_plot(rows: list[dict], out_dir: str) -> str | None:
     return path
 
 
+def measurement_entries(rows: list[dict], meta: dict) -> dict[str, list[dict]]:
+    """Per op, one entry per measured shape: its dispatch features and each dispatch backend's median in ms
+    (backends that are baselines only, such as sdpa, are left out: auto cannot pick them). Rows that differ
+    only in what dispatch does not key on (the image-token layout) are averaged."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from pill_kernels.dispatch import BACKENDS, SHAPE_FEATURES
+
+    merged: dict[tuple, dict] = {}
+    for row in rows:
+        op = row["op"]
+        if op not in SHAPE_FEATURES or not str(row.get("device", "")).startswith("cuda"):
+            continue
+        exact, near = SHAPE_FEATURES[op]
+        features = {"pass": row.get("pass_")}
+        features.update({k: row[k] for k in exact + near if k in row and k != "pass"})
+        times = {b: row[f"{b}_ms"] for b in BACKENDS if f"{b}_ms" in row}
+        if len(times) < 2:
+            continue
+        key = (op,) + tuple(sorted(features.items()))
+        slot = merged.setdefault(key, {"op": op, "features": features, "times": {}})
+        for backend, ms in times.items():
+            slot["times"].setdefault(backend, []).append(ms)
+    entries: dict[str, list[dict]] = {}
+    for slot in merged.values():
+        entry = dict(slot["features"])
+        entry["median_ms"] = {b: round(sum(v) / len(v), 4) for b, v in sorted(slot["times"].items())}
+        entry["measured"] = f"{meta.get('datetime')} commit {meta.get('commit')}"
+        entries.setdefault(slot["op"], []).append(entry)
+    return entries
+
+
+def record_measurements(entries: dict[str, list[dict]], device_name: str, path: str) -> None:
+    """Replace `device_name`'s entries in the measurements file at `path` (written atomically)."""
+    data: dict = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    for op, op_entries in entries.items():
+        data.setdefault(op, {})[device_name] = op_entries
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory")
     parser.add_argument("--from-json", help="summarize an existing pytest-benchmark JSON instead of running")
+    parser.add_argument("--record", action="store_true",
+                        help="record this device's kernel medians for dispatch 'auto' (see the module docstring)")
+    parser.add_argument("--record-to", default=os.path.join(os.path.dirname(HERE), "pill_kernels",
+                                                              "measured_wins.json"))
+    parser.add_argument("--device-name", help="the GPU's name as torch.cuda.get_device_name() gives it "
+                                              "(default: this machine's GPU)")
     args, pytest_args = parser.parse_known_args(argv)
     os.makedirs(args.out, exist_ok=True)
     raw = args.from_json or run_suites(args.out, pytest_args)
@@ -146,6 +204,19 @@ def main(argv=None) -> None:
     plot = write_plot(rows, args.out)
     if plot:
         print(f"plot: {plot}")
+    if args.record:
+        name = args.device_name
+        if name is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                parser.error("--record needs a GPU (or --device-name with --from-json of a GPU run)")
+            name = torch.cuda.get_device_name(0)
+        entries = measurement_entries(rows, meta)
+        if not entries:
+            parser.error("--record: no GPU kernel rows with two or more dispatch backends to record")
+        record_measurements(entries, name, args.record_to)
+        print(f"recorded {sum(map(len, entries.values()))} measured shapes for {name} in {args.record_to}")
 
 
 if __name__ == "__main__":

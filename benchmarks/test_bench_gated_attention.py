@@ -2,7 +2,8 @@
 
 GPU shapes (issue 4): bf16, H = Hkv = 32 heads of 128 (LLaMA-7B), B x S in {4x512, 4x1024, 2x2048, 1x8192},
 a quarter of the keys image tokens. Variants:
-- plain: causal attention, no gate: `triton` vs `sdpa` (the flash backend);
+- plain: causal attention, no gate: `triton` vs `sdpa` (the flash backend) vs `eager` (the eager op: sdpa
+  behind dispatch, what auto runs when the Triton kernel is not measured faster);
 - gate: PILL's value gate on image keys (logits from a D x H projection of the attention input): `triton`
   (projection + one fused launch) vs `two_launch` (the modality-gate op on V, then sdpa) vs `eager` (the eager
   op: gate applied to V in PyTorch, then sdpa), all against `sdpa` without a gate;
@@ -21,7 +22,7 @@ from conftest import DEVICE, ON_GPU as FULL, seed_everything, skip_unless_runs  
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HEADS, HEAD_DIM, HIDDEN, PROMPTS = (32, 128, 4096, 10) if FULL else (2, 16, 24, 3)
 SHAPES = [(4, 512), (4, 1024), (2, 2048), (1, 8192)] if FULL else [(1, 19)]
-BACKENDS = {"plain": ["sdpa", "triton"], "gate": ["sdpa", "eager", "two_launch", "triton"],
+BACKENDS = {"plain": ["sdpa", "eager", "triton"], "gate": ["sdpa", "eager", "two_launch", "triton"],
             "prompt": ["sdpa", "eager", "triton"]}
 CASES = [(variant, backend) for variant, backends in BACKENDS.items() for backend in backends]
 

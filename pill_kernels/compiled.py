@@ -81,4 +81,4 @@ if IMPORT_ERROR is None:
         if _has_kernel(_name, "CUDA"):
             # Hand-written CUDA kernels compete with the Triton ones: auto takes them only where measured faster.
             dispatch.register(_op, "cuda", _forward, _backward, unavailable_reason=_only_on("cuda"),
-                              auto_skip_reason=dispatch.measured_win_reason(_op, "cuda"))
+                              auto_needs_measurement=True)

@@ -390,6 +390,12 @@ def _require_mask(op: str, name: str, mask: Tensor, expected: tuple, meaning: st
     return mask.to(torch.bool)
 
 
+def _shape(*grad_inputs: Optional[Tensor], **sizes) -> dict:
+    """The call's features for auto's measured choice (dispatch.SHAPE_FEATURES): which pass runs, and sizes."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    return {"pass": "forward_backward" if needs_grad else "forward", **sizes}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public functional API.
 # ----------------------------------------------------------------------------------------------------------
@@ -436,7 +442,9 @@ def routed_glu_adapter(x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor, 
             if low < 0 or high >= num_experts:
                 raise ValueError(f"{op}: expert_ids must lie in [0, {num_experts}) for E={num_experts} experts, "
                                  f"got values in [{low}, {high}]")
-    chosen = dispatch.resolve(op, x.device, backend)
+    chosen = dispatch.resolve(op, x.device, backend, _shape(
+        x, w_down, w_gate, w_up, norm_weight, dtype=str(x.dtype), tokens=x.numel() // max(hidden, 1), hidden=hidden,
+        rank=rank))
     y = _routed_glu_adapter_op(x.reshape(-1, hidden).contiguous(), w_down.contiguous(), w_gate.contiguous(),
                                w_up.contiguous(), expert_ids, norm_weight, float(eps), chosen)
     return y.reshape(x.shape)
@@ -476,7 +484,9 @@ def soft_routed_adapter(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor,
         _require_tensor(op, "dropout_mask", dropout_mask, floating=True)
         _require_shape(op, "dropout_mask", dropout_mask, lead + (rank,), "[..., r]")
         dropout_mask = dropout_mask.reshape(-1, rank).contiguous()
-    chosen = dispatch.resolve(op, x.device, backend)
+    chosen = dispatch.resolve(op, x.device, backend, _shape(
+        x, w_down, b_down, w_up, b_up, routing_weights, norm_weight, dtype=str(x.dtype),
+        tokens=x.numel() // max(hidden, 1), hidden=hidden, rank=rank))
     y = _soft_routed_adapter_op(x.reshape(-1, hidden).contiguous(), w_down.contiguous(), b_down.contiguous(),
                                 w_up.contiguous(), b_up.contiguous(),
                                 routing_weights.reshape(-1, num_experts).contiguous(), dropout_mask, norm_weight,
@@ -503,7 +513,8 @@ def modality_gate(x: Tensor, w_gate: Tensor, v: Tensor, image_mask: Tensor, *, b
         raise ValueError(f"{op}: v must have shape [..., Hg, hd] = {lead + (heads, 'hd')}, got {tuple(v.shape)}")
     _require_same(op, "x", x, w_gate=w_gate, v=v)
     mask = _require_mask(op, "image_mask", image_mask, lead, "x.shape[:-1]", x.device)
-    chosen = dispatch.resolve(op, x.device, backend)
+    chosen = dispatch.resolve(op, x.device, backend, _shape(
+        x, w_gate, v, dtype=str(x.dtype), tokens=x.numel() // max(hidden, 1), hidden=hidden))
     out = _modality_gate_op(x.reshape(-1, hidden).contiguous(), w_gate.contiguous(),
                             v.reshape(-1, heads, v.shape[-1]).contiguous(), mask.reshape(-1).contiguous(), chosen)
     return out.reshape(v.shape)
@@ -551,7 +562,11 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Optional[Te
         _require_shape(op, "prompt_v", prompt_v, (batch, kv_heads, num_prompts, head_dim), "[B, Hkv, K, hd]")
         _require_shape(op, "prompt_gate", prompt_gate, (heads,), "[H]")
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    chosen = dispatch.resolve(op, q.device, backend)
+    variant = "+".join(name for name, present in (("gate", gate_logits is not None),
+                                                    ("prompt", prompt_k is not None)) if present) or "plain"
+    chosen = dispatch.resolve(op, q.device, backend, _shape(
+        q, k, v, gate_logits, prompt_k, prompt_v, prompt_gate, dtype=str(q.dtype), variant=variant, batch=batch,
+        seq=q.shape[2], heads=heads, head_dim=head_dim))
     contiguous = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     out, _ = _gated_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), contiguous(gate_logits),
                                  contiguous(image_mask), contiguous(key_padding_mask), contiguous(prompt_k),

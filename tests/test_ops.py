@@ -1,5 +1,6 @@
 """The fused ops: references against the seed formulations, the custom ops against the references (outputs
 and every gradient, all dtypes), gradcheck, opcheck, input validation and backend dispatch."""
+import json
 import os
 
 import pytest
@@ -395,3 +396,83 @@ def test_routed_glu_reference_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = pk.routed_glu_adapter(x, wd, wg, wu, ids, norm_weight=nw, backend="eager")
     torch.testing.assert_close(y, ref.routed_glu_adapter(x, wd, wg, wu, ids, nw), rtol=0.05, atol=0.05)
+
+
+def _toy_measured_registry(monkeypatch, tmp_path, entries):
+    """A toy op on a pretend GPU named "Toy GPU", with a measured-only "triton" and a measurements file."""
+    monkeypatch.setattr(pk.dispatch, "_registry", {})
+    monkeypatch.setattr(pk.dispatch, "_measurements_cache", {})
+    monkeypatch.setitem(pk.dispatch.SHAPE_FEATURES, "toy", (("pass", "dtype"), ("tokens", "hidden")))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Toy GPU")
+    forward = lambda: None  # noqa: E731
+    pk.dispatch.register("toy", "eager", forward, forward)
+    pk.dispatch.register("toy", "triton", forward, forward, auto_needs_measurement=True)
+    path = tmp_path / "measurements.json"
+    path.write_text(json.dumps({"_comment": "test", "toy": {"Toy GPU": entries}}))
+    monkeypatch.setenv("PILL_KERNELS_MEASUREMENTS", str(path))
+    return path
+
+
+def test_auto_takes_a_measured_only_backend_exactly_where_measured_fastest(monkeypatch, tmp_path):
+    base = {"pass": "forward_backward", "dtype": "torch.bfloat16", "hidden": 4096}
+    _toy_measured_registry(monkeypatch, tmp_path, [
+        dict(base, tokens=4096, median_ms={"eager": 2.0, "triton": 1.0}),
+        dict(base, tokens=65536, median_ms={"eager": 9.0, "triton": 12.0}),
+        dict(base, tokens=4096, dtype="torch.float16", median_ms={"eager": 1.0, "triton": 3.0}),
+    ])
+    call = dict(base, tokens=3000)
+    chosen, why = pk.explain("toy", "cuda", shape=call)
+    assert chosen == "triton"
+    assert "measured fastest (1 ms) on Toy GPU" in why and "tokens=4096" in why and "measurements.json" in why
+    assert pk.explain("toy", "cuda", shape=dict(call, tokens=50000))[0] == "eager"      # eager measured faster
+    assert pk.explain("toy", "cuda", shape=dict(call, dtype="torch.float16"))[0] == "eager"
+    # Nothing measured near: more than 4x from every record, another pass, another GPU, no shape at all.
+    for shape in (dict(call, tokens=512), dict(call, hidden=576), dict(call, **{"pass": "forward"}), None):
+        chosen, why = pk.explain("toy", "cuda", shape=shape)
+        assert chosen == "eager" and "triton: auto uses triton for toy only where measured fastest" in why
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
+    assert pk.explain("toy", "cuda", shape=call)[0] == "eager"
+    # By name it always runs; on CPU auto never consults GPU measurements.
+    assert pk.explain("toy", "cuda", "triton", shape=dict(call, tokens=512)) == ("triton", "asked for by name")
+    assert pk.explain("toy", "cpu", shape=call)[0] == "eager"
+
+
+def test_auto_measurements_file_errors_name_the_file(monkeypatch, tmp_path):
+    path = _toy_measured_registry(monkeypatch, tmp_path, [])
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="measurements file .*measurements.json is not valid JSON"):
+        pk.explain("toy", "cuda", shape={"pass": "forward", "dtype": "x", "tokens": 1, "hidden": 1})
+    monkeypatch.setenv("PILL_KERNELS_MEASUREMENTS", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="PILL_KERNELS_MEASUREMENTS: no file .*missing.json"):
+        pk.explain("toy", "cuda", shape={"pass": "forward", "dtype": "x", "tokens": 1, "hidden": 1})
+
+
+def test_ops_describe_their_call_to_auto(monkeypatch):
+    """What each public op tells dispatch about the call: the features measurements are keyed by."""
+    seen = {}
+    real = pk.dispatch.resolve
+
+    def spy(op, device, backend=None, shape=None):
+        seen[op] = shape
+        return real(op, device, backend, shape)
+
+    monkeypatch.setattr(pk.dispatch, "resolve", spy)
+    for op, features in pk.dispatch.SHAPE_FEATURES.items():
+        assert set(sum(features, ())) >= {"pass", "dtype"}, op
+    a = attention_inputs()
+    pk.gated_attention(a["q"], a["k"], a["v"], gate_logits=a["gate_logits"].requires_grad_(),
+                       image_mask=a["image_mask"])
+    batch, heads, seq, head_dim = a["q"].shape
+    assert seen["gated_attention"] == {"pass": "forward_backward", "dtype": str(a["q"].dtype), "variant": "gate",
+                                       "batch": batch, "seq": seq, "heads": heads, "head_dim": head_dim}
+    with torch.no_grad():
+        pk.gated_attention(a["q"], a["k"], a["v"], prompt_k=a["prompt_k"], prompt_v=a["prompt_v"],
+                           prompt_gate=a["prompt_gate"])
+    assert seen["gated_attention"]["variant"] == "prompt" and seen["gated_attention"]["pass"] == "forward"
+    x, wd, wg, wu, ids, nw = routed_inputs(8, norm=True)
+    pk.routed_glu_adapter(x, wd, wg, wu, ids, norm_weight=nw)
+    assert seen["routed_glu_adapter"] == {"pass": "forward", "dtype": str(x.dtype), "tokens": 8,
+                                          "hidden": x.shape[-1], "rank": wd.shape[-1]}
+    for op, shape in seen.items():
+        exact, near = pk.dispatch.SHAPE_FEATURES[op]
+        assert set(shape) == set(exact + near), op

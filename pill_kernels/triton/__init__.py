@@ -12,14 +12,9 @@ for _op, _module in (("routed_glu_adapter", routed_glu_adapter), ("soft_routed_a
     dispatch.register(_op, "triton", _module.forward, _module.backward, unavailable_reason=unavailable_reason,
                       auto_skip_reason=auto_skip_reason)
 
-_attention_measured = dispatch.measured_win_reason("gated_attention", "triton")
-
-
-def _gated_attention_auto_skip(device):
-    # Interpreted on CPU: never; on a GPU only where measured faster than the eager sdpa path.
-    return auto_skip_reason(device) or _attention_measured(device)
-
+# On a GPU, auto takes the attention kernel only at shapes where it measured faster than the sdpa path.
 dispatch.register("gated_attention", "triton", gated_attention.forward, gated_attention.backward,
-                  unavailable_reason=unavailable_reason, auto_skip_reason=_gated_attention_auto_skip)
+                  unavailable_reason=unavailable_reason, auto_skip_reason=auto_skip_reason,
+                  auto_needs_measurement=True)
 
 __all__ = ["INTERPRET"]
