@@ -59,6 +59,16 @@ def extension_modules():
                            f"CUDA_HOME={CUDA_HOME!r}: a CUDA torch and a CUDA toolkit are required")
     with_cuda = cuda_possible and forced != "0" and bool(cu_sources)
     cxx_flags = ["-O3", "-g0", "-std=c++17"]
+    link_flags: list[str] = []
+    # at::parallel_for is header code: without -fopenmp its `#pragma omp parallel` compiles away and the C++
+    # kernels run on one thread whatever torch.set_num_threads says. Linking -fopenmp names libgomp.so.1, which
+    # resolves to the copy torch has already loaded, so torch's thread settings apply.
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    else:
+        say("the C++ kernels are built without OpenMP (torch's parallel backend is not OpenMP, or not Linux): "
+            "they will run on one thread")
     if with_cuda:
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -70,14 +80,16 @@ def extension_modules():
             # kernels' error budget (DESIGN.md: at most 2x the reference's own low-precision error) is spent on
             # the SiLU/sigmoid and tanh gates. -lineinfo only maps SASS to source lines for profilers.
             extra_compile_args={"cxx": cxx_flags + define,
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + define})
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + define},
+            extra_link_args=link_flags)
         say(f"building pill_kernels._C with C++ and CUDA {cuda_version} kernels for TORCH_CUDA_ARCH_LIST="
             f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, MAX_JOBS={os.environ['MAX_JOBS']}")
     else:
         why = ("PILL_KERNELS_BUILD_CUDA=0" if forced == "0" else "no csrc/*.cu sources" if not cu_sources
                else f"torch has no CUDA (torch.version.cuda={torch.version.cuda!r})" if torch.version.cuda is None
                else "no CUDA toolkit found (set CUDA_HOME)")
-        ext = CppExtension("pill_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("pill_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
         say(f"building pill_kernels._C with C++ CPU kernels only: {why}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -22,6 +22,11 @@ std::string build_info() {
 #else
   info += " only (no CUDA)";
 #endif
+#ifdef _OPENMP
+  info += "; C++ kernels parallel over torch's OpenMP threads";
+#else
+  info += "; C++ kernels single-threaded (built without OpenMP)";
+#endif
   return info;
 }
 

@@ -212,6 +212,13 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="the OpenMP build is for Linux with torch's OpenMP backend")
+def test_kernels_are_built_to_use_torchs_threads():
+    """at::parallel_for compiles to a serial loop without -fopenmp: the kernels must be built with it."""
+    assert "parallel over torch's OpenMP threads" in torch.ops.pill_kernels_C.build_info()
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs a machine where torch runs more than one thread")
 def test_multithreaded_equals_single_threaded():
     many, one = run_seeded(99, threads=torch.get_num_threads()), run_seeded(99, threads=1)
