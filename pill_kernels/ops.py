@@ -6,7 +6,10 @@ traces them as single nodes, tied together with `register_autograd`. The op bodi
 
 The public functions (``routed_glu_adapter``, ``soft_routed_adapter``, ``modality_gate``,
 ``gated_attention``) validate their inputs with messages that name the argument, flatten leading dimensions
-and resolve the backend before calling the op.
+and resolve the backend before calling the op. When the backend is "eager" they run the eager formulation
+itself under autograd instead of the op: its backward then reuses the activations autograd saved, where the
+op's eager backward has to recompute the forward (measured on CPU: the op's eager forward+backward took
+1.4-1.9x the reference's).
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Eager backend: forward is the reference without autograd, backward is the reference's vector-Jacobian
-# product (recomputed, so the forward saves only its inputs, as a fused kernel does).
+# Eager backend of the custom ops (torch.ops.pill_kernels.* with backend "eager"): forward is the reference
+# without autograd, backward the reference's vector-Jacobian product, recomputed (the forward saves only its
+# inputs, as a fused kernel does). The public functions run the reference under autograd instead.
 # ----------------------------------------------------------------------------------------------------------
 
 def _reference_vjp(fn: Callable, grad_out: Tensor, args: Sequence, differentiable: Sequence[bool]) -> list:
@@ -445,8 +449,9 @@ def routed_glu_adapter(x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor, 
     chosen = dispatch.resolve(op, x.device, backend, _shape(
         x, w_down, w_gate, w_up, norm_weight, dtype=str(x.dtype), tokens=x.numel() // max(hidden, 1), hidden=hidden,
         rank=rank))
-    y = _routed_glu_adapter_op(x.reshape(-1, hidden).contiguous(), w_down.contiguous(), w_gate.contiguous(),
-                               w_up.contiguous(), expert_ids, norm_weight, float(eps), chosen)
+    args = (x.reshape(-1, hidden).contiguous(), w_down.contiguous(), w_gate.contiguous(), w_up.contiguous(),
+            expert_ids, norm_weight, float(eps))
+    y = reference.routed_glu_adapter(*args) if chosen == "eager" else _routed_glu_adapter_op(*args, chosen)
     return y.reshape(x.shape)
 
 
@@ -487,10 +492,10 @@ def soft_routed_adapter(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor,
     chosen = dispatch.resolve(op, x.device, backend, _shape(
         x, w_down, b_down, w_up, b_up, routing_weights, norm_weight, dtype=str(x.dtype),
         tokens=x.numel() // max(hidden, 1), hidden=hidden, rank=rank))
-    y = _soft_routed_adapter_op(x.reshape(-1, hidden).contiguous(), w_down.contiguous(), b_down.contiguous(),
-                                w_up.contiguous(), b_up.contiguous(),
-                                routing_weights.reshape(-1, num_experts).contiguous(), dropout_mask, norm_weight,
-                                float(eps), float(scale), chosen)
+    args = (x.reshape(-1, hidden).contiguous(), w_down.contiguous(), b_down.contiguous(), w_up.contiguous(),
+            b_up.contiguous(), routing_weights.reshape(-1, num_experts).contiguous(), dropout_mask, norm_weight,
+            float(eps), float(scale))
+    y = reference.soft_routed_adapter(*args) if chosen == "eager" else _soft_routed_adapter_op(*args, chosen)
     return y.reshape(x.shape)
 
 
@@ -515,8 +520,9 @@ def modality_gate(x: Tensor, w_gate: Tensor, v: Tensor, image_mask: Tensor, *, b
     mask = _require_mask(op, "image_mask", image_mask, lead, "x.shape[:-1]", x.device)
     chosen = dispatch.resolve(op, x.device, backend, _shape(
         x, w_gate, v, dtype=str(x.dtype), tokens=x.numel() // max(hidden, 1), hidden=hidden))
-    out = _modality_gate_op(x.reshape(-1, hidden).contiguous(), w_gate.contiguous(),
-                            v.reshape(-1, heads, v.shape[-1]).contiguous(), mask.reshape(-1).contiguous(), chosen)
+    args = (x.reshape(-1, hidden).contiguous(), w_gate.contiguous(), v.reshape(-1, heads, v.shape[-1]).contiguous(),
+            mask.reshape(-1).contiguous())
+    out = reference.modality_gate(*args) if chosen == "eager" else _modality_gate_op(*args, chosen)
     return out.reshape(v.shape)
 
 
@@ -568,7 +574,10 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Optional[Te
         q, k, v, gate_logits, prompt_k, prompt_v, prompt_gate, dtype=str(q.dtype), variant=variant, batch=batch,
         seq=q.shape[2], heads=heads, head_dim=head_dim))
     contiguous = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    out, _ = _gated_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), contiguous(gate_logits),
-                                 contiguous(image_mask), contiguous(key_padding_mask), contiguous(prompt_k),
-                                 contiguous(prompt_v), contiguous(prompt_gate), bool(causal), scale, chosen)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), contiguous(gate_logits), contiguous(image_mask),
+            contiguous(key_padding_mask), contiguous(prompt_k), contiguous(prompt_v), contiguous(prompt_gate),
+            bool(causal), scale)
+    if chosen == "eager":
+        return _sdpa_gated_attention(*args)
+    out, _ = _gated_attention_op(*args, chosen)
     return out

@@ -476,3 +476,28 @@ def test_ops_describe_their_call_to_auto(monkeypatch):
     for op, shape in seen.items():
         exact, near = pk.dispatch.SHAPE_FEATURES[op]
         assert set(shape) == set(exact + near), op
+
+
+def test_custom_ops_eager_kernels_gradcheck():
+    """The public functions run "eager" as the reference under autograd; the custom ops' own eager kernels
+    (forward without autograd, recomputed vector-Jacobian product) serve torch.ops callers and must stay right."""
+    ops = torch.ops.pill_kernels
+    x, wd, wg, wu, ids, nw = routed_inputs(5, hidden=6, rank=3)
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.routed_glu_adapter.default(*t[:4], ids, t[4], 1e-6, "eager"),
+        [t.requires_grad_() for t in (x, wd, wg, wu, nw)])
+    s = soft_inputs(tokens=4, hidden=6, rank=3)
+    names = ["x", "w_down", "b_down", "w_up", "b_up", "routing_weights"]
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.soft_routed_adapter.default(*t, s["dropout_mask"], s["norm_weight"], 1e-6, 0.5, "eager"),
+        [s[n].requires_grad_() for n in names])
+    v = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    wgate = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.modality_gate.default(a, b, c, ids.bool(), "eager"), [x, wgate, v])
+    a = attention_inputs(batch=1, heads=2, kv_heads=1, seq_q=3, seq_k=3, head_dim=4, prompts=2)
+    names = ["q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, g, pk_, pv, pg: ops.gated_attention.default(
+            q, k, v, g, a["image_mask"], a["key_padding_mask"], pk_, pv, pg, True, 0.5, "eager")[0],
+        [a[n].requires_grad_() for n in names])
