@@ -398,7 +398,7 @@ class Trainer:
 def shard_with_fsdp(model) -> None:
     """FSDP2 over every process of the default group: each decoder layer is one unit (its parameters are
     gathered just before it runs and freed after), the rest (embeddings, LM head, the method's projector and
-    prompts) one more at the root. Frozen and trainable parameters are sharded alike; gradients exist for the
+    prompts) one more at the root; LaVIN is a single unit (see below). Frozen and trainable parameters are sharded alike; gradients exist for the
     trainable ones only, and only those are reduce-scattered."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -412,8 +412,12 @@ def shard_with_fsdp(model) -> None:
         for p in adapter_parameters(model).values():
             torch.distributed.broadcast(p.data, src=0)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+    # LaVIN's modality token runs every layer's weights before the layers run (its routing weights for all
+    # layers come first), outside the layers' forward, where per-layer units would hold only their shards: LaVIN
+    # is one unit, sharded at rest and gathered whole for each forward and backward.
+    if _multimodal(model).method != "lavin":
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

@@ -154,18 +154,25 @@ def _torchrun(config_path, *extra):
 
 
 @needs_efficientnet
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed):
+@pytest.mark.parametrize("distributed,method", [("ddp", "pill"), ("fsdp", "pill"), ("fsdp", "lavin"),
+                                                ("fsdp", "llama_adapter_v2")])
+def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed, method):
     """`torchrun --nproc_per_node 2 -m pill.cli train` (gloo): 2 ranks x batch 2 reach the parameters of one
     process with batch 4 (same examples per step, mean over all answer tokens), and only rank 0 writes. With
     FSDP each rank holds half of every parameter, the frozen base included, and the checkpoints (adapter and
-    optimiser state gathered whole) resume a killed sharded run to the parameters of the uninterrupted one."""
+    optimiser state gathered whole) resume a killed sharded run to the parameters of the uninterrupted one. LaVIN
+    (one FSDP unit) and LLaMA-Adapter V2 (prompts inside the sharded layers) train under FSDP too."""
     import shutil
 
     import torch
     from safetensors.torch import load_file
 
     root, config = project
+    config["method"] = method
+    config["method_config"] = {"pill": {"adapter_dim": 4}, "lavin": {"adapter_dim": 4, "dropout": 0.0},
+                               "llama_adapter_v2": {"prompt_len": 3, "visual_blocks": 1, "visual_heads": 4}}[method]
+    if method != "pill":
+        config["train"]["stage"] = 1  # LaVIN has only stage 1; LLaMA-Adapter V2's trains prompts and projector
     # Clipping needs the norm over every rank's gradients (FSDP: over every shard).
     config["train"].update(batch_size=4, save_every=0, max_grad_norm=0.05)
     (root / "single.yaml").write_text(yaml.safe_dump(config))
@@ -187,11 +194,14 @@ def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed)
     assert single.keys() == dist.keys()
     moved = 0
     for name in single:
-        torch.testing.assert_close(dist[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        # Reduction order differs between 1 and 2 processes; Adam turns that into up to ~1e-4 of a tensor's scale
+        # on elements whose gradients are near zero (measured: LaVIN's projector, 1.5e-4).
+        scale = float(single[name].abs().max())
+        torch.testing.assert_close(dist[name], single[name], rtol=1e-4, atol=max(1e-5, 5e-4 * scale), msg=name)
         moved += int(not torch.equal(single[name], torch.zeros_like(single[name])))
     assert moved > 0
     assert [json.loads(line)["step"] for line in open(root / "run_dist" / "metrics.jsonl")] == [1, 2, 3]
-    if distributed == "fsdp":
+    if distributed == "fsdp" and method == "pill":
         # Kill after step 2: only checkpoint-2 remains; --resume loads it into the shards and redoes step 3.
         shutil.rmtree(root / "run_dist" / "checkpoint-0000003")
         shutil.rmtree(root / "run_dist" / "adapter")
