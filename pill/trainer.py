@@ -312,7 +312,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
         self.save_checkpoint()
-        adapter = self._adapter_tensors()
+        adapter = self._adapter_tensors() if self.rank == 0 or self.fsdp else None
         if self.rank == 0:
             save_adapter(self.model, self.output_dir / "adapter",
                          metadata={"stage": cfg.stage, "steps": self.step}, tensors=adapter)
@@ -336,7 +336,10 @@ class Trainer:
         return {name: full_tensor(p) for name, p in adapter_parameters(self.model).items()}
 
     def save_checkpoint(self) -> Path | None:
-        # Every rank gathers (FSDP's shards need all of them); rank 0 writes.
+        # Rank 0 writes; under FSDP every rank takes part in gathering the shards first.
+        if self.rank != 0 and not self.fsdp:
+            self._barrier()
+            return None
         adapter = self._adapter_tensors()
         tensors, groups = flatten_optimizer_state(self.optimizer, self.param_names)
         if self.rank != 0:
