@@ -72,11 +72,16 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
-    value = value.to(device=p.device, dtype=p.dtype)
+def shard_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A whole tensor `value` placed as `p` is: on its device and, for an FSDP shard, as this rank's shard."""
+    value = value.to(p.device)
     if isinstance(p, DTensor):
         value = distribute_tensor(value, p.device_mesh, p.placements)
-    p.copy_(value)
+    return value
+
+
+def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
+    p.copy_(shard_like(value.to(p.dtype), p))
 
 
 def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None,

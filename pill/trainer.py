@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import DTensor, distribute_tensor, full_tensor, save_adapter
+from .checkpoint import DTensor, full_tensor, save_adapter, shard_like
 from .data import IGNORE, Collator, Example, PromptFormatter
 from .model import _multimodal, adapter_parameters, set_stage
 
@@ -470,8 +470,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
             fields = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "::")}
             if isinstance(p, DTensor):
                 # Saved whole; each rank keeps the shard of its own parameter shard.
-                fields = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-                              if v.shape == p.shape else v) for k, v in fields.items()}
+                fields = {k: (shard_like(v, p) if v.shape == p.shape else v) for k, v in fields.items()}
             if fields:
                 state[index] = fields
             ids.append(index)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -97,8 +98,6 @@ def load_measurements(path: str | None = None) -> dict:
 def nearest_measurement(op: str, device_name: str, shape: dict, measurements: dict | None = None) -> dict | None:
     """The recorded measurement of `op` on `device_name` that matches `shape`'s exact features and is nearest in
     its sizes (sum of |log ratio|, each size within NEAR_LIMIT times), or None."""
-    import math
-
     exact, near = SHAPE_FEATURES.get(op, ((), ()))
     entries = (measurements if measurements is not None else load_measurements()).get(op, {}).get(device_name, [])
     best, best_distance = None, math.inf
@@ -112,6 +111,21 @@ def nearest_measurement(op: str, device_name: str, shape: dict, measurements: di
         if sum(ratios) < best_distance:
             best, best_distance = entry, sum(ratios)
     return best
+
+
+_nearest_memo: dict[tuple, dict | None] = {}
+
+
+def _nearest_for_call(op: str, device_name: str, shape: dict) -> dict | None:
+    """`nearest_measurement` memoised per call signature: "auto" asks it on every op call of every layer."""
+    try:
+        key = (measurements_path(), id(load_measurements()), op, device_name, tuple(sorted(shape.items())))
+        hash(key)
+    except TypeError:  # symbolic sizes under torch.compile: not hashable, look up directly
+        return nearest_measurement(op, device_name, shape)
+    if key not in _nearest_memo:
+        _nearest_memo[key] = nearest_measurement(op, device_name, shape)
+    return _nearest_memo[key]
 
 
 def _describe(entry: dict, op: str) -> str:
@@ -188,7 +202,7 @@ def explain(op: str, device: torch.device | str, backend: str | None = None,
     entry = None
     if measured_only and device.type == "cuda" and shape is not None:
         device_name = torch.cuda.get_device_name(device)
-        entry = nearest_measurement(op, device_name, shape)
+        entry = _nearest_for_call(op, device_name, shape)
     if entry is not None:
         for candidate, ms in sorted(entry.get("median_ms", {}).items(), key=lambda item: item[1]):
             kernel = kernels.get(candidate)
