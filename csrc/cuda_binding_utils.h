@@ -4,7 +4,20 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#ifdef PILL_CUDA_EMULATION
+// The tests' CPU emulator (tests/cuda_emulation/): these bindings then take CPU tensors and register in
+// pill_kernels_C_cuda_emulated instead of pill_kernels_C, for every backend key so that tensors on another
+// device reach the bindings' device checks (as CPU tensors reach the real CUDA bindings' checks).
+#include "cuda_emulation.h"
+#define PILL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pill_kernels_C_cuda_emulated, CompositeExplicitAutograd, m)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
+#define PILL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pill_kernels_C, CUDA, m)
+#endif
 
 #include "pill_cuda.h"
 
@@ -22,9 +35,28 @@ inline Dtype dtype_of(const char* op, const at::Tensor& x) {
   return Dtype::kFloat32;  // unreachable
 }
 
+#ifdef PILL_CUDA_EMULATION
+inline bool on_kernel_device(const at::Tensor& x) { return x.is_cpu(); }
+// Makes x's device current for the launches (a no-op in the emulator).
+struct KernelDeviceGuard {
+  explicit KernelDeviceGuard(const at::Tensor&) {}
+};
+inline cudaStream_t kernel_stream(const at::Tensor&) { return nullptr; }
+#else
+inline bool on_kernel_device(const at::Tensor& x) { return x.is_cuda(); }
+struct KernelDeviceGuard {
+  explicit KernelDeviceGuard(const at::Tensor& x) : guard(x.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
+inline cudaStream_t kernel_stream(const at::Tensor& x) {
+  return at::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+#endif
+
 // x itself: on a CUDA device, 2-D [T, D], contiguous.
 inline void check_input(const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA backend, got device ", x.device());
+  TORCH_CHECK(on_kernel_device(x), op, ": ", name, " must be a CUDA tensor for the CUDA backend, got device ",
+              x.device());
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D [T, D], got shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
 }

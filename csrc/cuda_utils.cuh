@@ -13,9 +13,15 @@
 //   runs (D need not be a multiple of 8).
 #pragma once
 
+#ifdef PILL_CUDA_EMULATION
+// The tests' CPU emulator of these kernels (tests/cuda_emulation/): same sources, no GPU.
+#include "cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
+#endif
 
 #include <cstdint>
 #include <initializer_list>
@@ -23,9 +29,29 @@
 
 #include "pill_cuda.h"
 
+// Every launch is written PILL_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...), so that the
+// emulator can run it as a function call.
+#ifdef PILL_CUDA_EMULATION
+#define PILL_LAUNCH(grid, block, shared_bytes, stream, ...) \
+  ::pill_emu::launch(grid, block, shared_bytes, stream, __VA_ARGS__)
+#else
+#define PILL_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#endif
+
 namespace pill_cuda {
 
 constexpr int kWarp = 32;
+
+// The block's dynamic shared memory (the launch's shared_bytes).
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef PILL_CUDA_EMULATION
+  return ::pill_emu::dynamic_smem<T>();
+#else
+  extern __shared__ __align__(16) unsigned char pill_dynamic_smem[];
+  return reinterpret_cast<T*>(pill_dynamic_smem);
+#endif
+}
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T> __device__ __forceinline__ float to_float(T v);

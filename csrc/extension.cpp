@@ -13,6 +13,8 @@
 
 #include <string>
 
+#include "op_schemas.h"
+
 namespace {
 
 std::string build_info() {
@@ -34,18 +36,7 @@ std::string build_info() {
 
 TORCH_LIBRARY(pill_kernels_C, m) {
   m.def("build_info() -> str", &build_info);
-  m.def("routed_glu_adapter_forward(Tensor x, Tensor w_down, Tensor w_gate, Tensor w_up, Tensor? expert_ids, "
-        "Tensor? norm_weight, float eps) -> Tensor");
-  m.def("routed_glu_adapter_backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor w_gate, Tensor w_up, "
-        "Tensor? expert_ids, Tensor? norm_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("soft_routed_adapter_forward(Tensor x, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, "
-        "Tensor routing_weights, Tensor? dropout_mask, Tensor? norm_weight, float eps, float scale) -> Tensor");
-  m.def("soft_routed_adapter_backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor b_down, Tensor w_up, "
-        "Tensor b_up, Tensor routing_weights, Tensor? dropout_mask, Tensor? norm_weight, float eps, float scale) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("modality_gate_forward(Tensor x, Tensor w_gate, Tensor v, Tensor image_mask) -> Tensor");
-  m.def("modality_gate_backward(Tensor grad_v, Tensor x, Tensor w_gate, Tensor v, Tensor image_mask) "
-        "-> (Tensor, Tensor, Tensor)");
+  pill_kernels::define_compiled_ops(m);
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

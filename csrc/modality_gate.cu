@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
 modality_gate_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ v,
                              const bool* __restrict__ image_mask, T* __restrict__ out, long long tokens, int D, int H,
                              int hd) {
-  extern __shared__ float smem[];
+  float* smem = dynamic_smem<float>();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const long long t = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + warp;
   if (t >= tokens) return;
@@ -91,7 +91,7 @@ modality_gate_backward_token_kernel(const T* __restrict__ grad_out, const T* __r
                                     const bool* __restrict__ image_mask, T* __restrict__ grad_x,
                                     T* __restrict__ grad_v, float* __restrict__ dlogit, long long tokens, int D, int H,
                                     int hd) {
-  extern __shared__ float smem[];
+  float* smem = dynamic_smem<float>();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const long long t = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + warp;
   if (t >= tokens) return;
@@ -202,7 +202,7 @@ cudaError_t modality_gate_forward(Dtype dtype, const void* x, const void* w_gate
     const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
     const size_t smem = static_cast<size_t>(kWarpsPerBlock) * heads * sizeof(float);
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w_gate),
+      PILL_LAUNCH(grid, kThreads, smem, stream, kernel)(static_cast<const T*>(x), static_cast<const T*>(w_gate),
                                                 static_cast<const T*>(v), image_mask, static_cast<T*>(out), tokens,
                                                 hidden, heads, head_dim);
       return cudaGetLastError();
@@ -236,7 +236,7 @@ cudaError_t modality_gate_backward(Dtype dtype, const void* grad_out, const void
       const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
       const size_t smem = 2 * static_cast<size_t>(kWarpsPerBlock) * heads * sizeof(float);
       auto launch = [&](auto kernel) {
-        kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(grad_out), static_cast<const T*>(x),
+        PILL_LAUNCH(grid, kThreads, smem, stream, kernel)(static_cast<const T*>(grad_out), static_cast<const T*>(x),
                                                   static_cast<const T*>(w_gate), static_cast<const T*>(v), image_mask,
                                                   static_cast<T*>(grad_x), static_cast<T*>(grad_v), dlogit, tokens,
                                                   hidden, heads, head_dim);
@@ -247,13 +247,13 @@ cudaError_t modality_gate_backward(Dtype dtype, const void* grad_out, const void
       if (err != cudaSuccess) return err;
     }
     const dim3 wgrid(blocks_for(hidden, kGradD), blocks_for(heads, kHeadGroup), splits);
-    modality_gate_weight_grad_kernel<T><<<wgrid, kThreads, 0, stream>>>(static_cast<const T*>(x), image_mask, dlogit,
+    PILL_LAUNCH(wgrid, kThreads, 0, stream, modality_gate_weight_grad_kernel<T>)(static_cast<const T*>(x), image_mask, dlogit,
                                                                        partials, tokens, hidden, heads, splits);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     const size_t outputs = static_cast<size_t>(hidden) * heads;
     const unsigned rblocks = static_cast<unsigned>(outputs / 256 + 1 < 4096 ? outputs / 256 + 1 : 4096);
-    modality_gate_reduce_kernel<T><<<rblocks, 256, 0, stream>>>(partials, static_cast<T*>(grad_w_gate), hidden,
+    PILL_LAUNCH(rblocks, 256, 0, stream, modality_gate_reduce_kernel<T>)(partials, static_cast<T*>(grad_w_gate), hidden,
                                                                 heads, splits);
     return cudaGetLastError();
   });

@@ -1,9 +1,5 @@
 // Torch binding of the modality-gate CUDA kernels (csrc/modality_gate.cu): checks, output and workspace
 // allocation on the current stream of x's device, launch. Built only in the CUDA build (setup.py).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <tuple>
 
 #include "cuda_binding_utils.h"
@@ -37,12 +33,12 @@ Sizes check_gate(const char* op, const Tensor& x, const Tensor& w_gate, const Te
 Tensor modality_gate_forward(const Tensor& x, const Tensor& w_gate, const Tensor& v, const Tensor& image_mask) {
   const char* op = "modality_gate_forward (CUDA)";
   const Sizes s = check_gate(op, x, w_gate, v, image_mask);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const pill_cuda::KernelDeviceGuard guard(x);
   Tensor out = at::empty(v.sizes(), v.options());
   pill_cuda::check_launch(
       op, pill_cuda::modality_gate_forward(pill_cuda::dtype_of(op, x), x.data_ptr(), w_gate.data_ptr(), v.data_ptr(),
                                            image_mask.data_ptr<bool>(), out.data_ptr(), s.tokens, s.hidden, s.heads,
-                                           s.head_dim, at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+                                           s.head_dim, pill_cuda::kernel_stream(x)));
   return out;
 }
 
@@ -51,7 +47,7 @@ std::tuple<Tensor, Tensor, Tensor> modality_gate_backward(const Tensor& grad_v, 
   const char* op = "modality_gate_backward (CUDA)";
   const Sizes s = check_gate(op, x, w_gate, v, image_mask);
   pill_cuda::check_like(op, "grad_v", grad_v, x, x.scalar_type(), v.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const pill_cuda::KernelDeviceGuard guard(x);
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw = at::empty(w_gate.sizes(), x.options());
   Tensor dv = at::empty(v.sizes(), v.options());
@@ -63,13 +59,13 @@ std::tuple<Tensor, Tensor, Tensor> modality_gate_backward(const Tensor& grad_v, 
                                             w_gate.data_ptr(), v.data_ptr(), image_mask.data_ptr<bool>(),
                                             dx.data_ptr(), dw.data_ptr(), dv.data_ptr(), workspace.data_ptr<float>(),
                                             splits, s.tokens, s.hidden, s.heads, s.head_dim,
-                                            at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+                                            pill_cuda::kernel_stream(x)));
   return {dx, dw, dv};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pill_kernels_C, CUDA, m) {
+PILL_CUDA_LIBRARY_IMPL(m) {
   m.impl("modality_gate_forward", &modality_gate_forward);
   m.impl("modality_gate_backward", &modality_gate_backward);
 }

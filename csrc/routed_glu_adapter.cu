@@ -2,7 +2,7 @@
 //
 //   n = RMSNorm(x; g, eps) or x;   y[t] = n[t] + W_up[e](SiLU(n[t] W_gate[e]) * (n[t] W_down[e])),  e = ids[t]
 //
-// Design (CUDA cores, fp32 accumulation):
+// Design of the CUDA-core kernels (fp32 accumulation; the tensor-core kernels further down have their own notes):
 // - One warp per token. Each token reads only its own expert's weights, so tiles of mixed modality need no
 //   sorting, padding or host sync (the routing is a pointer offset per warp). Lanes stride over D, 16-byte
 //   vectors where alignment allows; the three weight matrices (3 * D * r elements per expert: 768 KiB in bf16 at
@@ -21,10 +21,12 @@
 //   with S[d,j] = sum_t xhat[t,d] dh[t,j], the same sums that give dW = g[d] S[d,j].
 //
 // Floor (H100, D = 4096, r = 32, bf16): 6 D r flops per token forward against 4 D bytes moved (x in, y out),
-// 48 flop/byte, above the ~20 flop/byte the fp32 CUDA cores sustain per byte of HBM bandwidth. This CUDA-core
-// version is therefore arithmetic-bound at roughly 2-3x the byte floor; reaching the floor needs tensor-core
-// MMA on token tiles of one expert (left for a later version). Backward moves x and dy twice (kernel 1 and
-// kernel 2) and writes dx: 5 T D elements against a floor of 3 T D.
+// 48 flop/byte, above the ~20 flop/byte the fp32 CUDA cores sustain per byte of HBM bandwidth. These CUDA-core
+// kernels are therefore arithmetic-bound at roughly 2-3x the byte floor; they serve fp32 and the shapes the
+// tensor-core kernels below do not take (r not 16 or 32, D not a multiple of 64, unaligned rows). Backward
+// moves x and dy twice (kernel 1 and kernel 2) and writes dx: 5 T D elements against a floor of 3 T D.
+#include <cstdlib>
+
 #include "cuda_utils.cuh"
 #include "routed_glu_adapter.h"
 
@@ -317,6 +319,489 @@ routed_glu_reduce_kernel(const float* __restrict__ partials, const T* __restrict
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core path (float16 / bfloat16, r in {16, 32}, D a multiple of 64, 16-byte aligned rows): WMMA
+// m16n16k16 on tiles of kMmaRows tokens, looping over the experts present in the tile (one inside an image or
+// text run; each on its own rows at a boundary, the other rows zeroed), as the Triton kernel does.
+// - Forward: pass 1 over 64-wide D chunks multiplies (x g) [64 x 64] by the W_down and W_gate chunks
+//   [64 x r] (4 warps, 16 token rows each), the loaders summing x^2 for rstd on the way; the GLU runs on the
+//   [64 x r] accumulators in shared memory; pass 2 multiplies act [64 x r] by W_up chunks [r x 64] and adds
+//   the skip n. Operands are rounded to T (as the reference's matmuls round theirs), accumulation is fp32.
+// - Backward, per-token kernel: pass 1 also multiplies dy by W_up^T (W_up chunk read as a col-major B) and
+//   sums dy g x per row, so the norm's mean(dn g xhat) is known after it (see the CUDA-core kernel);
+//   pass 2 computes dn = dy + dh_down W_down^T + dh_gate W_gate^T per chunk and writes dx. The per-token
+//   vectors go to the same workspace as the CUDA-core kernel's, so the weight-gradient kernels are shared.
+// Floor arithmetic (H100, D = 4096, r = 32): 6 D r flops per token on tensor cores are ~1% of their peak at
+// the byte floor, so these kernels are bounded by the 4 D (forward) and ~10 D (backward) bytes per token.
+// ---------------------------------------------------------------------------------------------------------
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kMmaRows = 64;   // tokens per block
+constexpr int kMmaChunk = 64;  // hidden columns per pass step
+constexpr int kMmaWarps = kMmaRows / 16;
+constexpr int kMmaThreads = kMmaWarps * kWarp;
+constexpr int kLdTile = kMmaChunk + 8;   // T [rows x 64] tiles: 144-byte rows keep 16-byte alignment, skew banks
+constexpr int kLdTileF = kMmaChunk + 4;  // float [rows x 64]
+template <int R> __host__ __device__ constexpr int ld_rank() { return R + 8; }    // T [rows x R]
+template <int R> __host__ __device__ constexpr int ld_rank_f() { return R + 4; }  // float [rows x R]
+
+template <typename T> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+template <typename T> using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+template <typename T> using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Token rows of the tile that belong to expert e (false beyond T), and the range of ids present.
+struct TileRows {
+  int lo, hi;
+};
+
+__device__ __forceinline__ TileRows tile_rows(const int64_t* __restrict__ ids, long long row0, long long tokens,
+                                              int E, long long* __restrict__ ids_s) {
+  for (int i = threadIdx.x; i < kMmaRows; i += blockDim.x) {
+    const long long t = row0 + i;
+    ids_s[i] = t < tokens ? (ids != nullptr ? ids[t] : 0) : -1;
+  }
+  __syncthreads();
+  int lo = E, hi = -1;
+  for (int i = 0; i < kMmaRows; ++i) {
+    const long long e = ids_s[i];
+    if (e >= 0 && e < E) {
+      lo = e < lo ? static_cast<int>(e) : lo;
+      hi = e > hi ? static_cast<int>(e) : hi;
+    }
+  }
+  return {lo, hi};
+}
+
+// Loader layout of [64 x 64] tiles: thread i takes row i / 2, columns 32 (i % 2) .. +32 as four 8-element
+// vectors; the two threads of a row are neighbouring lanes, so per-row sums combine with one xor shuffle.
+__device__ __forceinline__ int loader_row() { return threadIdx.x / 2; }
+__device__ __forceinline__ int loader_col() { return (threadIdx.x % 2) * 32; }
+
+// dst = round_T(src * g) (or src) over this thread's 32 columns, zeros where !take; adds sum src^2 to sumsq.
+template <typename T>
+__device__ __forceinline__ void load_scaled_slice(const T* __restrict__ src, const T* __restrict__ g, bool take,
+                                                  T* __restrict__ dst, float& sumsq) {
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    float xv[8], out[8];
+    if (take) {
+      load_vec<T, 8>(src + 8 * v, xv);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xv[i] = 0.f;
+    }
+    if (g != nullptr) {
+      float gv[8];
+      load_vec<T, 8>(g + 8 * v, gv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = xv[i] * gv[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = xv[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sumsq += xv[i] * xv[i];
+    store_vec<T, 8>(dst + 8 * v, out);
+  }
+}
+
+// Copies rows x cols elements (cols a multiple of 8) from src (row stride ld_src) to dst (row stride ld_dst),
+// 16 bytes per thread step.
+template <typename T>
+__device__ __forceinline__ void copy_tile(const T* __restrict__ src, int ld_src, T* __restrict__ dst, int ld_dst,
+                                          int rows, int cols) {
+  const int vecs = cols / 8;
+  for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
+    const int row = i / vecs, c = (i % vecs) * 8;
+    *reinterpret_cast<int4*>(dst + row * ld_dst + c) = *reinterpret_cast<const int4*>(src + static_cast<size_t>(row) * ld_src + c);
+  }
+}
+
+// Rows whose id is out of range get NaN (the CUDA-core kernels' contract; only with PILL_KERNELS_CHECKS=0).
+template <typename T>
+__device__ __forceinline__ void nan_bad_rows(const long long* __restrict__ ids_s, long long row0, int E, T* out,
+                                             int D) {
+  for (int i = 0; i < kMmaRows; ++i) {
+    const long long e = ids_s[i];
+    if (e == -1 || (e >= 0 && e < E)) continue;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[(row0 + i) * D + d] = from_float<T>(__int_as_float(0x7fc00000));
+  }
+}
+
+template <typename T, int R>
+struct MmaForwardSmem {
+  // Pass 1 (x g, W_down, W_gate chunks) and, after it, the GLU inputs [64 x R] fp32; pass 2 reuses the front
+  // for the W_up chunk and the output tile.
+  static constexpr int kX = 0;
+  static constexpr int kWd = kX + kMmaRows * kLdTile * 2;
+  static constexpr int kWg = kWd + kMmaChunk * ld_rank<R>() * 2;
+  static constexpr int kHd = kWg + kMmaChunk * ld_rank<R>() * 2;
+  static constexpr int kHg = kHd + kMmaRows * ld_rank_f<R>() * 4;
+  static constexpr int kAct = kHg + kMmaRows * ld_rank_f<R>() * 4;
+  static constexpr int kRstd = kAct + kMmaRows * ld_rank<R>() * 2;
+  static constexpr int kIds = kRstd + kMmaRows * 4;
+  static constexpr int kBytes = kIds + kMmaRows * 8;
+  static constexpr int kWu = 0;
+  static constexpr int kOut = kWu + R * kLdTile * 2;
+  static_assert(kOut + kMmaRows * kLdTileF * 4 <= kAct, "pass 2 overlaps the activations");
+  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+};
+
+template <typename T, int R>
+__global__ void __launch_bounds__(kMmaThreads)
+routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_down, const T* __restrict__ w_gate,
+                              const T* __restrict__ w_up, const int64_t* __restrict__ expert_ids,
+                              const T* __restrict__ norm_weight, T* __restrict__ y, long long tokens, int D, int E,
+                              float eps) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using S = MmaForwardSmem<T, R>;
+  constexpr int NJ = R / 16, LDR = ld_rank<R>(), LDRF = ld_rank_f<R>();
+  __shared__ __align__(128) unsigned char smem[S::kBytes];
+  T* xs = reinterpret_cast<T*>(smem + S::kX);
+  T* wds = reinterpret_cast<T*>(smem + S::kWd);
+  T* wgs = reinterpret_cast<T*>(smem + S::kWg);
+  float* hds = reinterpret_cast<float*>(smem + S::kHd);
+  float* hgs = reinterpret_cast<float*>(smem + S::kHg);
+  T* acts = reinterpret_cast<T*>(smem + S::kAct);
+  float* rstds = reinterpret_cast<float*>(smem + S::kRstd);
+  long long* ids_s = reinterpret_cast<long long*>(smem + S::kIds);
+  T* wus = reinterpret_cast<T*>(smem + S::kWu);
+  float* outs = reinterpret_cast<float*>(smem + S::kOut);
+
+  const long long row0 = static_cast<long long>(blockIdx.x) * kMmaRows;
+  const int warp = threadIdx.x / kWarp;
+  const int row = loader_row(), col = loader_col();
+  const long long t = row0 + row;
+  const bool norm = norm_weight != nullptr;
+  const TileRows present = tile_rows(expert_ids, row0, tokens, E, ids_s);
+
+  for (int e = present.lo; e <= present.hi; ++e) {
+    bool any = false;
+    for (int i = 0; i < kMmaRows; ++i) any |= ids_s[i] == e;
+    if (!any) continue;
+    const bool mine = ids_s[row] == e;
+    const size_t wsize = static_cast<size_t>(D) * R;
+    const T* wd = w_down + e * wsize;
+    const T* wg = w_gate + e * wsize;
+    const T* wu = w_up + e * wsize;
+
+    FragC hd[NJ], hg[NJ];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      wmma::fill_fragment(hd[j], 0.f);
+      wmma::fill_fragment(hg[j], 0.f);
+    }
+    float sumsq = 0.f;
+    for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
+      __syncthreads();  // the previous chunk's fragments are loaded
+      load_scaled_slice<T>(x + t * D + d0 + col, norm ? norm_weight + d0 + col : nullptr, mine,
+                           xs + row * kLdTile + col, sumsq);
+      copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds, LDR, kMmaChunk, R);
+      copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs, LDR, kMmaChunk, R);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kMmaChunk; k += 16) {
+        FragA<T> a;
+        wmma::load_matrix_sync(a, xs + warp * 16 * kLdTile + k, kLdTile);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          FragB<T> b;
+          wmma::load_matrix_sync(b, wds + k * LDR + 16 * j, LDR);
+          wmma::mma_sync(hd[j], a, b, hd[j]);
+          wmma::load_matrix_sync(b, wgs + k * LDR + 16 * j, LDR);
+          wmma::mma_sync(hg[j], a, b, hg[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      wmma::store_matrix_sync(hds + warp * 16 * LDRF + 16 * j, hd[j], LDRF, wmma::mem_row_major);
+      wmma::store_matrix_sync(hgs + warp * 16 * LDRF + 16 * j, hg[j], LDRF, wmma::mem_row_major);
+    }
+    sumsq += __shfl_xor_sync(kFullMask, sumsq, 1);
+    const float rstd = norm ? rsqrtf(sumsq / static_cast<float>(D) + eps) : 1.f;
+    if (threadIdx.x % 2 == 0) rstds[row] = rstd;
+    __syncwarp();  // the warp's stored accumulators (its own 16 rows) are visible to its lanes
+    // act = SiLU(rstd hg) * (rstd hd), rounded to T for the second product; this thread's row and half of r.
+    for (int j = (threadIdx.x % 2) * (R / 2); j < (threadIdx.x % 2 + 1) * (R / 2); ++j) {
+      const float zg = rstd * hgs[row * LDRF + j];
+      acts[row * LDR + j] = from_float<T>(zg * sigmoidf_acc(zg) * (rstd * hds[row * LDRF + j]));
+    }
+    __syncthreads();  // pass 1's buffers are free; act is complete
+
+    for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
+      copy_tile<T>(wu + d0, D, wus, kLdTile, R, kMmaChunk);
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < kMmaChunk / 16; ++c) {
+        FragC acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int k = 0; k < R; k += 16) {
+          FragA<T> a;
+          FragB<T> b;
+          wmma::load_matrix_sync(a, acts + warp * 16 * LDR + k, LDR);
+          wmma::load_matrix_sync(b, wus + k * kLdTile + 16 * c, kLdTile);
+          wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(outs + warp * 16 * kLdTileF + 16 * c, acc, kLdTileF, wmma::mem_row_major);
+      }
+      __syncwarp();  // each warp's epilogue reads only its own 16 rows of the output tile
+      if (mine) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int c = col + 8 * v;
+          float xv[8], out[8];
+          load_vec<T, 8>(x + t * D + d0 + c, xv);
+          if (norm) {
+            float gv[8];
+            load_vec<T, 8>(norm_weight + d0 + c, gv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xv[i] = round_to<T>(round_to<T>(xv[i] * rstds[row]) * gv[i]);
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) out[i] = xv[i] + outs[row * kLdTileF + c + i];
+          store_vec<T, 8>(y + t * D + d0 + c, out);
+        }
+      }
+      __syncthreads();  // W_up chunk and output tile are reused by the next chunk
+    }
+  }
+  nan_bad_rows<T>(ids_s, row0, E, y, D);
+#endif
+}
+
+template <typename T, int R>
+struct MmaBackwardSmem {
+  // Pass 1: x g, dy, W_down, W_gate [64 x R] and W_up [R x 64] chunks; then the three [64 x R] fp32 products
+  // over the same bytes. Pass 2: W_down, W_gate chunks and the dn tile, again from the front.
+  static constexpr int kX = 0;
+  static constexpr int kDy = kX + kMmaRows * kLdTile * 2;
+  static constexpr int kWd = kDy + kMmaRows * kLdTile * 2;
+  static constexpr int kWg = kWd + kMmaChunk * ld_rank<R>() * 2;
+  static constexpr int kWu = kWg + kMmaChunk * ld_rank<R>() * 2;
+  static constexpr int kPass1End = kWu + R * kLdTile * 2;
+  static constexpr int kHd = 0;
+  static constexpr int kHg = kHd + kMmaRows * ld_rank_f<R>() * 4;
+  static constexpr int kGa = kHg + kMmaRows * ld_rank_f<R>() * 4;
+  static_assert(kGa + kMmaRows * ld_rank_f<R>() * 4 <= kPass1End, "products overflow pass 1's buffers");
+  static constexpr int kDhd = kPass1End;
+  static constexpr int kDhg = kDhd + kMmaRows * ld_rank<R>() * 2;
+  static constexpr int kRow = kDhg + kMmaRows * ld_rank<R>() * 2;  // rstd, c per row
+  static constexpr int kIds = kRow + 2 * kMmaRows * 4;
+  static constexpr int kBytes = kIds + kMmaRows * 8;
+  static constexpr int kWd2 = 0;
+  static constexpr int kWg2 = kWd2 + kMmaChunk * ld_rank<R>() * 2;
+  static constexpr int kDn = kWg2 + kMmaChunk * ld_rank<R>() * 2;
+  static_assert(kDn + kMmaRows * kLdTileF * 4 <= kPass1End, "pass 2 overflows pass 1's buffers");
+  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+};
+
+template <typename T, int R>
+__global__ void __launch_bounds__(kMmaThreads)
+routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w_down,
+                                     const T* __restrict__ w_gate, const T* __restrict__ w_up,
+                                     const int64_t* __restrict__ expert_ids, const T* __restrict__ norm_weight,
+                                     T* __restrict__ dx, float* __restrict__ tok_ws, long long tokens, int D, int E,
+                                     float eps) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using S = MmaBackwardSmem<T, R>;
+  constexpr int NJ = R / 16, LDR = ld_rank<R>(), LDRF = ld_rank_f<R>();
+  __shared__ __align__(128) unsigned char smem[S::kBytes];
+  T* xs = reinterpret_cast<T*>(smem + S::kX);
+  T* dys = reinterpret_cast<T*>(smem + S::kDy);
+  T* wds = reinterpret_cast<T*>(smem + S::kWd);
+  T* wgs = reinterpret_cast<T*>(smem + S::kWg);
+  T* wus = reinterpret_cast<T*>(smem + S::kWu);
+  float* hds = reinterpret_cast<float*>(smem + S::kHd);
+  float* hgs = reinterpret_cast<float*>(smem + S::kHg);
+  float* gas = reinterpret_cast<float*>(smem + S::kGa);
+  T* dhds = reinterpret_cast<T*>(smem + S::kDhd);
+  T* dhgs = reinterpret_cast<T*>(smem + S::kDhg);
+  float* rstds = reinterpret_cast<float*>(smem + S::kRow);
+  float* cs = rstds + kMmaRows;
+  long long* ids_s = reinterpret_cast<long long*>(smem + S::kIds);
+  T* wds2 = reinterpret_cast<T*>(smem + S::kWd2);
+  T* wgs2 = reinterpret_cast<T*>(smem + S::kWg2);
+  float* dns = reinterpret_cast<float*>(smem + S::kDn);
+
+  const long long row0 = static_cast<long long>(blockIdx.x) * kMmaRows;
+  const int warp = threadIdx.x / kWarp;
+  const int row = loader_row(), col = loader_col();
+  const long long t = row0 + row;
+  const bool norm = norm_weight != nullptr;
+  const TileRows present = tile_rows(expert_ids, row0, tokens, E, ids_s);
+
+  for (int e = present.lo; e <= present.hi; ++e) {
+    bool any = false;
+    for (int i = 0; i < kMmaRows; ++i) any |= ids_s[i] == e;
+    if (!any) continue;
+    const bool mine = ids_s[row] == e;
+    const size_t wsize = static_cast<size_t>(D) * R;
+    const T* wd = w_down + e * wsize;
+    const T* wg = w_gate + e * wsize;
+    const T* wu = w_up + e * wsize;
+
+    FragC hd[NJ], hg[NJ], ga[NJ];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      wmma::fill_fragment(hd[j], 0.f);
+      wmma::fill_fragment(hg[j], 0.f);
+      wmma::fill_fragment(ga[j], 0.f);
+    }
+    float sumsq = 0.f, dygx = 0.f;  // sum x^2 and sum dy g x over this thread's slice of the row
+    for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
+      __syncthreads();
+      load_scaled_slice<T>(x + t * D + d0 + col, norm ? norm_weight + d0 + col : nullptr, mine,
+                           xs + row * kLdTile + col, sumsq);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        float dv[8];
+        if (mine) {
+          load_vec<T, 8>(dy + t * D + d0 + col + 8 * v, dv);
+          if (norm) {
+            float xv[8], gv[8];
+            load_vec<T, 8>(x + t * D + d0 + col + 8 * v, xv);
+            load_vec<T, 8>(norm_weight + d0 + col + 8 * v, gv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dygx += dv[i] * gv[i] * xv[i];
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dv[i] = 0.f;
+        }
+        store_vec<T, 8>(dys + row * kLdTile + col + 8 * v, dv);
+      }
+      copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds, LDR, kMmaChunk, R);
+      copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs, LDR, kMmaChunk, R);
+      copy_tile<T>(wu + d0, D, wus, kLdTile, R, kMmaChunk);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kMmaChunk; k += 16) {
+        FragA<T> a, g;
+        wmma::load_matrix_sync(a, xs + warp * 16 * kLdTile + k, kLdTile);
+        wmma::load_matrix_sync(g, dys + warp * 16 * kLdTile + k, kLdTile);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          FragB<T> b;
+          wmma::load_matrix_sync(b, wds + k * LDR + 16 * j, LDR);
+          wmma::mma_sync(hd[j], a, b, hd[j]);
+          wmma::load_matrix_sync(b, wgs + k * LDR + 16 * j, LDR);
+          wmma::mma_sync(hg[j], a, b, hg[j]);
+          FragBt<T> bt;  // (W_up chunk)^T: element (d, j) of [64 x R] is wus[j][d]
+          wmma::load_matrix_sync(bt, wus + 16 * j * kLdTile + k, kLdTile);
+          wmma::mma_sync(ga[j], g, bt, ga[j]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with pass 1's operands before the products overwrite them
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      wmma::store_matrix_sync(hds + warp * 16 * LDRF + 16 * j, hd[j], LDRF, wmma::mem_row_major);
+      wmma::store_matrix_sync(hgs + warp * 16 * LDRF + 16 * j, hg[j], LDRF, wmma::mem_row_major);
+      wmma::store_matrix_sync(gas + warp * 16 * LDRF + 16 * j, ga[j], LDRF, wmma::mem_row_major);
+    }
+    sumsq += __shfl_xor_sync(kFullMask, sumsq, 1);
+    const float rstd = norm ? rsqrtf(sumsq / static_cast<float>(D) + eps) : 1.f;
+    __syncwarp();
+    // The GLU derivative on this thread's half of the row; the workspace takes [a, dh_down, dh_gate, rstd].
+    float* ws = tok_ws + t * (3LL * R + 1);
+    float corr = 0.f;  // sum_j dh_down (x g W_down) + dh_gate (x g W_gate), for the norm's mean
+    for (int j = (threadIdx.x % 2) * (R / 2); j < (threadIdx.x % 2 + 1) * (R / 2); ++j) {
+      const float hdr = hds[row * LDRF + j], hgr = hgs[row * LDRF + j];
+      const float zd = rstd * hdr, zg = rstd * hgr;
+      const float sig = sigmoidf_acc(zg);
+      const float s = zg * sig;
+      const float da = gas[row * LDRF + j];
+      const float dh_down = da * s;
+      const float dh_gate = da * zd * sig * (1.f + zg * (1.f - sig));
+      corr += dh_down * hdr + dh_gate * hgr;
+      dhds[row * LDR + j] = from_float<T>(dh_down);
+      dhgs[row * LDR + j] = from_float<T>(dh_gate);
+      if (mine) {
+        ws[j] = s * zd;
+        ws[R + j] = dh_down;
+        ws[2 * R + j] = dh_gate;
+      }
+    }
+    corr += __shfl_xor_sync(kFullMask, corr, 1);
+    dygx += __shfl_xor_sync(kFullMask, dygx, 1);
+    if (threadIdx.x % 2 == 0) {
+      rstds[row] = rstd;
+      // mean over d of dn g xhat = rstd (sum_d dy g x + corr) / D
+      cs[row] = norm ? rstd * (dygx + corr) / static_cast<float>(D) : 0.f;
+      if (mine) ws[3 * R] = rstd;
+    }
+    __syncthreads();  // dh tiles complete; pass 1's buffers free
+
+    for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
+      copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds2, LDR, kMmaChunk, R);
+      copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs2, LDR, kMmaChunk, R);
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < kMmaChunk / 16; ++c) {
+        FragC acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int k = 0; k < R; k += 16) {
+          FragA<T> a;
+          FragBt<T> b;  // (W chunk)^T: element (j, d) of [R x 64] is w[d][j]
+          wmma::load_matrix_sync(a, dhds + warp * 16 * LDR + k, LDR);
+          wmma::load_matrix_sync(b, wds2 + 16 * c * LDR + k, LDR);
+          wmma::mma_sync(acc, a, b, acc);
+          wmma::load_matrix_sync(a, dhgs + warp * 16 * LDR + k, LDR);
+          wmma::load_matrix_sync(b, wgs2 + 16 * c * LDR + k, LDR);
+          wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(dns + warp * 16 * kLdTileF + 16 * c, acc, kLdTileF, wmma::mem_row_major);
+      }
+      __syncwarp();
+      if (mine) {
+        const float rs = rstds[row], cr = cs[row];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int c = col + 8 * v;
+          float dv[8], out[8];
+          load_vec<T, 8>(dy + t * D + d0 + c, dv);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) out[i] = dv[i] + dns[row * kLdTileF + c + i];
+          if (norm) {
+            float xv[8], gv[8];
+            load_vec<T, 8>(x + t * D + d0 + c, xv);
+            load_vec<T, 8>(norm_weight + d0 + c, gv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) out[i] = rs * (out[i] * gv[i] - xv[i] * rs * cr);
+          }
+          store_vec<T, 8>(dx + t * D + d0 + c, out);
+        }
+      }
+      __syncthreads();
+    }
+  }
+  nan_bad_rows<T>(ids_s, row0, E, dx, D);
+#endif
+}
+
+// The tensor-core kernels take the call: half types, r of 16 or 32, D a multiple of 64, 16-byte aligned
+// operands, compute capability 8.0 or newer; PILL_KERNELS_CUDA_MMA=0 turns them off (to compare the paths).
+template <typename T>
+bool use_mma(int hidden, int rank, std::initializer_list<const void*> operands) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if ((rank != 16 && rank != 32) || hidden % kMmaChunk != 0 || !rows_vectorizable(hidden, 8, operands))
+      return false;
+    const char* env = std::getenv("PILL_KERNELS_CUDA_MMA");
+    if (env != nullptr && env[0] == '0') return false;
+    int device = 0, major = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
+  }
+}
+
 }  // namespace
 
 cudaError_t routed_glu_adapter_forward(Dtype dtype, const void* x, const void* w_down, const void* w_gate,
@@ -331,11 +816,23 @@ cudaError_t routed_glu_adapter_forward(Dtype dtype, const void* x, const void* w
     constexpr int V = vec16<T>();
     const bool vec = rows_vectorizable(hidden, V, {x, y, w_up, norm_weight});
     const bool row_vec = rank % V == 0 && aligned16(w_down) && aligned16(w_gate);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (use_mma<T>(hidden, rank, {x, y, w_down, w_gate, w_up, norm_weight})) {
+        auto launch = [&](auto kernel) {
+          PILL_LAUNCH(blocks_for(tokens, kMmaRows), kMmaThreads, 0, stream, kernel)(
+              static_cast<const T*>(x), static_cast<const T*>(w_down), static_cast<const T*>(w_gate),
+              static_cast<const T*>(w_up), expert_ids, static_cast<const T*>(norm_weight), static_cast<T*>(y),
+              tokens, hidden, experts, eps);
+          return cudaGetLastError();
+        };
+        return rank == 16 ? launch(routed_glu_forward_mma_kernel<T, 16>) : launch(routed_glu_forward_mma_kernel<T, 32>);
+      }
+    }
     return with_rank(rank, [&](auto rmax) {
       constexpr int RMAX = decltype(rmax)::value;
       const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
       auto args = [&](auto kernel) {
-        kernel<<<grid, kThreads, 0, stream>>>(
+        PILL_LAUNCH(grid, kThreads, 0, stream, kernel)(
             static_cast<const T*>(x), static_cast<const T*>(w_down), static_cast<const T*>(w_gate),
             static_cast<const T*>(w_up), expert_ids, static_cast<const T*>(norm_weight), static_cast<T*>(y), tokens,
             hidden, rank, experts, eps, row_vec);
@@ -375,10 +872,26 @@ cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const v
     const bool row_vec = rank % V == 0 && aligned16(w_down) && aligned16(w_gate);
     return with_rank(rank, [&](auto rmax) -> cudaError_t {
       constexpr int RMAX = decltype(rmax)::value;
-      if (tokens > 0) {
+      bool mma = false;
+      if constexpr (!std::is_same_v<T, float>) {
+        mma = tokens > 0 && use_mma<T>(hidden, rank, {x, grad_y, grad_x, w_down, w_gate, w_up, norm_weight});
+        if (mma) {
+          auto launch = [&](auto kernel) {
+            PILL_LAUNCH(blocks_for(tokens, kMmaRows), kMmaThreads, 0, stream, kernel)(
+                static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(w_down),
+                static_cast<const T*>(w_gate), static_cast<const T*>(w_up), expert_ids,
+                static_cast<const T*>(norm_weight), static_cast<T*>(grad_x), tok_ws, tokens, hidden, experts, eps);
+            return cudaGetLastError();
+          };
+          const cudaError_t err = rank == 16 ? launch(routed_glu_backward_token_mma_kernel<T, 16>)
+                                             : launch(routed_glu_backward_token_mma_kernel<T, 32>);
+          if (err != cudaSuccess) return err;
+        }
+      }
+      if (tokens > 0 && !mma) {
         const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
         auto launch = [&](auto kernel) {
-          kernel<<<grid, kThreads, 0, stream>>>(
+          PILL_LAUNCH(grid, kThreads, 0, stream, kernel)(
               static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(w_down),
               static_cast<const T*>(w_gate), static_cast<const T*>(w_up), expert_ids,
               static_cast<const T*>(norm_weight), static_cast<T*>(grad_x), tok_ws, tokens, hidden, rank, experts,
@@ -390,14 +903,14 @@ cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const v
         if (err != cudaSuccess) return err;
       }
       const dim3 wgrid(blocks_for(hidden, kChunk), splits, experts);
-      routed_glu_weight_grad_kernel<T, RMAX><<<wgrid, kThreads, 0, stream>>>(
+      PILL_LAUNCH(wgrid, kThreads, 0, stream, routed_glu_weight_grad_kernel<T, RMAX>)(
           static_cast<const T*>(grad_y), static_cast<const T*>(x), expert_ids, tok_ws, partials, tokens, hidden,
           rank, experts, splits, norm_weight != nullptr);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
       const size_t outputs = 3 * static_cast<size_t>(experts) * rank * hidden + (norm_weight ? hidden : 0);
       const unsigned rblocks = static_cast<unsigned>(outputs / 256 + 1 < 4096 ? outputs / 256 + 1 : 4096);
-      routed_glu_reduce_kernel<T><<<rblocks, 256, 0, stream>>>(
+      PILL_LAUNCH(rblocks, 256, 0, stream, routed_glu_reduce_kernel<T>)(
           partials, static_cast<const T*>(w_down), static_cast<const T*>(w_gate), static_cast<const T*>(norm_weight),
           static_cast<T*>(grad_w_down), static_cast<T*>(grad_w_gate), static_cast<T*>(grad_w_up),
           static_cast<T*>(grad_norm_weight), hidden, rank, experts, splits);

@@ -1,9 +1,5 @@
 // Torch binding of the hard-routed GLU adapter CUDA kernels (csrc/routed_glu_adapter.cu): checks, output and
 // workspace allocation on the current stream of x's device, launch. Built only in the CUDA build (setup.py).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <optional>
 #include <tuple>
 
@@ -48,14 +44,14 @@ Tensor routed_glu_adapter_forward(const Tensor& x, const Tensor& w_down, const T
                                   double eps) {
   const char* op = "routed_glu_adapter_forward (CUDA)";
   const Sizes s = check_routed(op, x, w_down, w_gate, w_up, expert_ids, norm_weight);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const pill_cuda::KernelDeviceGuard guard(x);
   Tensor y = at::empty(x.sizes(), x.options());
   pill_cuda::check_launch(
       op, pill_cuda::routed_glu_adapter_forward(pill_cuda::dtype_of(op, x), x.data_ptr(), w_down.data_ptr(),
                                                 w_gate.data_ptr(), w_up.data_ptr(), ids_ptr(expert_ids),
                                                 opt_ptr(norm_weight), y.data_ptr(), s.tokens, s.hidden, s.rank,
                                                 s.experts, static_cast<float>(eps),
-                                                at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+                                                pill_cuda::kernel_stream(x)));
   return y;
 }
 
@@ -65,7 +61,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> routed_glu_adapter_backward(
   const char* op = "routed_glu_adapter_backward (CUDA)";
   const Sizes s = check_routed(op, x, w_down, w_gate, w_up, expert_ids, norm_weight);
   pill_cuda::check_like(op, "grad_y", grad_y, x, x.scalar_type(), x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const pill_cuda::KernelDeviceGuard guard(x);
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw_down = at::empty(w_down.sizes(), x.options());
   Tensor dw_gate = at::empty(w_gate.sizes(), x.options());
@@ -80,13 +76,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> routed_glu_adapter_backward(
               w_up.data_ptr(), ids_ptr(expert_ids), opt_ptr(norm_weight), dx.data_ptr(), dw_down.data_ptr(),
               dw_gate.data_ptr(), dw_up.data_ptr(), norm_weight ? dnorm.data_ptr() : nullptr,
               workspace.data_ptr<float>(), splits, s.tokens, s.hidden, s.rank, s.experts, static_cast<float>(eps),
-              at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+              pill_cuda::kernel_stream(x)));
   return {dx, dw_down, dw_gate, dw_up, dnorm};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pill_kernels_C, CUDA, m) {
+PILL_CUDA_LIBRARY_IMPL(m) {
   m.impl("routed_glu_adapter_forward", &routed_glu_adapter_forward);
   m.impl("routed_glu_adapter_backward", &routed_glu_adapter_backward);
 }

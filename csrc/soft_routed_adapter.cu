@@ -360,7 +360,7 @@ cudaError_t soft_routed_adapter_forward(Dtype dtype, const void* x, const void* 
       constexpr int RMAX = decltype(rmax)::value;
       const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
       auto launch = [&](auto kernel) {
-        kernel<<<grid, kThreads, 0, stream>>>(
+        PILL_LAUNCH(grid, kThreads, 0, stream, kernel)(
             static_cast<const T*>(x), static_cast<const T*>(w_down), static_cast<const T*>(b_down),
             static_cast<const T*>(w_up), static_cast<const T*>(b_up), static_cast<const T*>(routing_weights),
             static_cast<const T*>(dropout_mask), static_cast<const T*>(norm_weight), static_cast<T*>(y), tokens,
@@ -406,7 +406,7 @@ cudaError_t soft_routed_adapter_backward(Dtype dtype, const void* grad_y, const 
       if (tokens > 0) {
         const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
         auto launch = [&](auto kernel) {
-          kernel<<<grid, kThreads, 0, stream>>>(
+          PILL_LAUNCH(grid, kThreads, 0, stream, kernel)(
               static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(w_down),
               static_cast<const T*>(b_down), static_cast<const T*>(w_up), static_cast<const T*>(b_up),
               static_cast<const T*>(routing_weights), static_cast<const T*>(dropout_mask),
@@ -419,7 +419,7 @@ cudaError_t soft_routed_adapter_backward(Dtype dtype, const void* grad_y, const 
         if (err != cudaSuccess) return err;
       }
       const dim3 wgrid(blocks_for(hidden, kChunk), splits, experts + 1);
-      soft_routed_weight_grad_kernel<T, RMAX><<<wgrid, kThreads, 0, stream>>>(
+      PILL_LAUNCH(wgrid, kThreads, 0, stream, soft_routed_weight_grad_kernel<T, RMAX>)(
           static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(routing_weights), tok_ws,
           partials, tokens, hidden, rank, experts, splits, scale, norm_weight != nullptr);
       cudaError_t err = cudaGetLastError();
@@ -427,7 +427,7 @@ cudaError_t soft_routed_adapter_backward(Dtype dtype, const void* grad_y, const 
       const size_t outputs = static_cast<size_t>(rank) * hidden * (1 + experts) + rank +
                              static_cast<size_t>(experts) * hidden + (norm_weight ? hidden : 0);
       const unsigned rblocks = static_cast<unsigned>(outputs / 256 + 1 < 4096 ? outputs / 256 + 1 : 4096);
-      soft_routed_reduce_kernel<T><<<rblocks, 256, 0, stream>>>(
+      PILL_LAUNCH(rblocks, 256, 0, stream, soft_routed_reduce_kernel<T>)(
           partials, static_cast<const T*>(w_down), static_cast<const T*>(norm_weight), static_cast<T*>(grad_w_down),
           static_cast<T*>(grad_b_down), static_cast<T*>(grad_w_up), static_cast<T*>(grad_b_up),
           static_cast<T*>(grad_norm_weight), hidden, rank, experts, splits);

@@ -1,9 +1,5 @@
 // Torch binding of the soft-routed adapter CUDA kernels (csrc/soft_routed_adapter.cu): checks, output and
 // workspace allocation on the current stream of x's device, launch. Built only in the CUDA build (setup.py).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <optional>
 #include <tuple>
 
@@ -49,14 +45,14 @@ Tensor soft_routed_adapter_forward(const Tensor& x, const Tensor& w_down, const 
                                    double eps, double scale) {
   const char* op = "soft_routed_adapter_forward (CUDA)";
   const Sizes s = check_soft(op, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const pill_cuda::KernelDeviceGuard guard(x);
   Tensor y = at::empty(x.sizes(), x.options());
   pill_cuda::check_launch(
       op, pill_cuda::soft_routed_adapter_forward(
               pill_cuda::dtype_of(op, x), x.data_ptr(), w_down.data_ptr(), b_down.data_ptr(), w_up.data_ptr(),
               b_up.data_ptr(), routing_weights.data_ptr(), opt_ptr(dropout_mask), opt_ptr(norm_weight), y.data_ptr(),
               s.tokens, s.hidden, s.rank, s.experts, static_cast<float>(eps), static_cast<float>(scale),
-              at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+              pill_cuda::kernel_stream(x)));
   return y;
 }
 
@@ -67,7 +63,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> soft_routed_a
   const char* op = "soft_routed_adapter_backward (CUDA)";
   const Sizes s = check_soft(op, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight);
   pill_cuda::check_like(op, "grad_y", grad_y, x, x.scalar_type(), x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const pill_cuda::KernelDeviceGuard guard(x);
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw_down = at::empty(w_down.sizes(), x.options());
   Tensor db_down = at::empty(b_down.sizes(), x.options());
@@ -85,13 +81,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> soft_routed_a
               opt_ptr(norm_weight), dx.data_ptr(), dw_down.data_ptr(), db_down.data_ptr(), dw_up.data_ptr(),
               db_up.data_ptr(), drouting.data_ptr(), norm_weight ? dnorm.data_ptr() : nullptr,
               workspace.data_ptr<float>(), splits, s.tokens, s.hidden, s.rank, s.experts, static_cast<float>(eps),
-              static_cast<float>(scale), at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+              static_cast<float>(scale), pill_cuda::kernel_stream(x)));
   return {dx, dw_down, db_down, dw_up, db_up, drouting, dnorm};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pill_kernels_C, CUDA, m) {
+PILL_CUDA_LIBRARY_IMPL(m) {
   m.impl("soft_routed_adapter_forward", &soft_routed_adapter_forward);
   m.impl("soft_routed_adapter_backward", &soft_routed_adapter_backward);
 }
