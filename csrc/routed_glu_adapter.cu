@@ -331,7 +331,10 @@ routed_glu_reduce_kernel(const float* __restrict__ partials, const T* __restrict
 // - Backward, per-token kernel: pass 1 also multiplies dy by W_up^T (W_up chunk read as a col-major B) and
 //   sums dy g x per row, so the norm's mean(dn g xhat) is known after it (see the CUDA-core kernel);
 //   pass 2 computes dn = dy + dh_down W_down^T + dh_gate W_gate^T per chunk and writes dx. The per-token
-//   vectors go to the same workspace as the CUDA-core kernel's, so the weight-gradient kernels are shared.
+//   vectors go to the same workspace as the CUDA-core kernel's.
+// - Backward, weight gradients: per (D chunk, token split, expert) the products a^T dy and xhat^T dh over the
+//   split's token tiles, written to the same partial slabs as the CUDA-core kernel's, so the fixed-order
+//   reduction kernel is shared and the result stays deterministic.
 // Floor arithmetic (H100, D = 4096, r = 32): 6 D r flops per token on tensor cores are ~1% of their peak at
 // the byte floor, so these kernels are bounded by the 4 D (forward) and ~10 D (backward) bytes per token.
 // ---------------------------------------------------------------------------------------------------------
@@ -350,6 +353,7 @@ template <int R> __host__ __device__ constexpr int ld_rank_f() { return R + 4; }
 template <typename T> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
 template <typename T> using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
 template <typename T> using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+template <typename T> using FragAt = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // Token rows of the tile that belong to expert e (false beyond T), and the range of ids present.
@@ -785,6 +789,146 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
 #endif
 }
 
+template <typename T, int R>
+struct MmaWeightGradSmem {
+  static constexpr int kDy = 0;
+  static constexpr int kXhat = kDy + kMmaRows * kLdTile * 2;
+  static constexpr int kAct = kXhat + kMmaRows * kLdTile * 2;
+  static constexpr int kDhd = kAct + kMmaRows * ld_rank<R>() * 2;
+  static constexpr int kDhg = kDhd + kMmaRows * ld_rank<R>() * 2;
+  static constexpr int kIds = kDhg + kMmaRows * ld_rank<R>() * 2;
+  static constexpr int kBytes = kIds + kMmaRows * 8;
+  static constexpr int kQ = 0;  // at the end: per-thread column sums of dy xhat [128 threads x 32]
+  static_assert(kQ + kMmaThreads * 33 * 4 <= kIds, "the q reduction overflows the tiles");
+  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+};
+
+// Block (64-column D chunk, token split, expert): over the split's 64-token tiles that hold tokens of the
+// expert (other rows zeroed), with tensor cores,
+//   dW_up[:, chunk] += a^T dy,  S_down[chunk, :] += xhat^T dh_down,  S_gate[chunk, :] += xhat^T dh_gate
+// (a, dh_* and rstd from the per-token workspace; xhat = x rstd rounded to T as the reference rounds n), and
+// q[chunk] += column sums of dy xhat. Every block writes its whole slab tile, zeros when it had no tokens,
+// straight from the fragments (the partials are 256-bit aligned, see the launcher).
+template <typename T, int R>
+__global__ void __launch_bounds__(kMmaThreads)
+routed_glu_weight_grad_mma_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                  const int64_t* __restrict__ expert_ids, const float* __restrict__ tok_ws,
+                                  float* __restrict__ partials, long long tokens, int D, int E, int splits, bool norm) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using S = MmaWeightGradSmem<T, R>;
+  constexpr int NJ = R / 16, LDR = ld_rank<R>();
+  __shared__ __align__(128) unsigned char smem[S::kBytes];
+  T* dys = reinterpret_cast<T*>(smem + S::kDy);
+  T* xs = reinterpret_cast<T*>(smem + S::kXhat);
+  T* as = reinterpret_cast<T*>(smem + S::kAct);
+  T* dhds = reinterpret_cast<T*>(smem + S::kDhd);
+  T* dhgs = reinterpret_cast<T*>(smem + S::kDhg);
+  long long* ids_s = reinterpret_cast<long long*>(smem + S::kIds);
+  float* qs = reinterpret_cast<float*>(smem + S::kQ);
+
+  const int d0 = blockIdx.x * kMmaChunk, s = blockIdx.y, e = blockIdx.z;
+  const int warp = threadIdx.x / kWarp;
+  const int row = loader_row(), col = loader_col();
+  const long long stride = 3LL * R + 1;
+  long long begin, end;
+  split_range(tokens, s, splits, begin, end);
+
+  // Warp w owns dW_up[:, 16w..16w+16) (NJ fragments down r) and S_down, S_gate[16w..16w+16, :] (NJ each).
+  FragC up[NJ], sd[NJ], sg[NJ];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    wmma::fill_fragment(up[j], 0.f);
+    wmma::fill_fragment(sd[j], 0.f);
+    wmma::fill_fragment(sg[j], 0.f);
+  }
+  float q[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) q[i] = 0.f;
+
+  for (long long row0 = begin; row0 < end; row0 += kMmaRows) {
+    __syncthreads();  // the previous tile's fragments are loaded
+    for (int i = threadIdx.x; i < kMmaRows; i += blockDim.x) {
+      const long long t = row0 + i;
+      ids_s[i] = t < end ? (expert_ids != nullptr ? expert_ids[t] : 0) : -1;
+    }
+    __syncthreads();
+    bool any = false;
+    for (int i = 0; i < kMmaRows; ++i) any |= ids_s[i] == e;
+    if (!any) continue;  // uniform over the block
+    const long long t = row0 + row;
+    const bool mine = ids_s[row] == e;
+    const float* w = tok_ws + t * stride;
+    const float rstd = mine && norm ? w[3 * R] : 1.f;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int c = col + 8 * v;
+      float xv[8], dv[8];
+      if (mine) {
+        load_vec<T, 8>(x + t * D + d0 + c, xv);
+        load_vec<T, 8>(dy + t * D + d0 + c, dv);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xv[i] = dv[i] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        xv[i] = norm ? round_to<T>(xv[i] * rstd) : xv[i];
+        q[8 * v + i] += dv[i] * xv[i];
+      }
+      store_vec<T, 8>(xs + row * kLdTile + c, xv);
+      store_vec<T, 8>(dys + row * kLdTile + c, dv);
+    }
+    // This thread's half of the row's r-vectors.
+    for (int j = (threadIdx.x % 2) * (R / 2); j < (threadIdx.x % 2 + 1) * (R / 2); ++j) {
+      as[row * LDR + j] = from_float<T>(mine ? w[j] : 0.f);
+      dhds[row * LDR + j] = from_float<T>(mine ? w[R + j] : 0.f);
+      dhgs[row * LDR + j] = from_float<T>(mine ? w[2 * R + j] : 0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kMmaRows; k += 16) {
+      FragB<T> b;
+      wmma::load_matrix_sync(b, dys + k * kLdTile + 16 * warp, kLdTile);
+      FragAt<T> xt;  // xhat^T: element (d, t) is xs[t][d]
+      wmma::load_matrix_sync(xt, xs + k * kLdTile + 16 * warp, kLdTile);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        FragAt<T> at;  // a^T: element (j, t) is as[t][j]
+        wmma::load_matrix_sync(at, as + k * LDR + 16 * j, LDR);
+        wmma::mma_sync(up[j], at, b, up[j]);
+        FragB<T> h;
+        wmma::load_matrix_sync(h, dhds + k * LDR + 16 * j, LDR);
+        wmma::mma_sync(sd[j], xt, h, sd[j]);
+        wmma::load_matrix_sync(h, dhgs + k * LDR + 16 * j, LDR);
+        wmma::mma_sync(sg[j], xt, h, sg[j]);
+      }
+    }
+  }
+
+  float* slab = partials + (static_cast<size_t>(s) * E + e) * slab_floats(D, R);
+  const size_t rd = static_cast<size_t>(R) * D;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    wmma::store_matrix_sync(slab + static_cast<size_t>(16 * j) * D + d0 + 16 * warp, up[j], D, wmma::mem_row_major);
+    wmma::store_matrix_sync(slab + rd + static_cast<size_t>(d0 + 16 * warp) * R + 16 * j, sd[j], R,
+                            wmma::mem_row_major);
+    wmma::store_matrix_sync(slab + 2 * rd + static_cast<size_t>(d0 + 16 * warp) * R + 16 * j, sg[j], R,
+                            wmma::mem_row_major);
+  }
+  // q: the 64 row-threads of each column half sum in a fixed order.
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 32; ++i) qs[threadIdx.x * 33 + i] = q[i];
+  __syncthreads();
+  if (threadIdx.x < kMmaChunk) {
+    const int c = threadIdx.x, half = c / 32;
+    float acc = 0.f;
+    for (int r = 0; r < kMmaRows; ++r) acc += qs[(2 * r + half) * 33 + c % 32];
+    slab[3 * rd + d0 + c] = acc;
+  }
+#endif
+}
+
 // The tensor-core kernels take the call: half types, r of 16 or 32, D a multiple of 64, 16-byte aligned
 // operands, compute capability 8.0 or newer; PILL_KERNELS_CUDA_MMA=0 turns them off (to compare the paths).
 template <typename T>
@@ -843,6 +987,13 @@ cudaError_t routed_glu_adapter_forward(Dtype dtype, const void* x, const void* w
   });
 }
 
+// The partial slabs start 64 floats aligned after the per-token vectors: the tensor-core weight-gradient kernel
+// stores fragments straight into them (256-bit aligned addresses).
+size_t partials_offset(long long tokens, int rank) {
+  const size_t tok = static_cast<size_t>(tokens > 0 ? tokens : 0) * (3 * static_cast<size_t>(rank) + 1);
+  return (tok + 63) / 64 * 64;
+}
+
 int routed_glu_adapter_backward_splits(long long tokens, int hidden, int experts) {
   const long long chunks = (hidden + kChunk - 1) / kChunk;
   return choose_splits(tokens, chunks * (experts > 0 ? experts : 1));
@@ -850,8 +1001,7 @@ int routed_glu_adapter_backward_splits(long long tokens, int hidden, int experts
 
 size_t routed_glu_adapter_backward_workspace_floats(long long tokens, int hidden, int rank, int experts,
                                                     int splits) {
-  const size_t tok = static_cast<size_t>(tokens > 0 ? tokens : 0) * (3 * static_cast<size_t>(rank) + 1);
-  return tok + static_cast<size_t>(splits) * experts * slab_floats(hidden, rank);
+  return partials_offset(tokens, rank) + static_cast<size_t>(splits) * experts * slab_floats(hidden, rank);
 }
 
 cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const void* x, const void* w_down,
@@ -864,7 +1014,7 @@ cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const v
       (norm_weight == nullptr) != (grad_norm_weight == nullptr))
     return cudaErrorInvalidValue;
   float* tok_ws = workspace;
-  float* partials = workspace + static_cast<size_t>(tokens) * (3 * static_cast<size_t>(rank) + 1);
+  float* partials = workspace + partials_offset(tokens, rank);
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = vec16<T>();
@@ -902,8 +1052,21 @@ cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const v
                                     : launch(routed_glu_backward_token_kernel<T, RMAX, 1>);
         if (err != cudaSuccess) return err;
       }
+      if constexpr (!std::is_same_v<T, float>) {
+        if (mma) {
+          auto launch = [&](auto kernel) {
+            PILL_LAUNCH(dim3(hidden / kMmaChunk, splits, experts), kMmaThreads, 0, stream, kernel)(
+                static_cast<const T*>(grad_y), static_cast<const T*>(x), expert_ids, tok_ws, partials, tokens,
+                hidden, experts, splits, norm_weight != nullptr);
+            return cudaGetLastError();
+          };
+          const cudaError_t err = rank == 16 ? launch(routed_glu_weight_grad_mma_kernel<T, 16>)
+                                             : launch(routed_glu_weight_grad_mma_kernel<T, 32>);
+          if (err != cudaSuccess) return err;
+        }
+      }
       const dim3 wgrid(blocks_for(hidden, kChunk), splits, experts);
-      PILL_LAUNCH(wgrid, kThreads, 0, stream, routed_glu_weight_grad_kernel<T, RMAX>)(
+      if (!mma) PILL_LAUNCH(wgrid, kThreads, 0, stream, routed_glu_weight_grad_kernel<T, RMAX>)(
           static_cast<const T*>(grad_y), static_cast<const T*>(x), expert_ids, tok_ws, partials, tokens, hidden,
           rank, experts, splits, norm_weight != nullptr);
       cudaError_t err = cudaGetLastError();
