@@ -3,7 +3,8 @@ forward and forward+backward.
 
 GPU shapes (issue 3): bf16, D=4096, r=32, E=2, T in {2048, 8192, 32768}, image fraction in {6%, 25%, 50%}.
 CPU shapes (PILL_BENCH_FULL=1, issue 5): fp32, D=1024, r=32, E=2, T=4096, 25% image tokens.
-"unfused_norm" runs the reference RMSNorm followed by the same backend's adapter without a norm, the
+"cuda_cuda_cores" is the CUDA backend with its tensor-core kernels turned off (they take bf16/fp16 at r 16
+or 32 and D a multiple of 64, so at the GPU shapes "cuda" runs them). "unfused_norm" runs the reference RMSNorm followed by the same backend's adapter without a norm, the
 composition that the fused op replaces. `test_copy_bandwidth` measures the device-to-device copy bandwidth
 that turns the op's bytes (x and dy read, y and dx written) into its floor.
 """
@@ -22,7 +23,8 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HIDDEN, RANK, EXPERTS = (4096, 32, 2) if ON_GPU else (1024, 32, 2) if FULL else (72, 8, 2)
 TOKENS = [2048, 8192, 32768] if ON_GPU else [4096] if FULL else [37]
 IMAGE_FRACTIONS = [0.06, 0.25, 0.5] if ON_GPU else [0.25]
-BACKENDS = ["reference", "eager", "triton", "cuda", "cpp"]
+# cuda_cuda_cores: the CUDA backend with its tensor-core kernels turned off (PILL_KERNELS_CUDA_MMA=0).
+BACKENDS = ["reference", "eager", "triton", "cuda", "cuda_cuda_cores", "cpp"]
 RUN_IMAGE_TOKENS = 1024  # image tokens come in runs, as an image's placeholders do in a sequence
 
 
@@ -61,13 +63,17 @@ def adapter_fn(backend: str, variant: str):
 @pytest.mark.parametrize("variant", ["fused_norm", "unfused_norm"])
 @pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_routed_glu_adapter(benchmark, backend, pass_, variant, tokens, image_fraction):
-    skip_unless_runs("routed_glu_adapter", backend)
+def test_routed_glu_adapter(benchmark, monkeypatch, backend, pass_, variant, tokens, image_fraction):
+    op_backend = backend
+    if backend == "cuda_cuda_cores":
+        op_backend = "cuda"
+        monkeypatch.setenv("PILL_KERNELS_CUDA_MMA", "0")
+    skip_unless_runs("routed_glu_adapter", op_backend)
     if variant == "unfused_norm" and image_fraction != IMAGE_FRACTIONS[len(IMAGE_FRACTIONS) // 2]:
         pytest.skip("the unfused composition is measured at the middle image fraction only")
     backward = pass_ == "forward_backward"
     leaves, ids = make_inputs(tokens, image_fraction, backward)
-    fn = adapter_fn(backend, variant)
+    fn = adapter_fn(op_backend, variant)
     grad_y = torch.randn_like(leaves[0])
     x, w_down, w_gate, w_up, norm_weight = leaves
 

@@ -7,6 +7,8 @@ gradient of an absent optional input, which the wrappers below turn back into No
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import dispatch
@@ -23,7 +25,7 @@ def _has_kernel(name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"pill_kernels_C::{name}", dispatch_key)
 
 
-def _only_on(device_type: str):
+def only_on(device_type: str):
     def unavailable_reason(device: torch.device) -> str | None:
         if device.type != device_type:
             return f"its kernels run on {device_type} tensors, not {device.type}"
@@ -36,49 +38,53 @@ def _none_if_empty(grad: torch.Tensor, present) -> torch.Tensor | None:
     return grad if present is not None else None
 
 
-def _routed_glu_forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
-    return torch.ops.pill_kernels_C.routed_glu_adapter_forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+def compiled_kernels(namespace: str = "pill_kernels_C") -> dict[str, tuple[str, Callable, Callable]]:
+    """op -> (name of its forward in ``torch.ops.<namespace>``, forward wrapper, backward wrapper).
 
+    The namespace is pill_kernels_C for the extension; the tests pass the CPU emulation of the CUDA kernels'
+    namespace (tests/cuda_emulation/) to run the models through these same wrappers on a machine without a GPU.
+    """
+    def ops():
+        return getattr(torch.ops, namespace)
 
-def _routed_glu_backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
-    dx, dwd, dwg, dwu, dnw = torch.ops.pill_kernels_C.routed_glu_adapter_backward(
-        grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
-    return dx, dwd, dwg, dwu, _none_if_empty(dnw, norm_weight)
+    def routed_glu_forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
+        return ops().routed_glu_adapter_forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
 
+    def routed_glu_backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
+        dx, dwd, dwg, dwu, dnw = ops().routed_glu_adapter_backward(
+            grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+        return dx, dwd, dwg, dwu, _none_if_empty(dnw, norm_weight)
 
-def _soft_forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
-    return torch.ops.pill_kernels_C.soft_routed_adapter_forward(
-        x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale)
+    def soft_forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
+        return ops().soft_routed_adapter_forward(
+            x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale)
 
+    def soft_backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps,
+                      scale):
+        *grads, dnw = ops().soft_routed_adapter_backward(
+            grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale)
+        return (*grads, _none_if_empty(dnw, norm_weight))
 
-def _soft_backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale):
-    *grads, dnw = torch.ops.pill_kernels_C.soft_routed_adapter_backward(
-        grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_weight, eps, scale)
-    return (*grads, _none_if_empty(dnw, norm_weight))
+    def gate_forward(x, w_gate, v, image_mask):
+        return ops().modality_gate_forward(x, w_gate, v, image_mask)
 
+    def gate_backward(grad_v, x, w_gate, v, image_mask):
+        return tuple(ops().modality_gate_backward(grad_v, x, w_gate, v, image_mask))
 
-def _gate_forward(x, w_gate, v, image_mask):
-    return torch.ops.pill_kernels_C.modality_gate_forward(x, w_gate, v, image_mask)
+    return {
+        "routed_glu_adapter": ("routed_glu_adapter_forward", routed_glu_forward, routed_glu_backward),
+        "soft_routed_adapter": ("soft_routed_adapter_forward", soft_forward, soft_backward),
+        "modality_gate": ("modality_gate_forward", gate_forward, gate_backward),
+    }
 
-
-def _gate_backward(grad_v, x, w_gate, v, image_mask):
-    return tuple(torch.ops.pill_kernels_C.modality_gate_backward(grad_v, x, w_gate, v, image_mask))
-
-
-# op -> (name of its forward in pill_kernels_C, forward wrapper, backward wrapper)
-_OPS = {
-    "routed_glu_adapter": ("routed_glu_adapter_forward", _routed_glu_forward, _routed_glu_backward),
-    "soft_routed_adapter": ("soft_routed_adapter_forward", _soft_forward, _soft_backward),
-    "modality_gate": ("modality_gate_forward", _gate_forward, _gate_backward),
-}
 
 if IMPORT_ERROR is None:
-    for _op, (_name, _forward, _backward) in _OPS.items():
+    for _op, (_name, _forward, _backward) in compiled_kernels().items():
         if _has_kernel(_name, "CPU"):
             # No auto_skip_reason: the C++ kernels measured at least as fast as eager for every op and pass
             # (benchmarks/RESULTS.md, "CPU (2-core CI machine)").
-            dispatch.register(_op, "cpp", _forward, _backward, unavailable_reason=_only_on("cpu"))
+            dispatch.register(_op, "cpp", _forward, _backward, unavailable_reason=only_on("cpu"))
         if _has_kernel(_name, "CUDA"):
             # Hand-written CUDA kernels compete with the Triton ones: auto takes them only where measured faster.
-            dispatch.register(_op, "cuda", _forward, _backward, unavailable_reason=_only_on("cuda"),
+            dispatch.register(_op, "cuda", _forward, _backward, unavailable_reason=only_on("cuda"),
                               auto_needs_measurement=True)

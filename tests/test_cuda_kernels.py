@@ -429,3 +429,73 @@ def test_every_cuda_kernel_has_header_and_binding():
 def test_cpu_build_leaves_cuda_bindings_out():
     setup = (CSRC.parent / "setup.py").read_text()
     assert '_cuda.cpp' in setup and "cuda_bindings" in setup, "setup.py must keep csrc/*_cuda.cpp out of the C++-only build"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The models on the (emulated) CUDA kernels
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def emulated_kernels_as_cpu_backend(monkeypatch):
+    """The emulated CUDA kernels registered, through compiled.py's own wrappers, as the CPU ("cpp") backend of
+    the three adapter ops for this test, so "auto" on CPU runs them inside the models."""
+    import cuda_emulation
+    from pill_kernels import compiled, dispatch
+
+    emulated_ops()
+    registry = {op: dict(backends) for op, backends in dispatch._registry.items()}
+    monkeypatch.setattr(dispatch, "_registry", registry)
+    for op, (_, forward, backward) in compiled.compiled_kernels(cuda_emulation.NAMESPACE).items():
+        dispatch.register(op, "cpp", forward, backward, unavailable_reason=compiled.only_on("cpu"))
+    for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate"):
+        assert dispatch.explain(op, "cpu")[0] == "cpp"
+
+
+@pytest.mark.parametrize("method,dtype,hidden,adapter_dim", [
+    ("pill", torch.float32, 40, 5),
+    ("lavin", torch.float32, 40, 6),
+    # The tensor-core kernels' shapes (D a multiple of 64, r = 16) in bf16.
+    ("pill", torch.bfloat16, 64, 16),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_models_on_the_cuda_kernels_equal_the_eager_models(emulated_kernels_as_cpu_backend, method, dtype, hidden,
+                                                            adapter_dim):
+    import pill
+    from conftest import IMAGE_TOKEN, VISION_DIM, make_llama, randomize_adapters
+    from test_models import all_adapter_params_trainable, batch_for
+
+    import pill_kernels as pk
+
+    llama = make_llama(torch.float32, hidden=hidden)
+    if method == "pill":
+        model = pill.inject_pill(llama, pill.PillConfig(adapter_dim=adapter_dim), vision_dim=VISION_DIM,
+                                 image_token_id=IMAGE_TOKEN)
+    else:
+        model = pill.inject_lavin(llama, pill.LavinConfig(adapter_dim=adapter_dim, groups=2, dropout=0.0),
+                                  vision_dim=VISION_DIM, image_token_id=IMAGE_TOKEN)
+    pill.set_stage(model, model.multimodal.config.stages[-1])
+    randomize_adapters(model)
+    model = model.to(dtype)
+    params = all_adapter_params_trainable(model)
+    ids, features, extra = batch_for(method, seq=9)
+    features = features.to(dtype)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+
+    def run(backend):
+        with pk.use_backend(backend):
+            logits = model(input_ids=ids, attention_mask=mask, image_features=features, **extra).logits
+        grads = torch.autograd.grad((logits.float() * mask[..., None]).square().sum(), list(params.values()),
+                                    allow_unused=True)
+        return logits.detach().float(), grads
+
+    (logits_c, grads_c), (logits_e, grads_e) = run("auto"), run("eager")
+    low = dtype != torch.float32
+    # bf16: two roundings of a 3-layer model apart; a wrong kernel is off by O(1) of the scale.
+    tol = dict(rtol=5e-2, atol=5e-2 * logits_e.abs().max().item()) if low else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(logits_c, logits_e, **tol)
+    for name, gc, ge in zip(params, grads_c, grads_e):
+        if ge is None:
+            assert gc is None, name
+            continue
+        gtol = dict(rtol=1e-1, atol=1e-1 * ge.abs().max().item()) if low else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gc.float(), ge.float(), **gtol, msg=lambda m: f"{name}: {m}")
