@@ -13,7 +13,7 @@
 #include "cuda_emulation.h"
 #define PILL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pill_kernels_C_cuda_emulated, CompositeExplicitAutograd, m)
 #else
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 #define PILL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pill_kernels_C, CUDA, m)
@@ -49,7 +49,7 @@ struct KernelDeviceGuard {
   c10::cuda::CUDAGuard guard;
 };
 inline cudaStream_t kernel_stream(const at::Tensor& x) {
-  return at::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 }
 #endif
 

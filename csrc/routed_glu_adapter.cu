@@ -328,6 +328,8 @@ routed_glu_reduce_kernel(const float* __restrict__ partials, const T* __restrict
 //   [64 x r] (4 warps, 16 token rows each), the loaders summing x^2 for rstd on the way; the GLU runs on the
 //   [64 x r] accumulators in shared memory; pass 2 multiplies act [64 x r] by W_up chunks [r x 64] and adds
 //   the skip n. Operands are rounded to T (as the reference's matmuls round theirs), accumulation is fp32.
+//   Pass 2 re-reads x for the skip; it walks the chunks backwards, so the ones pass 1 read last are still in
+//   L2 (at 5 blocks per SM a 64-column step of every resident block is ~5 MB: a few steps fit the 50 MB L2).
 // - Backward, per-token kernel: pass 1 also multiplies dy by W_up^T (W_up chunk read as a col-major B) and
 //   sums dy g x per row, so the norm's mean(dn g xhat) is known after it (see the CUDA-core kernel);
 //   pass 2 computes dn = dy + dh_down W_down^T + dh_gate W_gate^T per chunk and writes dx. The per-token
@@ -536,7 +538,7 @@ routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_d
     }
     __syncthreads();  // pass 1's buffers are free; act is complete
 
-    for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
+    for (int d0 = D - kMmaChunk; d0 >= 0; d0 -= kMmaChunk) {  // newest chunks first: L2 hits
       copy_tile<T>(wu + d0, D, wus, kLdTile, R, kMmaChunk);
       __syncthreads();
 #pragma unroll
@@ -741,7 +743,7 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
     }
     __syncthreads();  // dh tiles complete; pass 1's buffers free
 
-    for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
+    for (int d0 = D - kMmaChunk; d0 >= 0; d0 -= kMmaChunk) {  // newest chunks first: L2 hits
       copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds2, LDR, kMmaChunk, R);
       copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs2, LDR, kMmaChunk, R);
       __syncthreads();
