@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # What a lent GPU machine is for, in as few device calls as possible (device tool, from the repository root):
 #
-#   bash benchmarks/gpu_session.sh tests     # build the CUDA extension, the whole test suite on the GPU
+#   bash benchmarks/gpu_session.sh tests     # build the CUDA extension, the tests that use the GPU
 #   bash benchmarks/gpu_session.sh bench     # every benchmark suite -> kernels.md / .csv, speedups.png, raw.json
 #   bash benchmarks/gpu_session.sh all       # both (may not fit in one 10-minute call)
 #
 # Logs and tables go to $OUT (the device tool brings them back). Extra pytest arguments for the benchmarks:
-# BENCH_ARGS, e.g. BENCH_ARGS="-k routed_glu --benchmark-max-time=0.5".
+# BENCH_ARGS, e.g. BENCH_ARGS="-k routed_glu --benchmark-max-time=0.5". TEST_ARGS replaces the test selection:
+# by default the files whose tests run on the GPU (CUDA kernels, Triton kernels, the public ops), without the
+# CPU-emulator copies of the CUDA tests (CI runs those, and everything CPU-only); TEST_ARGS=tests runs it all.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
@@ -24,7 +26,9 @@ if [[ $what == tests || $what == all ]]; then
   MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PILL_KERNELS_BUILD_CUDA=1 python3 setup.py build_ext --inplace \
     > "$OUT/build.log" 2>&1 || echo "extension build FAILED (build.log)"
   python3 -c "import pill_kernels; print(pill_kernels.extension_info())" >> "$OUT/build.log" 2>&1
-  python3 -m pytest tests -q -rs > "$OUT/tests.log" 2>&1
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -rs ${TEST_ARGS:-tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py -k "not emulated"} \
+    > "$OUT/tests.log" 2>&1
   echo "tests exit code $?"
   tail -n 25 "$OUT/tests.log"
 fi

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #ifdef PILL_CUDA_EMULATION
 // The tests' CPU emulator (tests/cuda_emulation/): these bindings then take CPU tensors and register in
 // pill_kernels_C_cuda_emulated instead of pill_kernels_C, for every backend key so that tensors on another
@@ -85,8 +87,18 @@ inline void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed to launch: ", cudaGetErrorString(err));
 }
 
+// Outputs and workspaces are uninitialised; in the emulator they start as NaN, so that an element a kernel
+// fails to write (or a workspace slot read before it is written) shows in the tests' results.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef PILL_CUDA_EMULATION
+  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+#else
+  return at::empty(sizes, options);
+#endif
+}
+
 inline at::Tensor float_workspace(const at::Tensor& x, size_t floats) {
-  return at::empty({static_cast<int64_t>(floats)}, x.options().dtype(at::kFloat));
+  return new_output({static_cast<int64_t>(floats)}, x.options().dtype(at::kFloat));
 }
 
 }  // namespace pill_cuda

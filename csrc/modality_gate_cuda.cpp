@@ -34,7 +34,7 @@ Tensor modality_gate_forward(const Tensor& x, const Tensor& w_gate, const Tensor
   const char* op = "modality_gate_forward (CUDA)";
   const Sizes s = check_gate(op, x, w_gate, v, image_mask);
   const pill_cuda::KernelDeviceGuard guard(x);
-  Tensor out = at::empty(v.sizes(), v.options());
+  Tensor out = pill_cuda::new_output(v.sizes(), v.options());
   pill_cuda::check_launch(
       op, pill_cuda::modality_gate_forward(pill_cuda::dtype_of(op, x), x.data_ptr(), w_gate.data_ptr(), v.data_ptr(),
                                            image_mask.data_ptr<bool>(), out.data_ptr(), s.tokens, s.hidden, s.heads,
@@ -48,9 +48,9 @@ std::tuple<Tensor, Tensor, Tensor> modality_gate_backward(const Tensor& grad_v, 
   const Sizes s = check_gate(op, x, w_gate, v, image_mask);
   pill_cuda::check_like(op, "grad_v", grad_v, x, x.scalar_type(), v.sizes());
   const pill_cuda::KernelDeviceGuard guard(x);
-  Tensor dx = at::empty(x.sizes(), x.options());
-  Tensor dw = at::empty(w_gate.sizes(), x.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
+  Tensor dx = pill_cuda::new_output(x.sizes(), x.options());
+  Tensor dw = pill_cuda::new_output(w_gate.sizes(), x.options());
+  Tensor dv = pill_cuda::new_output(v.sizes(), v.options());
   const int splits = pill_cuda::modality_gate_backward_splits(s.tokens, s.hidden, s.heads);
   Tensor workspace = pill_cuda::float_workspace(
       x, pill_cuda::modality_gate_backward_workspace_floats(s.tokens, s.hidden, s.heads, splits));

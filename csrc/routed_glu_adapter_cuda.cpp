@@ -45,7 +45,7 @@ Tensor routed_glu_adapter_forward(const Tensor& x, const Tensor& w_down, const T
   const char* op = "routed_glu_adapter_forward (CUDA)";
   const Sizes s = check_routed(op, x, w_down, w_gate, w_up, expert_ids, norm_weight);
   const pill_cuda::KernelDeviceGuard guard(x);
-  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor y = pill_cuda::new_output(x.sizes(), x.options());
   pill_cuda::check_launch(
       op, pill_cuda::routed_glu_adapter_forward(pill_cuda::dtype_of(op, x), x.data_ptr(), w_down.data_ptr(),
                                                 w_gate.data_ptr(), w_up.data_ptr(), ids_ptr(expert_ids),
@@ -62,11 +62,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> routed_glu_adapter_backward(
   const Sizes s = check_routed(op, x, w_down, w_gate, w_up, expert_ids, norm_weight);
   pill_cuda::check_like(op, "grad_y", grad_y, x, x.scalar_type(), x.sizes());
   const pill_cuda::KernelDeviceGuard guard(x);
-  Tensor dx = at::empty(x.sizes(), x.options());
-  Tensor dw_down = at::empty(w_down.sizes(), x.options());
-  Tensor dw_gate = at::empty(w_gate.sizes(), x.options());
-  Tensor dw_up = at::empty(w_up.sizes(), x.options());
-  Tensor dnorm = norm_weight ? at::empty(norm_weight->sizes(), x.options()) : at::empty({0}, x.options());
+  Tensor dx = pill_cuda::new_output(x.sizes(), x.options());
+  Tensor dw_down = pill_cuda::new_output(w_down.sizes(), x.options());
+  Tensor dw_gate = pill_cuda::new_output(w_gate.sizes(), x.options());
+  Tensor dw_up = pill_cuda::new_output(w_up.sizes(), x.options());
+  Tensor dnorm = norm_weight ? pill_cuda::new_output(norm_weight->sizes(), x.options()) : pill_cuda::new_output({0}, x.options());
   const int splits = pill_cuda::routed_glu_adapter_backward_splits(s.tokens, s.hidden, s.experts);
   Tensor workspace = pill_cuda::float_workspace(
       x, pill_cuda::routed_glu_adapter_backward_workspace_floats(s.tokens, s.hidden, s.rank, s.experts, splits));
