@@ -207,6 +207,30 @@ def test_routed_glu_adapter_tensor_core_path_is_taken(kernels, dtype, monkeypatc
             check(got, lp, ref, f"{name} ({path})")
 
 
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor_cores", "cuda_cores"])
+def test_routed_glu_adapter_out_of_range_ids_give_nan_rows(kernels, mma, monkeypatch):
+    """The Python layer range-checks expert ids; should one slip through (PILL_KERNELS_CHECKS=0), its token's
+    output and input gradient are NaN and it adds nothing to any weight gradient."""
+    monkeypatch.setenv("PILL_KERNELS_CUDA_MMA", mma)
+    ops = kernels.ops
+    args64 = representable(torch.bfloat16, routed_case(80, 128, 32, 2, True, "random"))
+    bad = torch.tensor([3, 70])
+    args64[4][bad] = torch.tensor([2, -1])
+    args = as_dtype(args64, torch.bfloat16, kernels.device)
+    grad = torch.randn_like(args[0])
+    y = ops.routed_glu_adapter_forward(*args, 1e-6)
+    dx, *weight_grads = ops.routed_glu_adapter_backward(grad, *args, 1e-6)
+    good = torch.ones(80, dtype=torch.bool)
+    good[bad] = False
+    assert y[bad].isnan().all() and dx[bad].isnan().all()
+    assert not y[good].isnan().any() and not dx[good].isnan().any()
+    # Without the bad tokens the weight gradients are the same.
+    kept = [a[good.to(a.device)] if i in (0, 4) else a for i, a in enumerate(args)]
+    _, *expected = ops.routed_glu_adapter_backward(grad[good.to(grad.device)], *kept, 1e-6)
+    for got, want in zip(weight_grads, expected):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_routed_glu_adapter_misaligned_rows(kernels, dtype, monkeypatch):
     """D a multiple of 8 but every row base off by one element: the scalar path must give the vector path's answer
