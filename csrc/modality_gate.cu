@@ -203,8 +203,8 @@ cudaError_t modality_gate_forward(Dtype dtype, const void* x, const void* w_gate
     const size_t smem = static_cast<size_t>(kWarpsPerBlock) * heads * sizeof(float);
     auto launch = [&](auto kernel) {
       PILL_LAUNCH(grid, kThreads, smem, stream, kernel)(static_cast<const T*>(x), static_cast<const T*>(w_gate),
-                                                static_cast<const T*>(v), image_mask, static_cast<T*>(out), tokens,
-                                                hidden, heads, head_dim);
+                                                        static_cast<const T*>(v), image_mask, static_cast<T*>(out),
+                                                        tokens, hidden, heads, head_dim);
       return cudaGetLastError();
     };
     return vec ? launch(modality_gate_forward_kernel<T, V>) : launch(modality_gate_forward_kernel<T, 1>);
@@ -236,10 +236,10 @@ cudaError_t modality_gate_backward(Dtype dtype, const void* grad_out, const void
       const dim3 grid(blocks_for(tokens, kWarpsPerBlock));
       const size_t smem = 2 * static_cast<size_t>(kWarpsPerBlock) * heads * sizeof(float);
       auto launch = [&](auto kernel) {
-        PILL_LAUNCH(grid, kThreads, smem, stream, kernel)(static_cast<const T*>(grad_out), static_cast<const T*>(x),
-                                                  static_cast<const T*>(w_gate), static_cast<const T*>(v), image_mask,
-                                                  static_cast<T*>(grad_x), static_cast<T*>(grad_v), dlogit, tokens,
-                                                  hidden, heads, head_dim);
+        PILL_LAUNCH(grid, kThreads, smem, stream, kernel)(
+            static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(w_gate),
+            static_cast<const T*>(v), image_mask, static_cast<T*>(grad_x), static_cast<T*>(grad_v), dlogit, tokens,
+            hidden, heads, head_dim);
         return cudaGetLastError();
       };
       const cudaError_t err = vec ? launch(modality_gate_backward_token_kernel<T, V>)
@@ -247,14 +247,14 @@ cudaError_t modality_gate_backward(Dtype dtype, const void* grad_out, const void
       if (err != cudaSuccess) return err;
     }
     const dim3 wgrid(blocks_for(hidden, kGradD), blocks_for(heads, kHeadGroup), splits);
-    PILL_LAUNCH(wgrid, kThreads, 0, stream, modality_gate_weight_grad_kernel<T>)(static_cast<const T*>(x), image_mask, dlogit,
-                                                                       partials, tokens, hidden, heads, splits);
+    PILL_LAUNCH(wgrid, kThreads, 0, stream, modality_gate_weight_grad_kernel<T>)(
+        static_cast<const T*>(x), image_mask, dlogit, partials, tokens, hidden, heads, splits);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     const size_t outputs = static_cast<size_t>(hidden) * heads;
     const unsigned rblocks = static_cast<unsigned>(outputs / 256 + 1 < 4096 ? outputs / 256 + 1 : 4096);
-    PILL_LAUNCH(rblocks, 256, 0, stream, modality_gate_reduce_kernel<T>)(partials, static_cast<T*>(grad_w_gate), hidden,
-                                                                heads, splits);
+    PILL_LAUNCH(rblocks, 256, 0, stream, modality_gate_reduce_kernel<T>)(partials, static_cast<T*>(grad_w_gate),
+                                                                         hidden, heads, splits);
     return cudaGetLastError();
   });
 }

@@ -424,7 +424,8 @@ __device__ __forceinline__ void copy_tile(const T* __restrict__ src, int ld_src,
   const int vecs = cols / 8;
   for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
     const int row = i / vecs, c = (i % vecs) * 8;
-    *reinterpret_cast<int4*>(dst + row * ld_dst + c) = *reinterpret_cast<const int4*>(src + static_cast<size_t>(row) * ld_src + c);
+    *reinterpret_cast<int4*>(dst + row * ld_dst + c) =
+        *reinterpret_cast<const int4*>(src + static_cast<size_t>(row) * ld_src + c);
   }
 }
 
@@ -435,7 +436,8 @@ __device__ __forceinline__ void nan_bad_rows(const long long* __restrict__ ids_s
   for (int i = 0; i < kMmaRows; ++i) {
     const long long e = ids_s[i];
     if (e == -1 || (e >= 0 && e < E)) continue;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) out[(row0 + i) * D + d] = from_float<T>(__int_as_float(0x7fc00000));
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+      out[(row0 + i) * D + d] = from_float<T>(__int_as_float(0x7fc00000));
   }
 }
 
@@ -956,7 +958,8 @@ cudaError_t routed_glu_adapter_forward(Dtype dtype, const void* x, const void* w
                                        const void* w_up, const int64_t* expert_ids, const void* norm_weight,
                                        void* y, long long tokens, int hidden, int rank, int experts, float eps,
                                        cudaStream_t stream) {
-  if (!valid_sizes(tokens, hidden, rank, experts) || (expert_ids == nullptr && experts != 1))
+  // With no tokens the ids tensor is empty, and its data pointer null.
+  if (!valid_sizes(tokens, hidden, rank, experts) || (expert_ids == nullptr && experts != 1 && tokens > 0))
     return cudaErrorInvalidValue;
   if (tokens == 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto tag) {
@@ -1014,8 +1017,9 @@ cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const v
                                         void* grad_w_gate, void* grad_w_up, void* grad_norm_weight,
                                         float* workspace, int splits, long long tokens, int hidden, int rank,
                                         int experts, float eps, cudaStream_t stream) {
-  if (!valid_sizes(tokens, hidden, rank, experts) || (expert_ids == nullptr && experts != 1) || splits < 1 ||
-      (norm_weight == nullptr) != (grad_norm_weight == nullptr))
+  // With no tokens the ids tensor is empty, and its data pointer null.
+  if (!valid_sizes(tokens, hidden, rank, experts) || (expert_ids == nullptr && experts != 1 && tokens > 0) ||
+      splits < 1 || (norm_weight == nullptr) != (grad_norm_weight == nullptr))
     return cudaErrorInvalidValue;
   float* tok_ws = workspace;
   float* partials = workspace + partials_offset(tokens, rank);

@@ -70,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> soft_routed_a
   Tensor dw_up = pill_cuda::new_output(w_up.sizes(), x.options());
   Tensor db_up = pill_cuda::new_output(b_up.sizes(), x.options());
   Tensor drouting = pill_cuda::new_output(routing_weights.sizes(), x.options());
-  Tensor dnorm = norm_weight ? pill_cuda::new_output(norm_weight->sizes(), x.options()) : pill_cuda::new_output({0}, x.options());
+  Tensor dnorm = pill_cuda::new_output(norm_weight ? norm_weight->sizes() : at::IntArrayRef{0}, x.options());
   const int splits = pill_cuda::soft_routed_adapter_backward_splits(s.tokens, s.hidden, s.experts);
   Tensor workspace = pill_cuda::float_workspace(
       x, pill_cuda::soft_routed_adapter_backward_workspace_floats(s.tokens, s.hidden, s.rank, s.experts, splits));

@@ -207,6 +207,24 @@ def test_routed_glu_adapter_tensor_core_path_is_taken(kernels, dtype, monkeypatc
             check(got, lp, ref, f"{name} ({path})")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_kernels_take_zero_tokens(kernels, dtype):
+    """T = 0 (an empty ids tensor has a null data pointer): empty outputs, zero weight gradients."""
+    ops = kernels.ops
+    x, wd, wg, wu, ids, nw = as_dtype(routed_case(0, 128, 32, 2, True, "random"), dtype, kernels.device)
+    assert ops.routed_glu_adapter_forward(x, wd, wg, wu, ids, nw, 1e-6).shape == (0, 128)
+    dx, *weight_grads = ops.routed_glu_adapter_backward(x, x, wd, wg, wu, ids, nw, 1e-6)
+    assert dx.shape == (0, 128) and all(g.eq(0).all() for g in weight_grads)
+    s = as_dtype(soft_case(0, 64, 8, 2, True, True), dtype, kernels.device)
+    assert ops.soft_routed_adapter_forward(*s, 1e-6, 0.7).shape == (0, 64)
+    dx, *weight_grads = ops.soft_routed_adapter_backward(s[0], *s, 1e-6, 0.7)
+    assert dx.shape == (0, 64) and all(g.eq(0).all() for g in weight_grads)
+    x, w, v, mask = as_dtype(gate_case(0, 40, 3, 8, "random"), dtype, kernels.device)
+    assert ops.modality_gate_forward(x, w, v, mask).shape == (0, 3, 8)
+    dx, dw, dv = ops.modality_gate_backward(v, x, w, v, mask)
+    assert dx.shape == (0, 40) and dv.shape == (0, 3, 8) and dw.eq(0).all()
+
+
 @pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor_cores", "cuda_cores"])
 def test_routed_glu_adapter_out_of_range_ids_give_nan_rows(kernels, mma, monkeypatch):
     """The Python layer range-checks expert ids; should one slip through (PILL_KERNELS_CHECKS=0), its token's

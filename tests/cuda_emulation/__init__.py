@@ -68,7 +68,9 @@ def load():
     cpp_extension.load(
         name="pill_cuda_emulated", sources=sources, build_directory=str(build), is_python_module=False,
         extra_include_paths=[str(CSRC), str(HERE), str(include)],
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-DPILL_CUDA_EMULATION", "-Wno-unknown-pragmas", "-Wno-attributes"],
+        # -fno-strict-aliasing: the kernels pun 16-byte vectors through int4, which CUDA allows and -O2 breaks.
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-DPILL_CUDA_EMULATION", "-Wno-unknown-pragmas",
+                      "-Wno-attributes"],
         verbose=False)
     _loaded = getattr(torch.ops, NAMESPACE)
     return _loaded
