@@ -322,11 +322,11 @@ routed_glu_reduce_kernel(const float* __restrict__ partials, const T* __restrict
 
 // ---------------------------------------------------------------------------------------------------------
 // Tensor-core path (float16 / bfloat16, r in {16, 32}, D a multiple of 64, 16-byte aligned rows): WMMA
-// m16n16k16 on tiles of kMmaRows tokens, looping over the experts present in the tile (one inside an image or
+// m16n16k16 on tiles of 16-64 tokens (mma_rows), looping over the experts present in the tile (one inside an image or
 // text run; each on its own rows at a boundary, the other rows zeroed), as the Triton kernel does.
-// - Forward: pass 1 over 64-wide D chunks multiplies (x g) [64 x 64] by the W_down and W_gate chunks
-//   [64 x r] (4 warps, 16 token rows each), the loaders summing x^2 for rstd on the way; the GLU runs on the
-//   [64 x r] accumulators in shared memory; pass 2 multiplies act [64 x r] by W_up chunks [r x 64] and adds
+// - Forward: pass 1 over 64-wide D chunks multiplies (x g) [ROWS x 64] by the W_down and W_gate chunks
+//   [64 x r] (one warp per 16 token rows), the loaders summing x^2 for rstd on the way; the GLU runs on the
+//   [ROWS x r] accumulators in shared memory; pass 2 multiplies act [ROWS x r] by W_up chunks [r x 64] and adds
 //   the skip n. Operands are rounded to T (as the reference's matmuls round theirs), accumulation is fp32.
 //   Pass 2 re-reads x for the skip; it walks the chunks backwards, so the ones pass 1 read last are still in
 //   L2 (at 5 blocks per SM a 64-column step of every resident block is ~5 MB: a few steps fit the 50 MB L2).
@@ -344,7 +344,9 @@ routed_glu_reduce_kernel(const float* __restrict__ partials, const T* __restrict
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kMmaRows = 64;   // tokens per block
+// Forward and per-token backward: ROWS tokens per block (16, 32 or 64: one warp per 16 rows, two threads per
+// row for the loaders), chosen per call by mma_rows(). Weight gradients: kMmaRows-token tiles, 4 warps.
+constexpr int kMmaRows = 64;
 constexpr int kMmaChunk = 64;  // hidden columns per pass step
 constexpr int kMmaWarps = kMmaRows / 16;
 constexpr int kMmaThreads = kMmaWarps * kWarp;
@@ -365,15 +367,16 @@ struct TileRows {
 };
 
 // Copies the tile's ids to ids_s (-1 beyond T; 0 for every token when ids is null, E = 1) and returns their range.
+template <int ROWS>
 __device__ __forceinline__ TileRows tile_rows(const int64_t* __restrict__ ids, long long row0, long long tokens,
                                               int E, long long* __restrict__ ids_s) {
-  for (int i = threadIdx.x; i < kMmaRows; i += blockDim.x) {
+  for (int i = threadIdx.x; i < ROWS; i += blockDim.x) {
     const long long t = row0 + i;
     ids_s[i] = t < tokens ? (ids != nullptr ? ids[t] : 0) : -1;
   }
   __syncthreads();
   int lo = E, hi = -1;
-  for (int i = 0; i < kMmaRows; ++i) {
+  for (int i = 0; i < ROWS; ++i) {
     const long long e = ids_s[i];
     if (e >= 0 && e < E) {
       lo = e < lo ? static_cast<int>(e) : lo;
@@ -383,8 +386,8 @@ __device__ __forceinline__ TileRows tile_rows(const int64_t* __restrict__ ids, l
   return {lo, hi};
 }
 
-// Loader layout of [64 x 64] tiles: thread i takes row i / 2, columns 32 (i % 2) .. +32 as four 8-element
-// vectors; the two threads of a row are neighbouring lanes, so per-row sums combine with one xor shuffle.
+// Loader layout of [ROWS x 64] tiles (2 ROWS threads): thread i takes row i / 2, columns 32 (i % 2) .. +32 as four
+// 8-element vectors; the two threads of a row are neighbouring lanes, so per-row sums combine with one xor shuffle.
 __device__ __forceinline__ int loader_row() { return threadIdx.x / 2; }
 __device__ __forceinline__ int loader_col() { return (threadIdx.x % 2) * 32; }
 
@@ -430,10 +433,10 @@ __device__ __forceinline__ void copy_tile(const T* __restrict__ src, int ld_src,
 }
 
 // Rows whose id is out of range get NaN (the CUDA-core kernels' contract; only with PILL_KERNELS_CHECKS=0).
-template <typename T>
+template <int ROWS, typename T>
 __device__ __forceinline__ void nan_bad_rows(const long long* __restrict__ ids_s, long long row0, int E, T* out,
                                              int D) {
-  for (int i = 0; i < kMmaRows; ++i) {
+  for (int i = 0; i < ROWS; ++i) {
     const long long e = ids_s[i];
     if (e == -1 || (e >= 0 && e < E)) continue;
     for (int d = threadIdx.x; d < D; d += blockDim.x)
@@ -441,33 +444,33 @@ __device__ __forceinline__ void nan_bad_rows(const long long* __restrict__ ids_s
   }
 }
 
-template <typename T, int R>
+template <typename T, int R, int ROWS>
 struct MmaForwardSmem {
-  // Pass 1 (x g, W_down, W_gate chunks) and, after it, the GLU inputs [64 x R] fp32; pass 2 reuses the front
+  // Pass 1 (x g, W_down, W_gate chunks) and, after it, the GLU inputs [ROWS x R] fp32; pass 2 reuses the front
   // for the W_up chunk and the output tile.
   static constexpr int kX = 0;
-  static constexpr int kWd = kX + kMmaRows * kLdTile * 2;
+  static constexpr int kWd = kX + ROWS * kLdTile * 2;
   static constexpr int kWg = kWd + kMmaChunk * ld_rank<R>() * 2;
   static constexpr int kHd = kWg + kMmaChunk * ld_rank<R>() * 2;
-  static constexpr int kHg = kHd + kMmaRows * ld_rank_f<R>() * 4;
-  static constexpr int kAct = kHg + kMmaRows * ld_rank_f<R>() * 4;
-  static constexpr int kRstd = kAct + kMmaRows * ld_rank<R>() * 2;
-  static constexpr int kIds = kRstd + kMmaRows * 4;
-  static constexpr int kBytes = kIds + kMmaRows * 8;
+  static constexpr int kHg = kHd + ROWS * ld_rank_f<R>() * 4;
+  static constexpr int kAct = kHg + ROWS * ld_rank_f<R>() * 4;
+  static constexpr int kRstd = kAct + ROWS * ld_rank<R>() * 2;
+  static constexpr int kIds = kRstd + ROWS * 4;
+  static constexpr int kBytes = kIds + ROWS * 8;
   static constexpr int kWu = 0;
   static constexpr int kOut = kWu + R * kLdTile * 2;
-  static_assert(kOut + kMmaRows * kLdTileF * 4 <= kAct, "pass 2 overlaps the activations");
+  static_assert(kOut + ROWS * kLdTileF * 4 <= kAct, "pass 2 overlaps the activations");
   static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
 };
 
-template <typename T, int R>
-__global__ void __launch_bounds__(kMmaThreads)
+template <typename T, int R, int ROWS>
+__global__ void __launch_bounds__(ROWS * 2)
 routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_down, const T* __restrict__ w_gate,
                               const T* __restrict__ w_up, const int64_t* __restrict__ expert_ids,
                               const T* __restrict__ norm_weight, T* __restrict__ y, long long tokens, int D, int E,
                               float eps) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  using S = MmaForwardSmem<T, R>;
+  using S = MmaForwardSmem<T, R, ROWS>;
   constexpr int NJ = R / 16, LDR = ld_rank<R>(), LDRF = ld_rank_f<R>();
   __shared__ __align__(128) unsigned char smem[S::kBytes];
   T* xs = reinterpret_cast<T*>(smem + S::kX);
@@ -481,16 +484,16 @@ routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_d
   T* wus = reinterpret_cast<T*>(smem + S::kWu);
   float* outs = reinterpret_cast<float*>(smem + S::kOut);
 
-  const long long row0 = static_cast<long long>(blockIdx.x) * kMmaRows;
+  const long long row0 = static_cast<long long>(blockIdx.x) * ROWS;
   const int warp = threadIdx.x / kWarp;
   const int row = loader_row(), col = loader_col();
   const long long t = row0 + row;
   const bool norm = norm_weight != nullptr;
-  const TileRows present = tile_rows(expert_ids, row0, tokens, E, ids_s);
+  const TileRows present = tile_rows<ROWS>(expert_ids, row0, tokens, E, ids_s);
 
   for (int e = present.lo; e <= present.hi; ++e) {
     bool any = false;
-    for (int i = 0; i < kMmaRows; ++i) any |= ids_s[i] == e;
+    for (int i = 0; i < ROWS; ++i) any |= ids_s[i] == e;
     if (!any) continue;
     const bool mine = ids_s[row] == e;
     const size_t wsize = static_cast<size_t>(D) * R;
@@ -580,45 +583,45 @@ routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_d
       __syncthreads();  // W_up chunk and output tile are reused by the next chunk
     }
   }
-  nan_bad_rows<T>(ids_s, row0, E, y, D);
+  nan_bad_rows<ROWS, T>(ids_s, row0, E, y, D);
 #endif
 }
 
-template <typename T, int R>
+template <typename T, int R, int ROWS>
 struct MmaBackwardSmem {
-  // Pass 1: x g, dy, W_down, W_gate [64 x R] and W_up [R x 64] chunks; then the three [64 x R] fp32 products
+  // Pass 1: x g, dy, W_down, W_gate [64 x R] and W_up [R x 64] chunks; then the three [ROWS x R] fp32 products
   // over the same bytes. Pass 2: W_down, W_gate chunks and the dn tile, again from the front.
   static constexpr int kX = 0;
-  static constexpr int kDy = kX + kMmaRows * kLdTile * 2;
-  static constexpr int kWd = kDy + kMmaRows * kLdTile * 2;
+  static constexpr int kDy = kX + ROWS * kLdTile * 2;
+  static constexpr int kWd = kDy + ROWS * kLdTile * 2;
   static constexpr int kWg = kWd + kMmaChunk * ld_rank<R>() * 2;
   static constexpr int kWu = kWg + kMmaChunk * ld_rank<R>() * 2;
   static constexpr int kPass1End = kWu + R * kLdTile * 2;
   static constexpr int kHd = 0;
-  static constexpr int kHg = kHd + kMmaRows * ld_rank_f<R>() * 4;
-  static constexpr int kGa = kHg + kMmaRows * ld_rank_f<R>() * 4;
-  static_assert(kGa + kMmaRows * ld_rank_f<R>() * 4 <= kPass1End, "products overflow pass 1's buffers");
+  static constexpr int kHg = kHd + ROWS * ld_rank_f<R>() * 4;
+  static constexpr int kGa = kHg + ROWS * ld_rank_f<R>() * 4;
+  static_assert(kGa + ROWS * ld_rank_f<R>() * 4 <= kPass1End, "products overflow pass 1's buffers");
   static constexpr int kDhd = kPass1End;
-  static constexpr int kDhg = kDhd + kMmaRows * ld_rank<R>() * 2;
-  static constexpr int kRow = kDhg + kMmaRows * ld_rank<R>() * 2;  // rstd, c per row
-  static constexpr int kIds = kRow + 2 * kMmaRows * 4;
-  static constexpr int kBytes = kIds + kMmaRows * 8;
+  static constexpr int kDhg = kDhd + ROWS * ld_rank<R>() * 2;
+  static constexpr int kRow = kDhg + ROWS * ld_rank<R>() * 2;  // rstd, c per row
+  static constexpr int kIds = kRow + 2 * ROWS * 4;
+  static constexpr int kBytes = kIds + ROWS * 8;
   static constexpr int kWd2 = 0;
   static constexpr int kWg2 = kWd2 + kMmaChunk * ld_rank<R>() * 2;
   static constexpr int kDn = kWg2 + kMmaChunk * ld_rank<R>() * 2;
-  static_assert(kDn + kMmaRows * kLdTileF * 4 <= kPass1End, "pass 2 overflows pass 1's buffers");
+  static_assert(kDn + ROWS * kLdTileF * 4 <= kPass1End, "pass 2 overflows pass 1's buffers");
   static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
 };
 
-template <typename T, int R>
-__global__ void __launch_bounds__(kMmaThreads)
+template <typename T, int R, int ROWS>
+__global__ void __launch_bounds__(ROWS * 2)
 routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w_down,
                                      const T* __restrict__ w_gate, const T* __restrict__ w_up,
                                      const int64_t* __restrict__ expert_ids, const T* __restrict__ norm_weight,
                                      T* __restrict__ dx, float* __restrict__ tok_ws, long long tokens, int D, int E,
                                      float eps) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  using S = MmaBackwardSmem<T, R>;
+  using S = MmaBackwardSmem<T, R, ROWS>;
   constexpr int NJ = R / 16, LDR = ld_rank<R>(), LDRF = ld_rank_f<R>();
   __shared__ __align__(128) unsigned char smem[S::kBytes];
   T* xs = reinterpret_cast<T*>(smem + S::kX);
@@ -632,22 +635,22 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
   T* dhds = reinterpret_cast<T*>(smem + S::kDhd);
   T* dhgs = reinterpret_cast<T*>(smem + S::kDhg);
   float* rstds = reinterpret_cast<float*>(smem + S::kRow);
-  float* cs = rstds + kMmaRows;
+  float* cs = rstds + ROWS;
   long long* ids_s = reinterpret_cast<long long*>(smem + S::kIds);
   T* wds2 = reinterpret_cast<T*>(smem + S::kWd2);
   T* wgs2 = reinterpret_cast<T*>(smem + S::kWg2);
   float* dns = reinterpret_cast<float*>(smem + S::kDn);
 
-  const long long row0 = static_cast<long long>(blockIdx.x) * kMmaRows;
+  const long long row0 = static_cast<long long>(blockIdx.x) * ROWS;
   const int warp = threadIdx.x / kWarp;
   const int row = loader_row(), col = loader_col();
   const long long t = row0 + row;
   const bool norm = norm_weight != nullptr;
-  const TileRows present = tile_rows(expert_ids, row0, tokens, E, ids_s);
+  const TileRows present = tile_rows<ROWS>(expert_ids, row0, tokens, E, ids_s);
 
   for (int e = present.lo; e <= present.hi; ++e) {
     bool any = false;
-    for (int i = 0; i < kMmaRows; ++i) any |= ids_s[i] == e;
+    for (int i = 0; i < ROWS; ++i) any |= ids_s[i] == e;
     if (!any) continue;
     const bool mine = ids_s[row] == e;
     const size_t wsize = static_cast<size_t>(D) * R;
@@ -791,7 +794,7 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
       __syncthreads();
     }
   }
-  nan_bad_rows<T>(ids_s, row0, E, dx, D);
+  nan_bad_rows<ROWS, T>(ids_s, row0, E, dx, D);
 #endif
 }
 
@@ -935,6 +938,37 @@ routed_glu_weight_grad_mma_kernel(const T* __restrict__ dy, const T* __restrict_
 #endif
 }
 
+// Token rows per block of the tensor-core forward and per-token backward: the most rows (fewest weight reads per
+// token) that still give every SM about four blocks, so that small T does not leave SMs idle or with too few
+// bytes in flight. Occupancy arithmetic, not a measurement; PILL_KERNELS_CUDA_MMA_ROWS=16|32|64 overrides it.
+int mma_rows(long long tokens) {
+  const char* env = std::getenv("PILL_KERNELS_CUDA_MMA_ROWS");
+  if (env != nullptr) {
+    const int rows = std::atoi(env);
+    if (rows == 16 || rows == 32 || rows == 64) return rows;
+  }
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && v > 0) sms = v;
+  }
+  const long long blocks_wanted = 4LL * sms;
+  return tokens >= 64 * blocks_wanted ? 64 : tokens >= 32 * blocks_wanted ? 32 : 16;
+}
+
+// Runs f(r, rows) with both as std::integral_constant (r in {16, 32}, rows in {16, 32, 64}).
+template <typename F>
+cudaError_t with_mma_shape(int rank, int rows, F&& f) {
+  auto by_rows = [&](auto r) {
+    switch (rows) {
+      case 16: return f(r, std::integral_constant<int, 16>{});
+      case 32: return f(r, std::integral_constant<int, 32>{});
+      default: return f(r, std::integral_constant<int, 64>{});
+    }
+  };
+  return rank == 16 ? by_rows(std::integral_constant<int, 16>{}) : by_rows(std::integral_constant<int, 32>{});
+}
+
 // The tensor-core kernels take the call: half types, r of 16 or 32, D a multiple of 64, 16-byte aligned
 // operands, compute capability 8.0 or newer; PILL_KERNELS_CUDA_MMA=0 turns them off (to compare the paths).
 template <typename T>
@@ -969,14 +1003,14 @@ cudaError_t routed_glu_adapter_forward(Dtype dtype, const void* x, const void* w
     const bool row_vec = rank % V == 0 && aligned16(w_down) && aligned16(w_gate);
     if constexpr (!std::is_same_v<T, float>) {
       if (use_mma<T>(hidden, rank, {x, y, w_down, w_gate, w_up, norm_weight})) {
-        auto launch = [&](auto kernel) {
-          PILL_LAUNCH(blocks_for(tokens, kMmaRows), kMmaThreads, 0, stream, kernel)(
+        return with_mma_shape(rank, mma_rows(tokens), [&](auto r, auto rows) {
+          constexpr int R = decltype(r)::value, ROWS = decltype(rows)::value;
+          PILL_LAUNCH(blocks_for(tokens, ROWS), 2 * ROWS, 0, stream, routed_glu_forward_mma_kernel<T, R, ROWS>)(
               static_cast<const T*>(x), static_cast<const T*>(w_down), static_cast<const T*>(w_gate),
               static_cast<const T*>(w_up), expert_ids, static_cast<const T*>(norm_weight), static_cast<T*>(y),
               tokens, hidden, experts, eps);
           return cudaGetLastError();
-        };
-        return rank == 16 ? launch(routed_glu_forward_mma_kernel<T, 16>) : launch(routed_glu_forward_mma_kernel<T, 32>);
+        });
       }
     }
     return with_rank(rank, [&](auto rmax) {
@@ -1034,15 +1068,15 @@ cudaError_t routed_glu_adapter_backward(Dtype dtype, const void* grad_y, const v
       if constexpr (!std::is_same_v<T, float>) {
         mma = tokens > 0 && use_mma<T>(hidden, rank, {x, grad_y, grad_x, w_down, w_gate, w_up, norm_weight});
         if (mma) {
-          auto launch = [&](auto kernel) {
-            PILL_LAUNCH(blocks_for(tokens, kMmaRows), kMmaThreads, 0, stream, kernel)(
+          const cudaError_t err = with_mma_shape(rank, mma_rows(tokens), [&](auto r, auto rows) {
+            constexpr int R = decltype(r)::value, ROWS = decltype(rows)::value;
+            constexpr auto kernel = routed_glu_backward_token_mma_kernel<T, R, ROWS>;
+            PILL_LAUNCH(blocks_for(tokens, ROWS), 2 * ROWS, 0, stream, kernel)(
                 static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(w_down),
                 static_cast<const T*>(w_gate), static_cast<const T*>(w_up), expert_ids,
                 static_cast<const T*>(norm_weight), static_cast<T*>(grad_x), tok_ws, tokens, hidden, experts, eps);
             return cudaGetLastError();
-          };
-          const cudaError_t err = rank == 16 ? launch(routed_glu_backward_token_mma_kernel<T, 16>)
-                                             : launch(routed_glu_backward_token_mma_kernel<T, 32>);
+          });
           if (err != cudaSuccess) return err;
         }
       }

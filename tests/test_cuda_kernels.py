@@ -184,10 +184,13 @@ def test_routed_glu_adapter(kernels, case, dtype):
         assert torch.equal(a, b), f"{name}: two backward runs differ (nondeterministic reduction)"
 
 
+@pytest.mark.parametrize("rows", ["16", "32", "64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_routed_glu_adapter_tensor_core_path_is_taken(kernels, dtype, monkeypatch):
+def test_routed_glu_adapter_tensor_core_path_is_taken(kernels, dtype, rows, monkeypatch):
     """At a shape the WMMA kernels take, PILL_KERNELS_CUDA_MMA=0 (CUDA-core kernels) must change the rounding of
-    the answer: proof that the default run went through the tensor-core kernels. Both match the reference."""
+    the answer: proof that the default run went through the tensor-core kernels. Both match the reference, at
+    every tile height of the forward and per-token backward (PILL_KERNELS_CUDA_MMA_ROWS)."""
+    monkeypatch.setenv("PILL_KERNELS_CUDA_MMA_ROWS", rows)
     ops = kernels.ops
     args64 = representable(dtype, routed_case(96, 128, 32, 2, True, "random"))
     args = as_dtype(args64, dtype, kernels.device)
