@@ -432,6 +432,51 @@ __device__ __forceinline__ void copy_tile(const T* __restrict__ src, int ld_src,
   }
 }
 
+// Whether any of the tile's rows belongs to expert e (uniform over the block).
+template <int ROWS>
+__device__ __forceinline__ bool tile_holds(const long long* __restrict__ ids_s, int e) {
+  bool any = false;
+  for (int i = 0; i < ROWS; ++i) any |= ids_s[i] == e;
+  return any;
+}
+
+template <int N>
+__device__ __forceinline__ void zero_fragments(FragC (&f)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) wmma::fill_fragment(f[j], 0.f);
+}
+
+// A warp's [16 x 16 N] accumulators into dst (row stride ld), fragment j at column 16 j.
+template <int N>
+__device__ __forceinline__ void store_fragments(float* __restrict__ dst, const FragC (&f)[N], int ld) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) wmma::store_matrix_sync(dst + 16 * j, f[j], ld, wmma::mem_row_major);
+}
+
+// The W_down and W_gate rows d0 .. d0 + 64 of one expert ([D x R] each) into shared [64 x LDR] tiles.
+template <typename T, int R>
+__device__ __forceinline__ void load_down_gate_chunk(const T* __restrict__ wd, const T* __restrict__ wg, int d0,
+                                                     T* __restrict__ wds, T* __restrict__ wgs) {
+  copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds, ld_rank<R>(), kMmaChunk, R);
+  copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs, ld_rank<R>(), kMmaChunk, R);
+}
+
+// One 16-deep step of (x g) W_down and (x g) W_gate for a warp's 16 rows: a holds its (x g) columns k .. k + 16.
+template <typename T, int R>
+__device__ __forceinline__ void mma_down_gate_step(const FragA<T>& a, const T* __restrict__ wds,
+                                                   const T* __restrict__ wgs, int k, FragC (&hd)[R / 16],
+                                                   FragC (&hg)[R / 16]) {
+  constexpr int LDR = ld_rank<R>();
+#pragma unroll
+  for (int j = 0; j < R / 16; ++j) {
+    FragB<T> b;
+    wmma::load_matrix_sync(b, wds + k * LDR + 16 * j, LDR);
+    wmma::mma_sync(hd[j], a, b, hd[j]);
+    wmma::load_matrix_sync(b, wgs + k * LDR + 16 * j, LDR);
+    wmma::mma_sync(hg[j], a, b, hg[j]);
+  }
+}
+
 // Rows whose id is out of range get NaN (the CUDA-core kernels' contract; only with PILL_KERNELS_CHECKS=0).
 template <int ROWS, typename T>
 __device__ __forceinline__ void nan_bad_rows(const long long* __restrict__ ids_s, long long row0, int E, T* out,
@@ -492,9 +537,7 @@ routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_d
   const TileRows present = tile_rows<ROWS>(expert_ids, row0, tokens, E, ids_s);
 
   for (int e = present.lo; e <= present.hi; ++e) {
-    bool any = false;
-    for (int i = 0; i < ROWS; ++i) any |= ids_s[i] == e;
-    if (!any) continue;
+    if (!tile_holds<ROWS>(ids_s, e)) continue;
     const bool mine = ids_s[row] == e;
     const size_t wsize = static_cast<size_t>(D) * R;
     const T* wd = w_down + e * wsize;
@@ -502,38 +545,24 @@ routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_d
     const T* wu = w_up + e * wsize;
 
     FragC hd[NJ], hg[NJ];
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-      wmma::fill_fragment(hd[j], 0.f);
-      wmma::fill_fragment(hg[j], 0.f);
-    }
+    zero_fragments(hd);
+    zero_fragments(hg);
     float sumsq = 0.f;
     for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
       __syncthreads();  // the previous chunk's fragments are loaded
       load_scaled_slice<T>(x + t * D + d0 + col, norm ? norm_weight + d0 + col : nullptr, mine,
                            xs + row * kLdTile + col, sumsq);
-      copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds, LDR, kMmaChunk, R);
-      copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs, LDR, kMmaChunk, R);
+      load_down_gate_chunk<T, R>(wd, wg, d0, wds, wgs);
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < kMmaChunk; k += 16) {
         FragA<T> a;
         wmma::load_matrix_sync(a, xs + warp * 16 * kLdTile + k, kLdTile);
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          FragB<T> b;
-          wmma::load_matrix_sync(b, wds + k * LDR + 16 * j, LDR);
-          wmma::mma_sync(hd[j], a, b, hd[j]);
-          wmma::load_matrix_sync(b, wgs + k * LDR + 16 * j, LDR);
-          wmma::mma_sync(hg[j], a, b, hg[j]);
-        }
+        mma_down_gate_step<T, R>(a, wds, wgs, k, hd, hg);
       }
     }
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-      wmma::store_matrix_sync(hds + warp * 16 * LDRF + 16 * j, hd[j], LDRF, wmma::mem_row_major);
-      wmma::store_matrix_sync(hgs + warp * 16 * LDRF + 16 * j, hg[j], LDRF, wmma::mem_row_major);
-    }
+    store_fragments(hds + warp * 16 * LDRF, hd, LDRF);
+    store_fragments(hgs + warp * 16 * LDRF, hg, LDRF);
     sumsq += __shfl_xor_sync(kFullMask, sumsq, 1);
     const float rstd = norm ? rsqrtf(sumsq / static_cast<float>(D) + eps) : 1.f;
     if (threadIdx.x % 2 == 0) rstds[row] = rstd;
@@ -649,9 +678,7 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
   const TileRows present = tile_rows<ROWS>(expert_ids, row0, tokens, E, ids_s);
 
   for (int e = present.lo; e <= present.hi; ++e) {
-    bool any = false;
-    for (int i = 0; i < ROWS; ++i) any |= ids_s[i] == e;
-    if (!any) continue;
+    if (!tile_holds<ROWS>(ids_s, e)) continue;
     const bool mine = ids_s[row] == e;
     const size_t wsize = static_cast<size_t>(D) * R;
     const T* wd = w_down + e * wsize;
@@ -659,12 +686,9 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
     const T* wu = w_up + e * wsize;
 
     FragC hd[NJ], hg[NJ], ga[NJ];
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-      wmma::fill_fragment(hd[j], 0.f);
-      wmma::fill_fragment(hg[j], 0.f);
-      wmma::fill_fragment(ga[j], 0.f);
-    }
+    zero_fragments(hd);
+    zero_fragments(hg);
+    zero_fragments(ga);
     float sumsq = 0.f, dygx = 0.f;  // sum x^2 and sum dy g x over this thread's slice of the row
     for (int d0 = 0; d0 < D; d0 += kMmaChunk) {
       __syncthreads();
@@ -688,8 +712,7 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
         }
         store_vec<T, 8>(dys + row * kLdTile + col + 8 * v, dv);
       }
-      copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds, LDR, kMmaChunk, R);
-      copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs, LDR, kMmaChunk, R);
+      load_down_gate_chunk<T, R>(wd, wg, d0, wds, wgs);
       copy_tile<T>(wu + d0, D, wus, kLdTile, R, kMmaChunk);
       __syncthreads();
 #pragma unroll
@@ -697,13 +720,9 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
         FragA<T> a, g;
         wmma::load_matrix_sync(a, xs + warp * 16 * kLdTile + k, kLdTile);
         wmma::load_matrix_sync(g, dys + warp * 16 * kLdTile + k, kLdTile);
+        mma_down_gate_step<T, R>(a, wds, wgs, k, hd, hg);
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
-          FragB<T> b;
-          wmma::load_matrix_sync(b, wds + k * LDR + 16 * j, LDR);
-          wmma::mma_sync(hd[j], a, b, hd[j]);
-          wmma::load_matrix_sync(b, wgs + k * LDR + 16 * j, LDR);
-          wmma::mma_sync(hg[j], a, b, hg[j]);
           FragBt<T> bt;  // (W_up chunk)^T: element (d, j) of [64 x R] is wus[j][d]
           wmma::load_matrix_sync(bt, wus + 16 * j * kLdTile + k, kLdTile);
           wmma::mma_sync(ga[j], g, bt, ga[j]);
@@ -711,12 +730,9 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
       }
     }
     __syncthreads();  // every warp is done with pass 1's operands before the products overwrite them
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-      wmma::store_matrix_sync(hds + warp * 16 * LDRF + 16 * j, hd[j], LDRF, wmma::mem_row_major);
-      wmma::store_matrix_sync(hgs + warp * 16 * LDRF + 16 * j, hg[j], LDRF, wmma::mem_row_major);
-      wmma::store_matrix_sync(gas + warp * 16 * LDRF + 16 * j, ga[j], LDRF, wmma::mem_row_major);
-    }
+    store_fragments(hds + warp * 16 * LDRF, hd, LDRF);
+    store_fragments(hgs + warp * 16 * LDRF, hg, LDRF);
+    store_fragments(gas + warp * 16 * LDRF, ga, LDRF);
     sumsq += __shfl_xor_sync(kFullMask, sumsq, 1);
     const float rstd = norm ? rsqrtf(sumsq / static_cast<float>(D) + eps) : 1.f;
     __syncwarp();
@@ -751,8 +767,7 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
     __syncthreads();  // dh tiles complete; pass 1's buffers free
 
     for (int d0 = D - kMmaChunk; d0 >= 0; d0 -= kMmaChunk) {  // newest chunks first: L2 hits
-      copy_tile<T>(wd + static_cast<size_t>(d0) * R, R, wds2, LDR, kMmaChunk, R);
-      copy_tile<T>(wg + static_cast<size_t>(d0) * R, R, wgs2, LDR, kMmaChunk, R);
+      load_down_gate_chunk<T, R>(wd, wg, d0, wds2, wgs2);
       __syncthreads();
 #pragma unroll
       for (int c = 0; c < kMmaChunk / 16; ++c) {
@@ -844,12 +859,9 @@ routed_glu_weight_grad_mma_kernel(const T* __restrict__ dy, const T* __restrict_
 
   // Warp w owns dW_up[:, 16w..16w+16) (NJ fragments down r) and S_down, S_gate[16w..16w+16, :] (NJ each).
   FragC up[NJ], sd[NJ], sg[NJ];
-#pragma unroll
-  for (int j = 0; j < NJ; ++j) {
-    wmma::fill_fragment(up[j], 0.f);
-    wmma::fill_fragment(sd[j], 0.f);
-    wmma::fill_fragment(sg[j], 0.f);
-  }
+  zero_fragments(up);
+  zero_fragments(sd);
+  zero_fragments(sg);
   float q[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) q[i] = 0.f;
@@ -861,9 +873,7 @@ routed_glu_weight_grad_mma_kernel(const T* __restrict__ dy, const T* __restrict_
       ids_s[i] = t < end ? (expert_ids != nullptr ? expert_ids[t] : 0) : -1;
     }
     __syncthreads();
-    bool any = false;
-    for (int i = 0; i < kMmaRows; ++i) any |= ids_s[i] == e;
-    if (!any) continue;  // uniform over the block
+    if (!tile_holds<kMmaRows>(ids_s, e)) continue;
     const long long t = row0 + row;
     const bool mine = ids_s[row] == e;
     const float* w = tok_ws + t * stride;
