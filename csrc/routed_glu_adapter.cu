@@ -322,8 +322,8 @@ routed_glu_reduce_kernel(const float* __restrict__ partials, const T* __restrict
 
 // ---------------------------------------------------------------------------------------------------------
 // Tensor-core path (float16 / bfloat16, r in {16, 32}, D a multiple of 64, 16-byte aligned rows): WMMA
-// m16n16k16 on tiles of 16-64 tokens (mma_rows), looping over the experts present in the tile (one inside an image or
-// text run; each on its own rows at a boundary, the other rows zeroed), as the Triton kernel does.
+// m16n16k16 on tiles of 16-64 tokens (mma_rows), looping over the experts present in the tile (one inside an
+// image or text run; each on its own rows at a boundary, the other rows zeroed), as the Triton kernel does.
 // - Forward: pass 1 over 64-wide D chunks multiplies (x g) [ROWS x 64] by the W_down and W_gate chunks
 //   [64 x r] (one warp per 16 token rows), the loaders summing x^2 for rstd on the way; the GLU runs on the
 //   [ROWS x r] accumulators in shared memory; pass 2 multiplies act [ROWS x r] by W_up chunks [r x 64] and adds
