@@ -432,6 +432,19 @@ __device__ __forceinline__ void copy_tile(const T* __restrict__ src, int ld_src,
   }
 }
 
+// Expert e's slices of the stacked [E, D, r] / [E, r, D] weights.
+template <typename T>
+struct ExpertWeights {
+  const T *down, *gate, *up;
+};
+
+template <typename T>
+__device__ __forceinline__ ExpertWeights<T> expert_weights(const T* w_down, const T* w_gate, const T* w_up, int e,
+                                                          int D, int r) {
+  const size_t offset = static_cast<size_t>(e) * D * r;
+  return {w_down + offset, w_gate + offset, w_up + offset};
+}
+
 // Whether any of the tile's rows belongs to expert e (uniform over the block).
 template <int ROWS>
 __device__ __forceinline__ bool tile_holds(const long long* __restrict__ ids_s, int e) {
@@ -539,10 +552,8 @@ routed_glu_forward_mma_kernel(const T* __restrict__ x, const T* __restrict__ w_d
   for (int e = present.lo; e <= present.hi; ++e) {
     if (!tile_holds<ROWS>(ids_s, e)) continue;
     const bool mine = ids_s[row] == e;
-    const size_t wsize = static_cast<size_t>(D) * R;
-    const T* wd = w_down + e * wsize;
-    const T* wg = w_gate + e * wsize;
-    const T* wu = w_up + e * wsize;
+    const ExpertWeights<T> w = expert_weights(w_down, w_gate, w_up, e, D, R);
+    const T *wd = w.down, *wg = w.gate, *wu = w.up;
 
     FragC hd[NJ], hg[NJ];
     zero_fragments(hd);
@@ -680,10 +691,8 @@ routed_glu_backward_token_mma_kernel(const T* __restrict__ dy, const T* __restri
   for (int e = present.lo; e <= present.hi; ++e) {
     if (!tile_holds<ROWS>(ids_s, e)) continue;
     const bool mine = ids_s[row] == e;
-    const size_t wsize = static_cast<size_t>(D) * R;
-    const T* wd = w_down + e * wsize;
-    const T* wg = w_gate + e * wsize;
-    const T* wu = w_up + e * wsize;
+    const ExpertWeights<T> w = expert_weights(w_down, w_gate, w_up, e, D, R);
+    const T *wd = w.down, *wg = w.gate, *wu = w.up;
 
     FragC hd[NJ], hg[NJ], ga[NJ];
     zero_fragments(hd);
