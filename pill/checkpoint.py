@@ -2,8 +2,9 @@
 
 Only the method's parameters are saved (those trained in any stage). Loading checks the saved method, its
 configuration and the base model's shape against the model and names every mismatch. Writes are atomic: both
-files go to a temporary directory beside the target, which then replaces the target in one rename, so a crash
-leaves either the old checkpoint or the new one, never a mix. Only safetensors is read (never pickle).
+files go to a hidden temporary directory beside the target, flushed to disk, which then takes the target's place
+in one step (`replace_directory`), so a crash leaves either the old checkpoint or the new one, never a mix.
+Only safetensors is read (never pickle).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed support has no shards to gather
@@ -24,6 +25,7 @@ except ImportError:  # a torch built without distributed support has no shards t
     distribute_tensor = None
 
 from .config import METHOD_CONFIGS
+from .files import read_json, read_safetensors, replace_directory
 from .model import (MultimodalLlamaForCausalLM, _multimodal, adapter_parameters, inject_lavin,
                     inject_llama_adapter_v2, inject_pill, set_stage)
 
@@ -49,19 +51,6 @@ def adapter_config(model) -> dict:
         "stage": mm.stage,
         "base_model": _base_model_signature(model),
     }
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -110,14 +99,7 @@ def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None,
             os.fsync(f.fileno())
         with open(staging / WEIGHTS_NAME, "rb+") as f:
             os.fsync(f.fileno())
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / "adapter")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-        _fsync_dir(target.parent)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -128,8 +110,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     config_path = Path(path) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a pill adapter directory")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path, "an adapter configuration")
     if config.get("pill_type") not in METHOD_CONFIGS:
         raise ValueError(f"{config_path}: pill_type must be one of {sorted(METHOD_CONFIGS)}, got "
                          f"{config.get('pill_type')!r}")
@@ -168,7 +149,7 @@ def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True
     weights_path = Path(path) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    tensors = load_file(str(weights_path))
+    tensors = read_safetensors(weights_path)
     params = adapter_parameters(model)
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))

@@ -328,6 +328,9 @@ def cmd_demo(args) -> int:
                       progress=not args.no_progress)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if result["failures"]:
+        print("pill demo failed: " + "; ".join(result["failures"]), file=sys.stderr)
+        return 1
     return 0
 
 

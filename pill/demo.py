@@ -139,7 +139,17 @@ def inject(method: str, llm, settings: DemoSettings, vision_dim: int):
 
 def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, cache: str | None = None,
              output_dir: str | None = None, progress: bool = True, say=None) -> dict:
-    settings = settings or DemoSettings()
+    """The whole demo (see the module docstring); returns its results, ``failures`` empty when it worked. The
+    thread count it picks per phase is put back when it returns."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_demo(settings or DemoSettings(), llm=llm, cache=cache, output_dir=output_dir,
+                         progress=progress, say=say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) -> dict:
     if say is None:
         def say(*args):  # flushed: the demo is often watched through a pipe or a log file
             print(*args, flush=True)
@@ -228,6 +238,10 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
                                       max_new_tokens=24, progress=progress)
     t = lap("evaluate", t)
     results["adapted"] = _summary(result)
+    results["failures"] = demo_failures(results["adapted"], results.get("base"))
+    # A few held-out items as asked and answered, to check the saved adapter against (tests, users).
+    results["examples"] = [{"image": ex.image_ids[0], "question": ex.messages[0]["content"], "output": p["output"]}
+                           for ex, p in zip(test_mc[:4], result["predictions"])]
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["total_s"] = round(time.perf_counter() - started, 1)
     results["adapter"] = str(out_dir / "phase2" / "adapter")
@@ -243,9 +257,25 @@ def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, ca
         f"--image DIGIT.png --question 'Which digit is shown? Options: one (A), two (B), three (C), four (D)')")
     say(f"[demo] total time {results['total_s']:.0f} s (" +
         ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items()) + ")")
+    for problem in results["failures"]:
+        say(f"[demo] FAILED: {problem}")
     with open(out_dir / "demo_result.json", "w") as f:
         json.dump(results, f, indent=2)
     return results
+
+
+def demo_failures(adapted: dict, base: dict | None, chance: float = 0.25) -> list[str]:
+    """Why a demo run did not work, from its held-out summaries (empty when it did): most answers unparseable,
+    or an accuracy not above the base model's (above chance when the base model was not evaluated)."""
+    problems = []
+    if adapted["unparseable_rate"] > 0.5:
+        problems.append(f"{100 * adapted['unparseable_rate']:.0f}% of the held-out answers do not parse as an "
+                        f"option (expected 'The answer is X.')")
+    reference, what = (base["accuracy"], "the base model's") if base else (chance, "chance")
+    if adapted["accuracy"] <= reference:
+        problems.append(f"held-out accuracy {100 * adapted['accuracy']:.1f}% is not above {what} "
+                        f"{100 * reference:.1f}%: the adapters did not learn the task")
+    return problems
 
 
 def _no_encode(index: int):

@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import (ALL_ATTENTION_FUNCTIONS, L
 
 import pill_kernels as pk
 
+from .hf_compat import take_cache
 from .modules import ModalityGate, RoutedGLUAdapter, SoftRoutedAdapter
 
 MULTIMODAL_LAYER_KWARGS = ("mm_token_type_ids", "mm_routing_weights", "mm_visual_prompts")
@@ -72,11 +73,11 @@ class _MultimodalDecoderLayer(LlamaDecoderLayer):
                            attn.attention_dropout, scaling=attn.scaling, **kwargs)
         return out.reshape(*out.shape[:2], -1)
 
-    def _rope_and_cache(self, q, k, v, position_embeddings, past_key_values):
+    def _rope_and_cache(self, q, k, v, position_embeddings, cache):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.self_attn.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.self_attn.layer_idx)
         return q, k, v
 
     def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,7 @@ class PillDecoderLayer(_MultimodalDecoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        cache = take_cache(kwargs, past_key_values)
         mm = _pop_multimodal(kwargs)
         image = _image_mask(mm["mm_token_type_ids"], hidden_states)
         residual = hidden_states
@@ -129,10 +131,10 @@ class PillDecoderLayer(_MultimodalDecoderLayer):
             # Gate before the cache so that cached image values are already gated (decoding sees text only).
             v = pk.modality_gate(a, self.pill_value_gate.weight.to(a.dtype), v, image, backend=self.pill_backend)
         v = v.transpose(1, 2)
-        q, k, v = self._rope_and_cache(q, k, v, position_embeddings, past_key_values)
+        q, k, v = self._rope_and_cache(q, k, v, position_embeddings, cache)
         if self.pill_gate_enabled and self.pill_gate_per == "query_head":
             gate_logits = (a @ self.pill_value_gate.weight.to(a.dtype)).transpose(1, 2)
-            gate_logits, key_image = self._cached_gate_logits(gate_logits, image, past_key_values)
+            gate_logits, key_image = self._cached_gate_logits(gate_logits, image, cache)
             attn_out = pk.gated_attention(
                 q, k, v, gate_logits=gate_logits, image_mask=key_image,
                 key_padding_mask=key_padding_from_attention_mask(attention_mask, q.shape[0], k.shape[2]),
@@ -144,17 +146,17 @@ class PillDecoderLayer(_MultimodalDecoderLayer):
         u = self.pill_ffn_experts(h, self.pill_expert_ids(image), norm=self.post_attention_layernorm)
         return h + self.mlp(u)
 
-    def _cached_gate_logits(self, gate_logits, image, past_key_values):
+    def _cached_gate_logits(self, gate_logits, image, cache):
         """Per-query-head gates of every key seen so far; the cache holds values ungated in this mode."""
-        if past_key_values is None:
+        if cache is None:
             return gate_logits, image
-        store = past_key_values.__dict__.setdefault("_pill_query_head_gates", {})
+        store = cache.__dict__.setdefault("_pill_query_head_gates", {})
         layer = self.self_attn.layer_idx
         if layer in store and store[layer][0].shape[-1] + gate_logits.shape[-1] == \
-                past_key_values.get_seq_length(layer):
+                cache.get_seq_length(layer):
             gate_logits = torch.cat([store[layer][0], gate_logits], dim=-1)
             image = torch.cat([store[layer][1], image], dim=-1)
-        elif gate_logits.shape[-1] != past_key_values.get_seq_length(layer):
+        elif gate_logits.shape[-1] != cache.get_seq_length(layer):
             raise RuntimeError("PILL gate_per='query_head': the KV cache holds keys whose gates were not recorded "
                                "(a cache filled outside this model, or reordered / cropped); start a new cache")
         store[layer] = (gate_logits.detach(), image)
@@ -177,6 +179,7 @@ class LavinDecoderLayer(_MultimodalDecoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        cache = take_cache(kwargs, past_key_values)
         mm = _pop_multimodal(kwargs)
         routing = mm["mm_routing_weights"]
         if routing is None:
@@ -185,7 +188,7 @@ class LavinDecoderLayer(_MultimodalDecoderLayer):
         a = self.pill_router_adapter(hidden_states, routing[:, self.self_attn.layer_idx],
                                      norm=self.input_layernorm)
         q, k, v = self._qkv(a)
-        q, k, v = self._rope_and_cache(q, k, v.transpose(1, 2), position_embeddings, past_key_values)
+        q, k, v = self._rope_and_cache(q, k, v.transpose(1, 2), position_embeddings, cache)
         h = residual + self.self_attn.o_proj(self._standard_attention(q, k, v, attention_mask, kwargs))
         return self._feed_forward(h)
 
@@ -226,11 +229,12 @@ class LlamaAdapterV2DecoderLayer(_MultimodalDecoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        cache = take_cache(kwargs, past_key_values)
         mm = _pop_multimodal(kwargs)
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         q, k, v = self._qkv(x)
-        q, k, v = self._rope_and_cache(q, k, v.transpose(1, 2), position_embeddings, past_key_values)
+        q, k, v = self._rope_and_cache(q, k, v.transpose(1, 2), position_embeddings, cache)
         if self.pill_has_prompt:
             attn = self.self_attn
             batch = q.shape[0]

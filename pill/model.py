@@ -17,6 +17,7 @@ import torch.nn as nn
 from transformers import LlamaForCausalLM
 
 from .config import LavinConfig, LlamaAdapterV2Config, PillConfig, _MethodConfig
+from .hf_compat import CAUSAL_LM_CACHE_ARG, take_cache
 from .layers import LavinDecoderLayer, LlamaAdapterV2DecoderLayer, PillDecoderLayer
 from .modules import LinearProjector, MLPProjector, VisualPromptProjector
 
@@ -99,15 +100,22 @@ class MultimodalAdapter(nn.Module):
     def project(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.projector(image_features)
 
-    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, past_key_values) -> dict:
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, cache) -> dict:
         return {}
 
     def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
-        """Inputs fixed from the prompt for every decoding step of generate(): the prompt's embeddings with the
-        images scattered in (placeholder ids may lie outside the vocabulary; decoding steps only see generated
-        ids) and the modality mask."""
-        inputs_embeds, mm_token_type_ids = self.embed(model, input_ids, image_features)
-        return {"inputs_embeds": inputs_embeds, "mm_token_type_ids": mm_token_type_ids}
+        """Per-row tensors fixed by the prompt that generate() carries to every decoding step (it repeats them
+        per returned sequence): the prompt's embeddings with the images scattered in, and its modality per token
+        (``mm_token_type_ids`` given to generate, else read off the placeholders). The model's
+        `prepare_inputs_for_generation` cuts each step's inputs out of them."""
+        prompt_types = kwargs.pop("mm_token_type_ids", None)
+        inputs_embeds, derived_types = self.embed(model, input_ids, image_features)
+        if prompt_types is None:
+            prompt_types = derived_types
+        elif tuple(prompt_types.shape) != tuple(input_ids.shape):
+            raise ValueError(f"mm_token_type_ids must have the prompt's shape [batch, seq] = "
+                             f"{tuple(input_ids.shape)}, got {tuple(prompt_types.shape)}")
+        return {"prompt_embeds": inputs_embeds, "prompt_mm_token_type_ids": prompt_types.long()}
 
     # -- training stages -----------------------------------------------------------------------------------
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
@@ -148,10 +156,10 @@ class LavinMultimodal(MultimodalAdapter):
         # The seed's adapter_modality_embedding: nn.Embedding(2, D), N(0, 1).
         self.modality_embedding = nn.Parameter(torch.randn(2, hidden_size))
 
-    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, past_key_values) -> dict:
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
         sequence_modality = extra.get("sequence_modality")
         if sequence_modality is None:
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("LaVIN routes per sequence from the prompt's modality: when decoding with a cache, "
                                  "pass sequence_modality [B] (1 where the sequence has an image); generate() does")
             batch = extra["batch"]
@@ -162,7 +170,7 @@ class LavinMultimodal(MultimodalAdapter):
     def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
         inputs = super().generate_inputs(model, input_ids, image_features, kwargs)
         if kwargs.get("sequence_modality") is None:  # decoding steps are text: fix the routing from the prompt
-            inputs["sequence_modality"] = inputs["mm_token_type_ids"].any(dim=-1)
+            inputs["sequence_modality"] = inputs["prompt_mm_token_type_ids"].bool().any(dim=-1)
         return inputs
 
     def routing_weights(self, model, sequence_modality: torch.Tensor) -> torch.Tensor:
@@ -191,13 +199,16 @@ class LlamaAdapterV2Multimodal(MultimodalAdapter):
     def embed(self, model, input_ids, image_features):
         return model.get_input_embeddings()(input_ids), None
 
-    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, past_key_values) -> dict:
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
         prompts = extra.get("visual_prompts")
         if prompts is None and image_features is not None:
             prompts = self.visual_prompts(image_features, extra.get("sequence_modality"))
         return {"mm_visual_prompts": prompts}
 
     def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
+        """The visual prompts [B, K, D], computed once from the image and used by every decoding step."""
+        if kwargs.get("mm_token_type_ids") is not None:
+            raise ValueError("LLaMA-Adapter V2 takes no mm_token_type_ids: its image enters through the prompts")
         if image_features is None:
             return {}
         return {"visual_prompts": self.visual_prompts(image_features, kwargs.get("sequence_modality"))}
@@ -230,7 +241,9 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         """LlamaForCausalLM.forward plus ``image_features``, ``mm_token_type_ids`` [B, S] (derived from the
         placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted),
         precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2), and ``images`` for the attached frozen
-        vision encoder (instead of ``image_features``)."""
+        vision encoder (instead of ``image_features``). The KV cache may be passed as ``past_key_values`` or
+        ``cache`` (the name transformers uses since 5.24)."""
+        cache = take_cache(kwargs, past_key_values)
         mm = self.multimodal
         image_features = _features(mm, images, image_features)
         if self.training:
@@ -248,7 +261,7 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError(f"mm_token_type_ids must have shape [batch, seq] = {tuple(inputs_embeds.shape[:2])}, "
                              f"got {tuple(mm_token_type_ids.shape)}")
         if attention_mask is not None and attention_mask.dim() == 2:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             expected = (inputs_embeds.shape[0], past + inputs_embeds.shape[1])
             if tuple(attention_mask.shape) != expected:
                 raise ValueError(f"attention_mask must have shape [batch, cached + new tokens] = {expected}, got "
@@ -263,23 +276,76 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
             labels = labels.masked_fill(labels == mm.image_token_id, -100)
         extra = {"sequence_modality": sequence_modality, "visual_prompts": visual_prompts,
                  "batch": inputs_embeds.shape[0]}
-        layer_kwargs = mm.layer_kwargs(self, mm_token_type_ids, image_features, extra, past_key_values)
+        layer_kwargs = mm.layer_kwargs(self, mm_token_type_ids, image_features, extra, cache)
+        kwargs[CAUSAL_LM_CACHE_ARG] = cache
         return super().forward(attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                               use_cache=use_cache, logits_to_keep=logits_to_keep,
-                               mm_token_type_ids=mm_token_type_ids, **layer_kwargs, **kwargs)
+                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, mm_token_type_ids=mm_token_type_ids,
+                               **layer_kwargs, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, image_features=None, images=None, **kwargs):
-        """transformers' generate with image features: the prompt's embeddings (images scattered in) are built
-        once, and the per-sequence inputs (LaVIN's modality, LLaMA-Adapter V2's visual prompts) are fixed from
-        the prompt for every decoding step. Returns prompt and generated ids, as generate does."""
+        """transformers' generate with image features (or ``images`` for the attached encoder). Greedy decoding
+        and sampling, batched with left padding; beam search and assisted decoding are refused.
+
+        The prompt's per-row inputs are built once (its embeddings with the images scattered in, its modality
+        per token, LaVIN's routing modality, LLaMA-Adapter V2's visual prompts) and each step's inputs are cut
+        from them by `prepare_inputs_for_generation`, whatever the installed transformers slices itself.
+        Returns prompt and generated ids, as generate does (image placeholders included)."""
         if input_ids is None:
-            raise ValueError("generate needs input_ids")
+            raise ValueError("generate needs input_ids (with the image placeholders) and image_features")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("pass input_ids and image_features to generate, not inputs_embeds: the model builds "
+                             "the prompt's embeddings itself")
+        _refuse_unsupported_decoding(self, kwargs)
         mm = self.multimodal
         image_features = _features(mm, images, image_features)
         kwargs.update(mm.generate_inputs(self, input_ids, image_features, kwargs))
-        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        placeholders = input_ids == mm.image_token_id if mm.image_token_id is not None else None
+        if placeholders is None or not placeholders.any():
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # Placeholder ids may lie outside the vocabulary, where logits processors (repetition penalty, n-gram
+        # bans) index the scores with them. generate sees an in-vocabulary stand-in (the model reads the prompt
+        # from prompt_embeds), and the output shows the placeholders again.
+        pad = kwargs.get("pad_token_id", self.generation_config.pad_token_id)
+        if attention_mask is None:  # as generate would infer it, but with the placeholders counted as real
+            attention_mask = (input_ids != pad).long() if pad is not None else torch.ones_like(input_ids)
+        stand_in = pad if isinstance(pad, int) and 0 <= pad < self.config.vocab_size else 0
+        out = super().generate(input_ids=input_ids.masked_fill(placeholders, stand_in),
+                               attention_mask=attention_mask, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        per_prompt = sequences.shape[0] // input_ids.shape[0]
+        sequences[:, :input_ids.shape[1]] = input_ids.repeat_interleave(per_prompt, dim=0)
+        return out
+
+    def prepare_inputs_for_generation(self, input_ids, *args, prompt_embeds=None, prompt_mm_token_type_ids=None,
+                                      **kwargs):
+        """One decoding step's inputs. transformers picks the step's tokens (all of them without a cache, the
+        new ones with it) and handles the cache and mask; the multimodal inputs are then cut from the prompt's
+        per-row tensors for exactly those positions: prompt positions take the prompt's embeddings (images
+        included) and modality, generated positions are text."""
+        kwargs.pop("mm_token_type_ids", None)  # the prompt's types travel as prompt_mm_token_type_ids
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if prompt_mm_token_type_ids is None:
+            return inputs
+        step_ids = inputs.get("input_ids")
+        if step_ids is None:
+            raise RuntimeError("prepare_inputs_for_generation: the step's input_ids are missing (generate was "
+                               "given inputs_embeds?); pass input_ids and image_features")
+        total, prompt_len = input_ids.shape[1], prompt_mm_token_type_ids.shape[1]
+        start = total - step_ids.shape[1]
+        generated = total - max(start, prompt_len)
+        types = prompt_mm_token_type_ids[:, start:]
+        if generated:
+            types = torch.cat([types, types.new_zeros(types.shape[0], generated)], dim=1)
+        inputs["mm_token_type_ids"] = types
+        if start < prompt_len:
+            embeds = prompt_embeds[:, start:]
+            if generated:
+                embeds = torch.cat([embeds, self.get_input_embeddings()(input_ids[:, prompt_len:])], dim=1)
+            inputs["inputs_embeds"] = embeds
+            inputs["input_ids"] = None
+        return inputs
 
     # -- conveniences ------------------------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
@@ -287,6 +353,20 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _refuse_unsupported_decoding(model, kwargs: dict) -> None:
+    """Beam search reorders the KV cache between steps, and the PILL query-head gates stored beside it would not
+    follow; assisted decoding crops it. Neither is supported: refuse rather than decode wrongly."""
+    config = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    if beams > 1:
+        raise ValueError(f"num_beams={beams}: beam search is not supported by the multimodal models; use greedy "
+                         f"decoding or sampling (num_beams=1)")
+    for name in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha"):
+        if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+            raise ValueError(f"{name} (assisted or contrastive decoding) is not supported by the multimodal "
+                             f"models; use greedy decoding or sampling")
 
 
 def _features(mm: MultimodalAdapter, images, image_features):

@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .checkpoint import DTensor, full_tensor, save_adapter, shard_like
+from .files import read_json, read_safetensors, replace_directory
 from .data import IGNORE, Collator, Example, PromptFormatter
 from .model import _multimodal, adapter_parameters, set_stage
 
@@ -362,9 +363,9 @@ class Trainer:
                 json.dump(state, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            with open(staging / "trainer_state.safetensors", "rb+") as f:
+                os.fsync(f.fileno())
+            replace_directory(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -381,8 +382,10 @@ class Trainer:
         from .checkpoint import load_adapter
 
         path = Path(path)
-        with open(path / "trainer_state.json") as f:
-            state = json.load(f)
+        state = read_json(path / "trainer_state.json", "a trainer checkpoint's state")
+        missing = [key for key in ("step", "stage", "num_examples", "world_size", "param_groups") if key not in state]
+        if missing:
+            raise ValueError(f"{path / 'trainer_state.json'}: missing {missing}: not a complete trainer checkpoint")
         if state["stage"] != self.config.stage:
             raise ValueError(f"{path}: checkpoint of stage {state['stage']}, this run trains stage {self.config.stage}")
         if state["num_examples"] != len(self.examples) or state["world_size"] != self.world:
@@ -390,7 +393,7 @@ class Trainer:
                              f"{state['world_size']} process(es); this run has {len(self.examples)} on {self.world}: "
                              f"the data position would not carry over")
         load_adapter(self.model, path / "adapter", set_saved_stage=False)
-        tensors = load_file(str(path / "trainer_state.safetensors"))
+        tensors = read_safetensors(path / "trainer_state.safetensors")
         load_optimizer_state(self.optimizer, self.param_names, tensors, state["param_groups"])
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and torch.cuda.is_available():

@@ -23,7 +23,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .files import read_json, read_safetensors
 
 
 def image_to_array(image) -> np.ndarray:
@@ -39,10 +41,18 @@ def image_to_array(image) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file that Pillow can read (PNG, JPEG, ...; or its header is "
+                         f"damaged)") from None
+    except (OSError, SyntaxError) as exc:  # Pillow raises these for truncated or damaged image data
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        raise ValueError(f"{path}: the image file is truncated or corrupt ({exc})") from None
 
 
 class EfficientNetLite0Encoder:
@@ -98,6 +108,26 @@ class EfficientNetLite0Encoder:
         return torch.cat(outs)
 
 
+def _image_processor(path: Path):
+    """The checkpoint's image processor. Some transformers releases (5.17 among them) make AutoImageProcessor
+    require torchvision while the processor's own class falls back to its PIL backend: use that class then."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path))
+    except ImportError as exc:
+        config_path = path / "preprocessor_config.json"
+        name = read_json(config_path, "an image processor configuration").get("image_processor_type", "") \
+            if config_path.is_file() else ""
+        name = name.removesuffix("Fast")
+        for candidate in (f"{name}Pil", name) if name else ():
+            processor_class = getattr(transformers, candidate, None)
+            if processor_class is not None:
+                return processor_class.from_pretrained(str(path))
+        raise ImportError(f"vision encoder {path}: cannot load its image processor ({exc})") from exc
+
+
 class HFVisionEncoder:
     """A local Hugging Face vision tower (CLIP / SigLIP / any AutoModel with a vision part) and its image
     processor. feature_layer: which hidden state (-1 last, -2 penultimate as LLaVA); drop_cls: drop the first
@@ -105,7 +135,7 @@ class HFVisionEncoder:
 
     def __init__(self, path: str | os.PathLike, feature_layer: int = -1, drop_cls: bool = False,
                  batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        from transformers import AutoConfig, AutoModel
 
         path = Path(path).expanduser()
         if not (path / "config.json").is_file():
@@ -116,7 +146,7 @@ class HFVisionEncoder:
         config = AutoConfig.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
         self.model = getattr(model, "vision_model", model).to(device).eval().requires_grad_(False)
-        self.processor = AutoImageProcessor.from_pretrained(str(path))
+        self.processor = _image_processor(path)
         vision_config = getattr(config, "vision_config", config)
         self.feature_dim = vision_config.hidden_size
         self.feature_layer = feature_layer
@@ -194,7 +224,7 @@ class FeatureCache:
         self.memory: dict[str, torch.Tensor] = {}
         if self.directory is not None and self.directory.is_dir():
             for shard in sorted(self.directory.glob("shard-*.safetensors")):
-                self.memory.update(load_file(str(shard)))
+                self.memory.update(read_safetensors(shard))
 
     @staticmethod
     def _key(identity: str) -> str:

@@ -451,7 +451,12 @@ def routed_glu_adapter(x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor, 
         rank=rank))
     args = (x.reshape(-1, hidden).contiguous(), w_down.contiguous(), w_gate.contiguous(), w_up.contiguous(),
             expert_ids, norm_weight, float(eps))
-    y = reference.routed_glu_adapter(*args) if chosen == "eager" else _routed_glu_adapter_op(*args, chosen)
+    # The reference gathers each expert's tokens (data-dependent shapes, which torch.compile cannot trace in one
+    # graph): compiled code calls the custom op, whose eager kernel runs the same reference opaquely.
+    if chosen == "eager" and not torch.compiler.is_compiling():
+        y = reference.routed_glu_adapter(*args)
+    else:
+        y = _routed_glu_adapter_op(*args, chosen)
     return y.reshape(x.shape)
 
 

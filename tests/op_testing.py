@@ -37,6 +37,86 @@ def assert_matches_reference(out, out_ref_lowp, out_ref_fp64, atol=1e-5, what="o
                                         f"{slack:.1e}")
 
 
+def rounded_to(dtype, tensors):
+    """Floating tensors rounded to `dtype` and kept in float64 (others unchanged): the float64 ground truth then
+    sees exactly the inputs a low-precision kernel gets, and the error bound measures the kernel's arithmetic,
+    not the rounding of its inputs."""
+    def one(t):
+        return t.to(dtype).double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    if isinstance(tensors, dict):
+        return {k: one(v) for k, v in tensors.items()}
+    return type(tensors)(one(t) for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Definitions written independently of pill_kernels.reference (which the eager backend runs): the op tests
+# compare every backend, eager included, against these.
+# ------------------------------------------------------------------------------------------------------
+
+def _rms_norm_definition(x, weight, eps):
+    xf = x.float() if x.dtype in LOW_PRECISION else x
+    return weight * (xf / torch.sqrt((xf * xf).sum(-1, keepdim=True) / x.shape[-1] + eps)).to(x.dtype)
+
+
+def routed_glu_definition(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps=1e-6):
+    """Per token: gather its expert's matrices, y = n + W_up(SiLU(n W_gate) * (n W_down))."""
+    n = _rms_norm_definition(x, norm_weight, eps) if norm_weight is not None else x
+    ids = expert_ids.long() if expert_ids is not None else torch.zeros(x.shape[0], dtype=torch.long)
+    gate = torch.einsum("td,tdr->tr", n, w_gate[ids])
+    down = torch.einsum("td,tdr->tr", n, w_down[ids])
+    hidden = gate * torch.sigmoid(gate) * down
+    return n + torch.einsum("tr,trd->td", hidden, w_up[ids])
+
+
+def soft_routed_definition(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask=None, norm_weight=None,
+                           eps=1e-6, scale=1.0):
+    """LaVIN's router as written in the seed: every expert's up-projection, weighted and summed one by one."""
+    n = _rms_norm_definition(x, norm_weight, eps) if norm_weight is not None else x
+    z = n @ w_down + b_down
+    if dropout_mask is not None:
+        z = z * dropout_mask
+    return n + scale * sum(routing_weights[:, e:e + 1] * (z @ w_up[e] + b_up[e]) for e in range(w_up.shape[0]))
+
+
+def modality_gate_definition(x, w_gate, v, image_mask):
+    """The seed's MAG: the gated value where the (full-width) mask is set, the value elsewhere."""
+    gated = torch.tanh(x @ w_gate)[..., None] * v
+    return torch.where(image_mask[:, None, None].expand_as(v), gated, v)
+
+
+def gated_attention_definition(q, k, v, gate_logits=None, image_mask=None, key_padding_mask=None, prompt_k=None,
+                               prompt_v=None, prompt_gate=None, causal=True, scale=None):
+    """Attention with explicit exponentials per (query head, key): probabilities from exp(s - max) / sum over
+    the allowed keys, the image keys' gate applied to the probabilities, grouped heads indexed, not repeated."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k, group = k.shape[2], heads // k.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    kv_of_head = torch.arange(heads) // group
+    keys, values = k[:, kv_of_head], v[:, kv_of_head]
+    scores = torch.einsum("bhid,bhjd->bhij", q, keys) * scale
+    allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool)
+    if causal:
+        allowed = allowed & (torch.arange(seq_k)[None, :] <= torch.arange(seq_q)[:, None] + seq_k - seq_q)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].bool()
+    top = scores.masked_fill(~allowed, -torch.inf).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.where(allowed, torch.exp(scores - top), torch.zeros_like(scores))
+    total = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
+    if gate_logits is not None:
+        multiplier = torch.where(image_mask[:, None, :].bool(), torch.tanh(gate_logits), torch.ones_like(gate_logits))
+        probs = probs * multiplier[:, :, None, :]
+    out = torch.einsum("bhij,bhjd->bhid", probs, values)
+    if prompt_k is not None:
+        prompt_scores = torch.einsum("bhid,bhjd->bhij", q, prompt_k[:, kv_of_head]) * scale
+        prompt_probs = torch.exp(prompt_scores - prompt_scores.amax(-1, keepdim=True))
+        prompt_probs = prompt_probs / prompt_probs.sum(-1, keepdim=True)
+        out = out + torch.tanh(prompt_gate)[None, :, None, None] * torch.einsum(
+            "bhij,bhjd->bhid", prompt_probs, prompt_v[:, kv_of_head])
+    return out
+
+
 def routed_inputs(tokens, hidden=40, rank=5, experts=2, norm=True, dtype=torch.float64, mask="random"):
     x = torch.randn(tokens, hidden, dtype=dtype)
     w_down = 0.3 * torch.randn(experts, hidden, rank, dtype=dtype)

@@ -7,6 +7,8 @@ import os
 import pytest
 import yaml
 
+import pill.demo
+
 from pill.cli import main
 from trainer_testing import save_tiny_llm
 
@@ -76,8 +78,13 @@ def test_train_eval_generate_from_a_config(project, capsys):
     assert result["total"] == 4 and 0 <= result["accuracy"] <= 1
     assert set(result["categories"]["warm"]) == {"yes", "no"}
     assert "multiple-choice accuracy" in capsys.readouterr().out
+    capsys.readouterr()
     assert main(["generate", "--adapter", str(adapter), "--image", str(root / "img" / "red.png"),
-                 "--question", "Colour?", "--max-new-tokens", "5"]) == 0
+                 "--question", "Colour?", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n")
+    # The answer pill generate printed is the greedy full-recompute loop's on the same adapter and image.
+    assert printed[:-1] == _greedy_answer_of_saved_adapter(adapter, root / "img" / "red.png", "Colour?", 8)
     # Resuming a finished run does no more steps and keeps the metrics.
     assert main(["train", str(root / "run.yaml"), "--resume"]) == 0
     assert [json.loads(line)["step"] for line in open(root / "run" / "metrics.jsonl")] == [1, 2, 3]
@@ -120,20 +127,52 @@ def test_demo_smoke(tmp_path, capsys):
     rc = main(["demo", "--cache-dir", cache, "--output-dir", str(out), "--train-images", "24", "--test-images", "8",
                "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4", "--no-progress",
                "--json", str(tmp_path / "demo.json")])
-    assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "base model without adapters" in printed and "pill held-out multiple-choice accuracy" in printed
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["base"]["total"] == result["adapted"]["total"] == 8
     assert 0 <= result["adapted"]["accuracy"] <= 1
+    # Four steps do not teach the task: the run says so and exits non-zero (or it did learn, and exits 0).
+    assert result["failures"] == pill.demo.demo_failures(result["adapted"], result["base"])
+    assert rc == (1 if result["failures"] else 0)
+    for problem in result["failures"]:
+        assert f"[demo] FAILED: {problem}" in printed and problem in captured.err
     adapter = out / "phase2" / "adapter"
     assert (adapter / "pill_run.json").is_file()
+    # The held-out answers the demo reported are the greedy full-recompute loop's on the saved adapter.
+    from generation_oracles import greedy_answers
+    from pill.cli import load_for_inference
+    from pill.data import Example
+    from pill.vision import FeatureCache
+
+    model, formatter, encoder, _ = load_for_inference(str(adapter), None)
+    store = FeatureCache(encoder, cache)
+    examples = [Example([{"role": "user", "content": e["question"]}, {"role": "assistant", "content": ""}],
+                        [None], [e["image"]], where=e["image"]) for e in result["examples"]]
+    lookup = lambda ids: store.features(ids, lambda i: pytest.fail("the demo cached every feature"))  # noqa: E731
+    assert [e["output"] for e in result["examples"]] == greedy_answers(model, formatter, examples, lookup, 24)
     from sklearn.datasets import load_digits
     from PIL import Image
 
     Image.fromarray((load_digits().images[0] * 255 / 16).astype("uint8")).save(tmp_path / "digit.png")
     assert main(["generate", "--adapter", str(adapter), "--image", str(tmp_path / "digit.png"), "--question",
                  "Which digit is shown? Options: zero (A), one (B), two (C), three (D)", "--max-new-tokens", "8"]) == 0
+
+
+def _greedy_answer_of_saved_adapter(adapter, image, question, new_tokens):
+    from generation_oracles import greedy_answers
+    from pill.cli import load_for_inference
+    from pill.data import Example
+    from pill.llm import cache_dir
+    from pill.vision import FeatureCache, image_identity, load_image
+
+    model, formatter, encoder, recorded_cache = load_for_inference(str(adapter), None)
+    store = FeatureCache(encoder, cache_dir(recorded_cache))
+    example = Example([{"role": "user", "content": question if "<image>" in question else "<image>\n" + question},
+                       {"role": "assistant", "content": ""}], [image], [image_identity(image)], where=str(image))
+    lookup = lambda ids: store.features(ids, lambda i: load_image(image))  # noqa: E731
+    return greedy_answers(model, formatter, [example], lookup, new_tokens)[0]
 
 
 def _torchrun(config_path, *extra):
@@ -197,7 +236,8 @@ def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed,
         # Reduction order differs between 1 and 2 processes; Adam turns that into up to ~1e-4 of a tensor's scale
         # on elements whose gradients are near zero (measured: LaVIN's projector, 1.5e-4).
         scale = float(single[name].abs().max())
-        torch.testing.assert_close(dist[name], single[name], rtol=1e-4, atol=max(1e-5, 5e-4 * scale), msg=name)
+        torch.testing.assert_close(dist[name], single[name], rtol=1e-4, atol=max(1e-5, 5e-4 * scale),
+                                   msg=lambda m: f"{name}: {m}")
         moved += int(not torch.equal(single[name], torch.zeros_like(single[name])))
     assert moved > 0
     assert [json.loads(line)["step"] for line in open(root / "run_dist" / "metrics.jsonl")] == [1, 2, 3]

@@ -12,7 +12,8 @@ import pill_kernels as pk
 from pill_kernels import reference as ref
 
 from op_testing import (CPU_BACKENDS, LOW_PRECISION, MASK_KINDS, assert_matches_reference, attention_inputs,
-                        image_mask, require_backend, routed_inputs, soft_inputs)
+                        gated_attention_definition, image_mask, modality_gate_definition, require_backend,
+                        rounded_to, routed_glu_definition, routed_inputs, soft_inputs, soft_routed_definition)
 
 def seed_momae(x, w_down, w_gate, w_up, image, norm_weight, eps):
     """The PILL seed: both experts on every token, then `where` on the modality mask."""
@@ -39,10 +40,9 @@ def test_routed_glu_reference_equals_seed_formulation(tokens, mask, norm):
 @pytest.mark.parametrize("experts,norm", [(1, True), (2, True), (2, False), (3, True)])
 def test_routed_glu_op_matches_reference_with_gradients(backend, dtype, experts, norm):
     require_backend("routed_glu_adapter", backend)
-    inputs64 = routed_inputs(13, hidden=24, rank=3, experts=experts, norm=norm)
-    x, wd, wg, wu, ids, nw = inputs64
+    x, wd, wg, wu, ids, nw = rounded_to(dtype, routed_inputs(13, hidden=24, rank=3, experts=experts, norm=norm))
     floats = [t for t in (x, wd, wg, wu, nw) if t is not None]
-    grad_y = torch.randn_like(x)
+    grad_y = torch.randn_like(x).to(dtype).double()
 
     def run(fn, dt):
         leaves = [t.to(dt).requires_grad_() for t in floats]
@@ -54,8 +54,8 @@ def test_routed_glu_op_matches_reference_with_gradients(backend, dtype, experts,
 
     op = lambda x, wd, wg, wu, ids, nw: pk.routed_glu_adapter(  # noqa: E731
         x, wd, wg, wu, ids if experts > 1 else None, norm_weight=nw, backend=backend)
-    reference = lambda *a: ref.routed_glu_adapter(*a)  # noqa: E731
-    got, lowp, exact = run(op, dtype), run(reference, dtype), run(reference, torch.float64)
+    definition = lambda *a: routed_glu_definition(*a)  # noqa: E731
+    got, lowp, exact = run(op, dtype), run(definition, dtype), run(definition, torch.float64)
     for name, g, lp, ex in zip(["y", "dx", "dw_down", "dw_gate", "dw_up", "dnorm"], got, lowp, exact):
         assert g.dtype == dtype
         assert_matches_reference(g, lp, ex, atol=1e-2 if dtype in LOW_PRECISION else 0, what=name)
@@ -115,9 +115,9 @@ def test_soft_routed_reference_equals_explicit_sum():
 @pytest.mark.parametrize("norm,dropout", [(True, True), (False, False)])
 def test_soft_routed_op_matches_reference_with_gradients(backend, dtype, norm, dropout):
     require_backend("soft_routed_adapter", backend)
-    a = soft_inputs(norm=norm, dropout=dropout)
+    a = rounded_to(dtype, soft_inputs(norm=norm, dropout=dropout))
     names = [k for k, v in a.items() if v is not None and k != "dropout_mask"]
-    grad_y = torch.randn_like(a["x"])
+    grad_y = torch.randn_like(a["x"]).to(dtype).double()
 
     def run(fn, dt):
         args = {k: (v.to(dt) if v is not None else None) for k, v in a.items()}
@@ -126,8 +126,8 @@ def test_soft_routed_op_matches_reference_with_gradients(backend, dtype, norm, d
         return [y.detach()] + list(torch.autograd.grad(y, leaves, grad_y.to(dt)))
 
     op = lambda **kw: pk.soft_routed_adapter(**kw, scale=0.7, backend=backend)  # noqa: E731
-    reference = lambda **kw: ref.soft_routed_adapter(**kw, scale=0.7)  # noqa: E731
-    got, lowp, exact = run(op, dtype), run(reference, dtype), run(reference, torch.float64)
+    definition = lambda **kw: soft_routed_definition(**kw, scale=0.7)  # noqa: E731
+    got, lowp, exact = run(op, dtype), run(definition, dtype), run(definition, torch.float64)
     for name, g, lp, ex in zip(["y"] + names, got, lowp, exact):
         assert_matches_reference(g, lp, ex, atol=1e-2 if dtype in LOW_PRECISION else 0, what=name)
 
@@ -169,10 +169,11 @@ def test_modality_gate_reference_equals_seed_formulation(mask):
 @pytest.mark.parametrize("mask", MASK_KINDS)
 def test_modality_gate_op_matches_reference_with_gradients(backend, dtype, mask):
     require_backend("modality_gate", backend)
-    x, w, v = torch.randn(17, 12, dtype=torch.float64), 0.3 * torch.randn(12, 3, dtype=torch.float64), \
-        torch.randn(17, 3, 5, dtype=torch.float64)
+    x, w, v = rounded_to(dtype, (torch.randn(17, 12, dtype=torch.float64),
+                                 0.3 * torch.randn(12, 3, dtype=torch.float64),
+                                 torch.randn(17, 3, 5, dtype=torch.float64)))
     image = image_mask(mask, 17)
-    grad = torch.randn_like(v)
+    grad = torch.randn_like(v).to(dtype).double()
 
     def run(fn, dt):
         leaves = [t.to(dt).requires_grad_() for t in (x, w, v)]
@@ -180,7 +181,8 @@ def test_modality_gate_op_matches_reference_with_gradients(backend, dtype, mask)
         return [y.detach()] + list(torch.autograd.grad(y, leaves, grad.to(dt)))
 
     op = lambda *a: pk.modality_gate(*a, backend=backend)  # noqa: E731
-    got, lowp, exact = run(op, dtype), run(ref.modality_gate, dtype), run(ref.modality_gate, torch.float64)
+    got, lowp, exact = (run(op, dtype), run(modality_gate_definition, dtype),
+                        run(modality_gate_definition, torch.float64))
     for name, g, lp, ex in zip(["v_out", "dx", "dw_gate", "dv"], got, lowp, exact):
         assert_matches_reference(g, lp, ex, atol=1e-2 if dtype in LOW_PRECISION else 0, what=name)
 
@@ -243,9 +245,9 @@ def test_gated_attention_reference_and_op_equal_the_definition(backend, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_attention_op_gradients_match_reference(backend, dtype):
     require_backend("gated_attention", backend)
-    a = attention_inputs()
+    a = rounded_to(dtype, attention_inputs())
     names = ["q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
-    grad = torch.randn_like(a["q"])
+    grad = torch.randn_like(a["q"]).to(dtype).double()
 
     def run(fn, dt):
         args = {k: (v.to(dt) if v is not None and v.is_floating_point() else v) for k, v in a.items()}
@@ -254,7 +256,8 @@ def test_gated_attention_op_gradients_match_reference(backend, dtype):
         return [o.detach()] + list(torch.autograd.grad(o, leaves, grad.to(dt)))
 
     op = lambda **kw: pk.gated_attention(**kw, backend=backend)  # noqa: E731
-    got, lowp, exact = run(op, dtype), run(ref.gated_attention, dtype), run(ref.gated_attention, torch.float64)
+    got, lowp, exact = (run(op, dtype), run(gated_attention_definition, dtype),
+                        run(gated_attention_definition, torch.float64))
     for name, g, lp, ex in zip(["o"] + names, got, lowp, exact):
         assert_matches_reference(g, lp, ex, atol=2e-2 if dtype in LOW_PRECISION else 0, what=name)
 

@@ -154,6 +154,75 @@ def test_save_is_atomic_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
+CRASHING_SAVE = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch
+import pill, pill.checkpoint as checkpoint
+from conftest import randomize_adapters
+from test_models import make_model
+model = make_model("pill")
+pill.load_adapter(model, {path!r})
+randomize_adapters(model)
+real_save_file = checkpoint.save_file
+def crash(*args, **kwargs):
+    os._exit(9)  # the process dies here: no exception handler, no clean-up
+def crash_midway(tensors, filename, metadata=None):
+    real_save_file(tensors, filename, metadata=metadata)
+    with open(filename, "r+b") as f:
+        f.truncate(os.path.getsize(filename) // 2)
+    crash()
+if {where!r} == "writing the tensors":
+    checkpoint.save_file = crash_midway
+else:
+    checkpoint.replace_directory = crash
+pill.save_adapter(model, {path!r})
+"""
+
+
+@pytest.mark.parametrize("where", ["writing the tensors", "before the rename"])
+def test_a_crash_while_saving_leaves_the_previous_adapter_whole(tmp_path, where):
+    import subprocess
+    import sys
+
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    before = {k: v.clone() for k, v in pill.adapter_parameters(model).items()}
+    script = CRASHING_SAVE.format(tests=os.path.dirname(__file__), path=str(path), where=where)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 9, run.stderr
+    # Only the previous adapter is visible; the dead writer's staging directory is hidden and never loaded.
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == ["a"]
+    assert all(p.startswith(".a.tmp-") for p in os.listdir(tmp_path) if p.startswith("."))
+    fresh = make_model("pill")
+    pill.load_adapter(fresh, path)
+    for name, p in pill.adapter_parameters(fresh).items():
+        assert torch.equal(p, before[name]), name
+
+
+def test_an_interrupted_save_cleans_up_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    """Failing midway through the tensor file (a half-written file, then an error) leaves the old adapter."""
+    from safetensors.torch import save_file as real_save_file
+
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    before = (path / "adapter_model.safetensors").read_bytes()
+    randomize_adapters(model)
+
+    def fail_midway(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pill.checkpoint.save_file", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        pill.save_adapter(model, path)
+    assert (path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+    pill.load_adapter(make_model("pill"), path)
+
+
 def test_bad_model_level_inputs_raise_clear_errors():
     mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
@@ -225,3 +294,39 @@ def test_frozen_vision_encoder_callable_feeds_the_projector():
         bad(input_ids=ids, images=images)
     with pytest.raises(ValueError, match="no vision encoder"):
         make_model("pill")(input_ids=ids, images=images)
+
+
+def test_overwriting_an_adapter_where_directories_cannot_be_exchanged(tmp_path, monkeypatch):
+    monkeypatch.setattr("pill.files._exchange", lambda a, b: False)
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    randomize_adapters(model)
+    pill.save_adapter(model, path)
+    fresh = make_model("pill")
+    pill.load_adapter(fresh, path)
+    for name, p in pill.adapter_parameters(fresh).items():
+        assert torch.equal(p, pill.adapter_parameters(model)[name]), name
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_weights_file_is_an_error_naming_it(tmp_path, damage):
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[:len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not a readable safetensors file.*truncated "
+                                         r"or corrupt"):
+        pill.load_adapter(model, path)
+
+
+@pytest.mark.parametrize("content", ['{"pill_type": "pill", "pill_form', "\x00\xff garbage", "[1, 2]"])
+def test_a_damaged_adapter_config_is_an_error_naming_it(tmp_path, content):
+    model = make_model("pill")
+    path = pill.save_adapter(model, tmp_path / "a")
+    (path / "adapter_config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: (not valid JSON|expected an adapter configuration)"):
+        pill.load_adapter(model, path)
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        pill.load_pretrained_adapter(make_llama(), path)

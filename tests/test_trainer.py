@@ -157,6 +157,45 @@ def test_killed_run_resumes_to_the_same_parameters(method, tmp_path):
     assert saved["pill_type"] == method and saved["stage"] == stage
 
 
+@pytest.mark.parametrize("damage", ["state json", "optimiser tensors"])
+def test_resuming_from_a_damaged_checkpoint_names_the_file(tmp_path, damage):
+    examples, lookup = mc_examples(6)
+    model = inject("pill", tiny_llm())
+    cfg = TrainConfig(stage=2, output_dir=str(tmp_path), lr=1e-3, max_steps=2, batch_size=3, save_every=2,
+                      progress=False)
+    Trainer(model, formatter_for(model), examples, cfg, features=lookup).train()
+    checkpoint = latest_checkpoint(tmp_path)
+    name = "trainer_state.json" if damage == "state json" else "trainer_state.safetensors"
+    data = (checkpoint / name).read_bytes()
+    (checkpoint / name).write_bytes(data[:len(data) // 3])
+    model = inject("pill", tiny_llm())
+    trainer = Trainer(model, formatter_for(model), examples, dict_to_config(cfg, max_steps=3), features=lookup)
+    with pytest.raises(ValueError, match=f"{name}: not (valid JSON|a readable safetensors file)"):
+        trainer.train(resume=True)
+
+
+def test_a_corrupt_image_file_is_an_error_naming_it(tmp_path):
+    from pill.vision import load_image
+
+    good = tmp_path / "good.png"
+    from PIL import Image
+
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(good)
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"truncated\.png: the image file is truncated or corrupt"):
+        load_image(tmp_path / "truncated.png")
+    with pytest.raises(ValueError, match=r"text\.png: not an image file"):
+        load_image(tmp_path / "text.png")
+    assert load_image(good).size == (64, 64)
+
+
+def dict_to_config(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
 def test_a_run_refuses_to_overwrite_checkpoints_without_resume(tmp_path):
     model = inject("pill", tiny_llm())
     examples, lookup = mc_examples(4)
@@ -218,6 +257,31 @@ def test_greedy_generation_follows_the_teacher_forced_argmax(method):
         first = int((labels[row] != IGNORE).nonzero()[0])
         expected = fmt.tokenizer.decode([int(argmax[row, first - 1])], skip_special_tokens=True)
         assert text == expected
+
+
+@pytest.mark.parametrize("method", ["pill", "pill_query_head", "lavin", "llama_adapter_v2"])
+def test_evaluator_answers_equal_the_greedy_full_recompute_loop(method):
+    """generate_answers (left-padded batch, KV cache, stops at the end token) against the uncached loop."""
+    from conftest import randomize_adapters
+    from generation_oracles import greedy_answers
+    from pill.evaluate import generate_answers
+
+    if method == "pill_query_head":
+        model = pill.inject_pill(tiny_llm(), pill.PillConfig(adapter_dim=4, gate_per="query_head"), vision_dim=DIM,
+                                 image_token_id=IMAGE_ID)
+    else:
+        model = inject(method, tiny_llm())
+    model = randomize_adapters(model, std=0.3)
+    pill.set_stage(model, model.multimodal.config.stages[-1])
+    model.eval()
+    examples, lookup = mc_examples(4)
+    examples[0].messages[0]["content"] += " Think."  # rows of different lengths
+    fmt = formatter_for(model)
+    got = generate_answers(model, fmt, examples, lookup, max_new_tokens=10, batch_size=3)
+    expected = greedy_answers(model, fmt, examples[:3], lookup, 10) + greedy_answers(model, fmt, examples[3:],
+                                                                                     lookup, 10)
+    assert got == expected
+    assert len(set(got)) > 1  # the answers depend on the image and question
 
 
 def test_parse_answer():
@@ -323,6 +387,18 @@ def test_hf_vision_tower_features_and_the_feature_cache(tmp_path):
     images = [np.random.rand(40, 30, 3).astype(np.float32) for _ in range(3)]
     direct = encoder.encode(images)
     assert direct.shape == (3, 4, 16)
+    # The hidden state the config names, read off the tower directly; the last layer's is another one.
+    clip = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
+    pixels = CLIPImageProcessor.from_pretrained(tmp_path / "clip")(
+        images=[(im * 255).round().astype(np.uint8) for im in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = clip(pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(direct, hidden[-2][:, 1:])
+    last = HFVisionEncoder(tmp_path / "clip", feature_layer=-1, drop_cls=True).encode(images)
+    torch.testing.assert_close(last, hidden[-1][:, 1:])
+    assert (last - direct).abs().max() > 1e-3
+    with_cls = HFVisionEncoder(tmp_path / "clip", feature_layer=-2).encode(images)
+    torch.testing.assert_close(with_cls, hidden[-2])
     calls = []
 
     def load(i):

@@ -12,7 +12,8 @@ import pill_kernels as pk
 from pill_kernels import reference as ref
 from pill_kernels.triton import INTERPRET
 
-from op_testing import LOW_PRECISION, assert_matches_reference, image_mask, require_backend, routed_inputs
+from op_testing import (LOW_PRECISION, assert_matches_reference, image_mask, require_backend, rounded_to,
+                        routed_inputs)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -51,6 +52,7 @@ def grads_of(fn, inputs, grad_out, dtype):
 
 
 def check_against_reference(op_fn, ref_fn, inputs, grad_out, dtype, names):
+    inputs, grad_out = rounded_to(dtype, inputs), grad_out.to(dtype).double()
     got = grads_of(op_fn, inputs, grad_out, dtype)
     lowp = grads_of(ref_fn, inputs, grad_out, dtype)
     exact = grads_of(ref_fn, inputs, grad_out, torch.float64)
@@ -133,6 +135,33 @@ def test_modality_gate_matrix(poisoned_allocations, shape, mask, dtype):
     op = lambda **a: pk.modality_gate(**a, backend="triton")  # noqa: E731
     check_against_reference(op, lambda **a: ref.modality_gate(**a), inputs, torch.randn_like(inputs["v"]), dtype,
                             ["v_out", "dx", "dw_gate", "dv"])
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_weight_gradients_summed_over_token_splits(poisoned_allocations, monkeypatch, splits):
+    """On a GPU the weight-gradient kernels split the tokens over several programs and sum the partial slabs;
+    the interpreter picks one split, so force several: 7 token tiles in 2 splits (4 + 3) and in 5 (2 tiles
+    each, the last split past the end and empty), on every workspace NaN-poisoned."""
+    import pill_kernels.triton.modality_gate as gate_kernels
+    import pill_kernels.triton.routed_glu_adapter as routed_kernels
+    import pill_kernels.triton.soft_routed_adapter as soft_kernels
+
+    for module in (routed_kernels, soft_kernels, gate_kernels):
+        monkeypatch.setattr(module, "_token_splits", lambda device, d_chunks, experts, tiles: splits)
+    tokens = 7 * routed_kernels._blocks(40, torch.float32)[0] - 5
+    x, wd, wg, wu, ids, nw = routed_inputs(tokens, 40, 5, 2, norm=True)
+    check_against_reference(lambda **a: pk.routed_glu_adapter(**a, backend="triton"),
+                            lambda **a: ref.routed_glu_adapter(**a),
+                            dict(x=x, w_down=wd, w_gate=wg, w_up=wu, expert_ids=ids, norm_weight=nw),
+                            torch.randn_like(x), torch.float32, ["y", "dx", "dw_down", "dw_gate", "dw_up", "dnorm"])
+    soft = soft_case(tokens, 40, 6, 2)
+    check_against_reference(lambda **a: pk.soft_routed_adapter(**a, scale=0.7, backend="triton"),
+                            lambda **a: ref.soft_routed_adapter(**a, scale=0.7), soft, torch.randn_like(soft["x"]),
+                            torch.float32, ["y"] + [k for k, v in soft.items() if v is not None and k != "dropout_mask"])
+    gate = dict(x=torch.randn(tokens, 40, dtype=torch.float64), w_gate=0.3 * torch.randn(40, 3, dtype=torch.float64),
+                v=torch.randn(tokens, 3, 5, dtype=torch.float64), image_mask=image_mask("random", tokens))
+    check_against_reference(lambda **a: pk.modality_gate(**a, backend="triton"), lambda **a: ref.modality_gate(**a),
+                            gate, torch.randn_like(gate["v"]), torch.float32, ["v_out", "dx", "dw_gate", "dv"])
 
 
 def test_backward_is_deterministic():
