@@ -86,8 +86,9 @@ def extension_modules():
         ext = CUDAExtension(
             "pill_kernels._C", cpp_sources + cuda_bindings + cu_sources,
             # No --use_fast_math: it swaps expf/tanhf for approximate intrinsics and flushes denormals, and the
-            # kernels' error budget (DESIGN.md: at most 2x the reference's own low-precision error) is spent on
-            # the SiLU/sigmoid and tanh gates. -lineinfo only maps SASS to source lines for profilers.
+            # kernels' error budget (docs/correctness.md, "The low-precision rule": at most 2x the reference's
+            # own low-precision error) is spent on the SiLU/sigmoid and tanh gates. -lineinfo only maps SASS to
+            # source lines for profilers.
             extra_compile_args={"cxx": cxx_flags + define,
                                 "nvcc": ["-O3", f"-std={std}", "-lineinfo"] + define},
             extra_link_args=link_flags)

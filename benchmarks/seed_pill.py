@@ -1,6 +1,6 @@
 """The PILL seed code's formulation of a decoder layer, re-expressed on the weights of an injected layer, as the
-baseline users run today (SEEDS.md B1): eager attention with an S x S score matrix, both MoMAE experts on every
-token selected with `where`, and the MAG mask repeated to the value width."""
+baseline users run today (docs/methods.md, PILL): eager attention with an S x S score matrix, both MoMAE experts
+on every token selected with `where`, and the MAG mask repeated to the value width."""
 from __future__ import annotations
 
 import torch

@@ -85,7 +85,7 @@ class _MultimodalDecoderLayer(LlamaDecoderLayer):
 
 
 class PillDecoderLayer(_MultimodalDecoderLayer):
-    """PILL block (SEEDS.md B1):
+    """PILL block (docs/methods.md, PILL):
 
         a = n + A_att(n),  n = RMSNorm_att(x)              (one fused routed-adapter call)
         V <- tanh(a W_g) * V for image tokens (MAG, stage 2)
@@ -164,7 +164,7 @@ class PillDecoderLayer(_MultimodalDecoderLayer):
 
 
 class LavinDecoderLayer(_MultimodalDecoderLayer):
-    """LaVIN block (SEEDS.md B2, adapter_type='attn'):
+    """LaVIN block (docs/methods.md, LaVIN; the seed's adapter_type='attn'):
 
         a = n + s * sum_e w_e (z W_up_e + b_e),  z = drop(n W_down + b),  n = RMSNorm_att(x)   (one fused call)
         h = x + Attn(a);  y = h + FFN(RMSNorm_ffn(h))
@@ -212,7 +212,7 @@ class LavinDecoderLayer(_MultimodalDecoderLayer):
 
 
 class LlamaAdapterV2DecoderLayer(_MultimodalDecoderLayer):
-    """LLaMA-Adapter V2 block (SEEDS.md B3). Layers with prompts compute
+    """LLaMA-Adapter V2 block (docs/methods.md, LLaMA-Adapter V2). Layers with prompts compute
 
         O = softmax(QK^T/sqrt(d) + M) V + tanh(g) * softmax(Q K_p^T/sqrt(d)) V_p,
         K_p, V_p = (P_l + Vq) W_k, (P_l + Vq) W_v   (frozen projections, no RoPE)

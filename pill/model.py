@@ -138,7 +138,7 @@ class PillMultimodal(MultimodalAdapter):
                           else MLPProjector(vision_dim, config.projector_hidden, hidden_size))
 
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
-        if stage == 1:  # projector + visual experts (SEEDS.md B1; the unused gates are left out)
+        if stage == 1:  # projector + visual experts (docs/methods.md, PILL; the unused gates are left out)
             return _named(model, lambda n: n.startswith("multimodal.projector.") or ".experts.visual." in n)
         return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
 

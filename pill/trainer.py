@@ -1,10 +1,10 @@
 """The trainer: one stage of a method over a list of examples, with the PILL recipe's optimiser, adapter-only
 checkpoints and exact resume.
 
-Recipe (SEEDS.md A1): AdamW betas (0.9, 0.95), weight decay 0.02 on matrices only (timm's
-param_groups_weight_decay leaves biases and norms undecayed), lr = blr * effective batch / 256 unless lr is
-given, linear warmup then half-cycle cosine, loss on answer tokens only (the mean over every supervised token of
-the optimiser step, however it is split into micro-batches).
+Recipe (docs/methods.md, "Training recipe"): AdamW betas (0.9, 0.95), weight decay 0.02 on matrices only
+(timm's param_groups_weight_decay leaves biases and norms undecayed), lr = blr * effective batch / 256 unless lr
+is given, linear warmup then half-cycle cosine, loss on answer tokens only (the mean over every supervised token
+of the optimiser step, however it is split into micro-batches).
 
 Checkpoints (``<output_dir>/checkpoint-<step>/``): the adapter (`pill.save_adapter`), the optimiser state
 flattened into safetensors + JSON (no pickle), the RNG state and the step, which fixes the data position: the

@@ -1,4 +1,4 @@
-"""Plain-PyTorch ground truth for every fused op (DESIGN.md, "The fused ops").
+"""Plain-PyTorch ground truth for every fused op (docs/design.md, "Op semantics").
 
 These functions are the specification: tests compare every backend against them (in float64 on small
 shapes), benchmarks use them as the eager baseline, and the "eager" backend runs them. They are written

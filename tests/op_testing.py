@@ -1,5 +1,5 @@
-"""Shared by the op tests of every backend: input makers, the mask matrix, DESIGN.md's comparison rule and the
-backends to run."""
+"""Shared by the op tests of every backend: input makers, the mask matrix, the comparison rule of
+docs/correctness.md and the backends to run."""
 
 import pytest
 import torch
@@ -25,8 +25,9 @@ def image_mask(kind, tokens):
 
 
 def assert_matches_reference(out, out_ref_lowp, out_ref_fp64, atol=1e-5, what="output"):
-    """DESIGN.md's rule: error against the fp64 reference at most 2x the reference's own error in that dtype, plus
-    a small slack: `atol` in bf16/fp16, a few fp32 ulps of the output's magnitude in fp32. fp64 compares directly."""
+    """The rule of docs/correctness.md, "The low-precision rule": error against the fp64 reference at most 2x the
+    reference's own error in that dtype, plus a small slack: `atol` in bf16/fp16, a few fp32 ulps of the output's
+    magnitude in fp32. fp64 compares directly."""
     if out.dtype == torch.float64:
         torch.testing.assert_close(out, out_ref_fp64, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
         return

@@ -1,4 +1,4 @@
-"""Straightforward re-implementations of the three seed methods' forward passes (SEEDS.md, section B),
+"""Straightforward re-implementations of the three seed methods' forward passes (docs/methods.md),
 written the way the seed code computes them, reading the weights of an injected model.
 
 They share nothing with `pill` but the weights: eager attention with an S x S score matrix, both PILL experts

@@ -1,6 +1,7 @@
 """The C++ CPU kernels (pill_kernels_C ops, the "cpp" backend) beyond the shared op tests of test_ops.py: the
-DESIGN.md shape and mask matrix under every instruction-set variant of the micro-kernels this CPU runs, the C++
-input checks, determinism and independence from the thread count, and the package without the extension."""
+shape and mask matrix of docs/correctness.md under every instruction-set variant of the micro-kernels this CPU
+runs, the C++ input checks, determinism and independence from the thread count, and the package without the
+extension."""
 import subprocess
 import sys
 

@@ -76,8 +76,9 @@ def poison_allocator():
 
 
 def check(out, ref_lowp, ref_fp64, what):
-    """DESIGN.md's rule in every dtype: error against fp64 at most 2x the reference's own error in out's dtype,
-    plus an atol scaled to the magnitude (sums of hundreds of terms differ from fp64 by rounding)."""
+    """The low-precision rule of docs/correctness.md in every dtype: error against fp64 at most 2x the reference's
+    own error in out's dtype, plus an atol scaled to the magnitude (sums of hundreds of terms differ from fp64 by
+    rounding)."""
     assert out.dtype == ref_lowp.dtype, f"{what}: dtype {out.dtype}, expected {ref_lowp.dtype}"
     assert out.shape == ref_fp64.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref_fp64.shape)}"
     out, ref_lowp, ref_fp64 = out.cpu(), ref_lowp.cpu(), ref_fp64.double().cpu()

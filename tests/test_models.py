@@ -1,4 +1,5 @@
-"""Model level: the injected PILL / LaVIN / LLaMA-Adapter V2 layers on a small GQA LLaMA (DESIGN.md rules)."""
+"""Model level: the injected PILL / LaVIN / LLaMA-Adapter V2 layers on a small GQA LLaMA (docs/correctness.md,
+"Model-level rules")."""
 import copy
 
 import pytest

@@ -1,5 +1,5 @@
-"""The Triton backend beyond the shared op tests of test_ops.py: DESIGN.md's shape and mask matrix, poisoned
-outputs, determinism, torch.compile, and the models running on it. Without a GPU these run through the Triton
+"""The Triton backend beyond the shared op tests of test_ops.py: the shape and mask matrix of docs/correctness.md,
+poisoned outputs, determinism, torch.compile, and the models running on it. Without a GPU these run through the Triton
 interpreter (conftest.py sets TRITON_INTERPRET=1); on a GPU machine the same tests run the compiled kernels on
 the GPU (every tensor is created there)."""
 import math

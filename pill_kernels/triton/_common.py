@@ -1,7 +1,7 @@
 """Pieces shared by the Triton kernels: interpreter detection, launch configuration and small jit helpers.
 
 The Triton interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) has gaps that are handled here,
-in launch code, never by loosening test tolerances (DESIGN.md, "Backends"):
+in launch code, never by loosening test tolerances (docs/kernels.md, "Triton under the interpreter"):
 - `tl.dot` on bf16 operands returns garbage: operands are upcast to fp32 when interpreting. That is exact: a
   product of two bf16/fp16 numbers is exact in fp32, as in the tensor cores' fp32-accumulating MMA.
 - its float32 -> bfloat16 conversion truncates instead of rounding to nearest even: `cast` rounds first.
@@ -63,7 +63,7 @@ def check_index_range(op: str, *tensors: torch.Tensor) -> None:
 
 def mma_precision(dtype: torch.dtype) -> bool:
     """Whether fp32 operands must use full-precision ("ieee") dots: TF32 would be ~1000x less accurate than the
-    fp32 reference, which DESIGN.md's correctness rule does not allow."""
+    fp32 reference, which the correctness rule (docs/correctness.md, "The low-precision rule") does not allow."""
     return dtype in (torch.float32, torch.float64)
 
 
