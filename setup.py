@@ -42,12 +42,25 @@ def cxx_standard(torch_version: str) -> str:
     return "c++20" if (major, minor) >= (2, 13) else "c++17"
 
 
+def cuda_toolkit(torch_cuda_home):
+    """A CUDA toolkit directory holding nvcc and the runtime headers, or None. torch takes CUDA_HOME from
+    `which nvcc` when the variable is unset, and an nvcc wrapper script (/usr/local/bin/nvcc exec-ing the real one)
+    then gives /usr/local, where the headers are not: check, and fall back to the usual places."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_cuda_home, "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")) \
+                and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
 def extension_modules():
     if os.environ.get("PILL_KERNELS_SKIP_EXT") == "1":
         say("PILL_KERNELS_SKIP_EXT=1: building no extension (eager backend only)")
         return [], {}
     try:
         import torch
+        from torch.utils import cpp_extension
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         say("torch is not importable in the build environment: building no extension. Install torch first and "
@@ -61,10 +74,17 @@ def extension_modules():
     cpp_sources = [p for p in all_cpp if p not in cuda_bindings]
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     forced = os.environ.get("PILL_KERNELS_BUILD_CUDA")
-    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    toolkit = cuda_toolkit(CUDA_HOME) if torch.version.cuda is not None else None
+    if toolkit is not None and toolkit != CUDA_HOME:
+        say(f"torch's CUDA_HOME={CUDA_HOME!r} is not a CUDA toolkit with headers; using {toolkit}")
+        cpp_extension.CUDA_HOME = toolkit  # the build helpers read this module attribute
+        os.environ["CUDA_HOME"] = toolkit
+    cuda_possible = toolkit is not None
     if forced == "1" and not cuda_possible:
-        raise RuntimeError(f"PILL_KERNELS_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
-                           f"CUDA_HOME={CUDA_HOME!r}: a CUDA torch and a CUDA toolkit are required")
+        raise RuntimeError(f"PILL_KERNELS_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and no CUDA "
+                           f"toolkit (bin/nvcc and include/cuda_runtime_api.h) was found at CUDA_HOME, "
+                           f"CUDA_PATH, torch's CUDA_HOME={CUDA_HOME!r} or /usr/local/cuda: a CUDA torch and a "
+                           f"CUDA toolkit are required")
     with_cuda = cuda_possible and forced != "0" and bool(cu_sources)
     std = cxx_standard(torch.__version__)
     cxx_flags = ["-O3", "-g0", f"-std={std}"]
@@ -98,7 +118,7 @@ def extension_modules():
     else:
         why = ("PILL_KERNELS_BUILD_CUDA=0" if forced == "0" else "no csrc/*.cu sources" if not cu_sources
                else f"torch has no CUDA (torch.version.cuda={torch.version.cuda!r})" if torch.version.cuda is None
-               else "no CUDA toolkit found (set CUDA_HOME)")
+               else f"no CUDA toolkit with headers found (torch's CUDA_HOME={CUDA_HOME!r}; set CUDA_HOME)")
         ext = CppExtension("pill_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                            extra_link_args=link_flags)
         say(f"building pill_kernels._C with C++ CPU kernels only: {why}; -std={std} (torch {torch.__version__})")
