@@ -40,12 +40,20 @@ def _base_model_signature(model) -> dict:
     return {key: getattr(model.config, key, None) for key in _BASE_KEYS}
 
 
+# Method-config fields that choose how the adapter runs, not what it is: never saved, never compared on load.
+RUNTIME_FIELDS = ("backend",)
+
+
+def _adapter_fields(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key not in RUNTIME_FIELDS}
+
+
 def adapter_config(model) -> dict:
     mm = _multimodal(model)
     return {
         "pill_type": mm.method,
         "pill_format_version": FORMAT_VERSION,
-        "config": mm.config.to_dict(),
+        "config": _adapter_fields(mm.config.to_dict()),
         "vision_dim": mm.vision_dim,
         "image_token_id": mm.image_token_id,
         "stage": mm.stage,
@@ -139,7 +147,7 @@ def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True
     if saved["pill_type"] != current["pill_type"]:
         problems.append(f"method: checkpoint is {saved['pill_type']!r}, model has {current['pill_type']!r}")
     else:
-        problems += _mismatches(saved["config"], current["config"], "config.")
+        problems += _mismatches(_adapter_fields(saved["config"]), current["config"], "config.")
     for key in ("vision_dim", "image_token_id"):
         if saved.get(key) != current[key]:
             problems.append(f"{key}: checkpoint has {saved.get(key)!r}, model has {current[key]!r}")
@@ -168,7 +176,7 @@ def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True
 def load_pretrained_adapter(model, path: str | os.PathLike) -> MultimodalLlamaForCausalLM:
     """Inject the method recorded in `path` into a plain LlamaForCausalLM and load its weights."""
     saved = read_adapter_config(path)
-    config = METHOD_CONFIGS[saved["pill_type"]].from_dict(saved["config"])
+    config = METHOD_CONFIGS[saved["pill_type"]].from_dict(_adapter_fields(saved["config"]))
     if saved["pill_type"] == "pill":
         model = inject_pill(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"])
     elif saved["pill_type"] == "lavin":

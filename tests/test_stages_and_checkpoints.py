@@ -330,3 +330,23 @@ def test_a_damaged_adapter_config_is_an_error_naming_it(tmp_path, content):
         pill.load_adapter(model, path)
     with pytest.raises(ValueError, match=r"adapter_config\.json"):
         pill.load_pretrained_adapter(make_llama(), path)
+
+
+def test_the_backend_is_a_run_time_choice_not_part_of_the_adapter(tmp_path):
+    """An adapter saved from a model built with backend="eager" loads into one built with the default, and the
+    saved configuration does not name a backend (adapters written before this rule still load)."""
+    eager = pill.inject_pill(make_llama(), pill.PillConfig(adapter_dim=5, backend="eager"), vision_dim=VISION_DIM,
+                             image_token_id=IMAGE_TOKEN)
+    randomize_adapters(eager)
+    path = pill.save_adapter(eager, tmp_path / "a")
+    assert "backend" not in json.loads((path / "adapter_config.json").read_text())["config"]
+    default = pill.inject_pill(make_llama(), pill.PillConfig(adapter_dim=5), vision_dim=VISION_DIM,
+                               image_token_id=IMAGE_TOKEN)
+    pill.load_adapter(default, path)
+    for name, p in pill.adapter_parameters(default).items():
+        assert torch.equal(p, pill.adapter_parameters(eager)[name]), name
+    saved = json.loads((path / "adapter_config.json").read_text())
+    saved["config"]["backend"] = "eager"  # as written by earlier versions
+    (path / "adapter_config.json").write_text(json.dumps(saved))
+    pill.load_adapter(default, path)
+    assert pill.load_pretrained_adapter(make_llama(), path).model.layers[0].pill_backend is None
