@@ -39,14 +39,15 @@ def assert_matches_reference(out, out_ref_lowp, out_ref_fp64, atol=1e-5, what="o
 
 
 def rounded_to(dtype, tensors):
-    """Floating tensors rounded to `dtype` and kept in float64 (others unchanged): the float64 ground truth then
-    sees exactly the inputs a low-precision kernel gets, and the error bound measures the kernel's arithmetic,
-    not the rounding of its inputs."""
+    """Floating tensors rounded to `dtype` and kept in float64 (others unchanged), as a dict or a list: the float64
+    ground truth then sees exactly the inputs a low-precision kernel gets, and the error bound measures the
+    kernel's arithmetic, not the rounding of its inputs (which on outputs of a few elements can move the answer
+    by more than the reference's own error)."""
     def one(t):
         return t.to(dtype).double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     if isinstance(tensors, dict):
         return {k: one(v) for k, v in tensors.items()}
-    return type(tensors)(one(t) for t in tensors)
+    return [one(t) for t in tensors]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pill_kernels import reference
-from op_testing import LOW_PRECISION, assert_matches_reference, image_mask
+from op_testing import LOW_PRECISION, assert_matches_reference, image_mask, rounded_to
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -102,13 +102,6 @@ def reference_and_grads(fn, args, differentiable, grad_out):
     return out.detach(), list(grads)
 
 
-def representable(dtype, args):
-    """The float tensors of args rounded to dtype (kept in fp64): the fp64 reference then sees exactly the inputs
-    the kernels get, so the comparison measures the kernels' arithmetic, not the rounding of their inputs (which
-    on outputs of a few elements can move the answer by more than the reference's own error)."""
-    return [a.to(dtype).double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-
 def as_dtype(args, dtype, device):
     return [a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
             else (a.to(device) if isinstance(a, torch.Tensor) else a) for a in args]
@@ -161,10 +154,10 @@ def routed_ref(x, w_down, w_gate, w_up, ids, norm_weight):
 @pytest.mark.parametrize("case", ROUTED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_routed_glu_adapter(kernels, case, dtype):
     ops = kernels.ops
-    args64 = representable(dtype, routed_case(*case))
+    args64 = rounded_to(dtype, routed_case(*case))
     has_norm = args64[5] is not None
     differentiable = [True, True, True, True, False, has_norm]
-    grad64 = representable(dtype, [torch.randn(args64[0].shape, dtype=torch.float64)])[0]
+    grad64 = rounded_to(dtype, [torch.randn(args64[0].shape, dtype=torch.float64)])[0]
     y64, g64 = reference_and_grads(routed_ref, args64, differentiable, grad64)
     args = as_dtype(args64, dtype, kernels.device)
     grad = grad64.to(kernels.device, dtype)
@@ -193,7 +186,7 @@ def test_routed_glu_adapter_tensor_core_path_is_taken(kernels, dtype, rows, monk
     every tile height of the forward and per-token backward (PILL_KERNELS_CUDA_MMA_ROWS)."""
     monkeypatch.setenv("PILL_KERNELS_CUDA_MMA_ROWS", rows)
     ops = kernels.ops
-    args64 = representable(dtype, routed_case(96, 128, 32, 2, True, "random"))
+    args64 = rounded_to(dtype, routed_case(96, 128, 32, 2, True, "random"))
     args = as_dtype(args64, dtype, kernels.device)
     grad = torch.randn_like(args[0])
     results = {}
@@ -235,7 +228,7 @@ def test_routed_glu_adapter_out_of_range_ids_give_nan_rows(kernels, mma, monkeyp
     output and input gradient are NaN and it adds nothing to any weight gradient."""
     monkeypatch.setenv("PILL_KERNELS_CUDA_MMA", mma)
     ops = kernels.ops
-    args64 = representable(torch.bfloat16, routed_case(80, 128, 32, 2, True, "random"))
+    args64 = rounded_to(torch.bfloat16, routed_case(80, 128, 32, 2, True, "random"))
     bad = torch.tensor([3, 70])
     args64[4][bad] = torch.tensor([2, -1])
     args = as_dtype(args64, torch.bfloat16, kernels.device)
@@ -333,10 +326,10 @@ def soft_ref(x, w_down, b_down, w_up, b_up, routing, mask, norm_weight):
 @pytest.mark.parametrize("case", SOFT_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_soft_routed_adapter(kernels, case, dtype):
     ops = kernels.ops
-    args64 = representable(dtype, soft_case(*case))
+    args64 = rounded_to(dtype, soft_case(*case))
     has_norm = args64[7] is not None
     differentiable = [True] * 6 + [False, has_norm]
-    grad64 = representable(dtype, [torch.randn(args64[0].shape, dtype=torch.float64)])[0]
+    grad64 = rounded_to(dtype, [torch.randn(args64[0].shape, dtype=torch.float64)])[0]
     y64, g64 = reference_and_grads(soft_ref, args64, differentiable, grad64)
     args = as_dtype(args64, dtype, kernels.device)
     grad = grad64.to(kernels.device, dtype)
@@ -392,9 +385,9 @@ def gate_case(tokens, hidden, heads, head_dim, kind):
 @pytest.mark.parametrize("case", GATE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_modality_gate(kernels, case, dtype):
     ops = kernels.ops
-    args64 = representable(dtype, gate_case(*case))
+    args64 = rounded_to(dtype, gate_case(*case))
     differentiable = [True, True, True, False]
-    grad64 = representable(dtype, [torch.randn(args64[2].shape, dtype=torch.float64)])[0]
+    grad64 = rounded_to(dtype, [torch.randn(args64[2].shape, dtype=torch.float64)])[0]
     y64, g64 = reference_and_grads(reference.modality_gate, args64, differentiable, grad64)
     args = as_dtype(args64, dtype, kernels.device)
     grad = grad64.to(kernels.device, dtype)

@@ -1,5 +1,6 @@
 """Trainer, data formatting, evaluation: answer-only loss, exact resume, gradient accumulation, checkpoints,
 bad data."""
+import dataclasses
 import json
 import os
 
@@ -169,7 +170,7 @@ def test_resuming_from_a_damaged_checkpoint_names_the_file(tmp_path, damage):
     data = (checkpoint / name).read_bytes()
     (checkpoint / name).write_bytes(data[:len(data) // 3])
     model = inject("pill", tiny_llm())
-    trainer = Trainer(model, formatter_for(model), examples, dict_to_config(cfg, max_steps=3), features=lookup)
+    trainer = Trainer(model, formatter_for(model), examples, dataclasses.replace(cfg, max_steps=3), features=lookup)
     with pytest.raises(ValueError, match=f"{name}: not (valid JSON|a readable safetensors file)"):
         trainer.train(resume=True)
 
@@ -188,12 +189,6 @@ def test_a_corrupt_image_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"text\.png: not an image file"):
         load_image(tmp_path / "text.png")
     assert load_image(good).size == (64, 64)
-
-
-def dict_to_config(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def test_a_run_refuses_to_overwrite_checkpoints_without_resume(tmp_path):
