@@ -5,14 +5,17 @@
     pill.set_stage(model, 1)
     out = model(input_ids=ids, attention_mask=mask, image_features=feats, labels=labels)
     pill.save_adapter(model, "runs/stage1")
+
+Each method's whole definition is one module of `pill.methods`; `pill.methods.get_method(name)` is the registry.
 """
 from .checkpoint import load_adapter, load_pretrained_adapter, read_adapter_config, save_adapter
-from .config import LavinConfig, LlamaAdapterV2Config, PillConfig
-from .model import (MultimodalLlamaForCausalLM, adapter_parameters, inject_lavin, inject_llama_adapter_v2,
-                    inject_pill, set_stage, stage_parameters, trainable_parameter_report)
+from .methods import LavinConfig, LlamaAdapterV2Config, PillConfig, inject_lavin, inject_llama_adapter_v2, inject_pill
+from .model import (MultimodalLlamaForCausalLM, adapter_parameters, kernel_backend, set_kernel_backend, set_stage,
+                    stage_parameters, trainable_parameter_report)
 
 __all__ = [
     "LavinConfig", "LlamaAdapterV2Config", "MultimodalLlamaForCausalLM", "PillConfig", "adapter_parameters",
-    "inject_lavin", "inject_llama_adapter_v2", "inject_pill", "load_adapter", "load_pretrained_adapter",
-    "read_adapter_config", "save_adapter", "set_stage", "stage_parameters", "trainable_parameter_report",
+    "inject_lavin", "inject_llama_adapter_v2", "inject_pill", "kernel_backend", "load_adapter",
+    "load_pretrained_adapter", "read_adapter_config", "save_adapter", "set_kernel_backend", "set_stage",
+    "stage_parameters", "trainable_parameter_report",
 ]

@@ -24,10 +24,9 @@ except ImportError:  # a torch built without distributed support has no shards t
 
     distribute_tensor = None
 
-from .config import METHOD_CONFIGS
 from .files import read_json, read_safetensors, replace_directory
-from .model import (MultimodalLlamaForCausalLM, _multimodal, adapter_parameters, inject_lavin,
-                    inject_llama_adapter_v2, inject_pill, set_stage)
+from .methods import get_method, method_names
+from .model import MultimodalLlamaForCausalLM, adapter_parameters, multimodal_of, set_kernel_backend, set_stage
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,7 +48,7 @@ def _adapter_fields(config: dict) -> dict:
 
 
 def adapter_config(model) -> dict:
-    mm = _multimodal(model)
+    mm = multimodal_of(model)
     return {
         "pill_type": mm.method,
         "pill_format_version": FORMAT_VERSION,
@@ -119,8 +118,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a pill adapter directory")
     config = read_json(config_path, "an adapter configuration")
-    if config.get("pill_type") not in METHOD_CONFIGS:
-        raise ValueError(f"{config_path}: pill_type must be one of {sorted(METHOD_CONFIGS)}, got "
+    if config.get("pill_type") not in method_names():
+        raise ValueError(f"{config_path}: pill_type must be one of {method_names()}, got "
                          f"{config.get('pill_type')!r}")
     if config.get("pill_format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: pill_format_version {config.get('pill_format_version')!r} is not "
@@ -140,7 +139,7 @@ def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True
     Raises ValueError listing every mismatch of method, method configuration, vision width, image token and
     base model shape, and every missing, unexpected or mis-shaped tensor.
     """
-    mm = _multimodal(model)
+    multimodal_of(model)  # a TypeError naming the model's class when it has no method injected
     saved = read_adapter_config(path)
     current = adapter_config(model)
     problems = []
@@ -173,15 +172,15 @@ def load_adapter(model, path: str | os.PathLike, *, set_saved_stage: bool = True
         set_stage(model, saved["stage"])
 
 
-def load_pretrained_adapter(model, path: str | os.PathLike) -> MultimodalLlamaForCausalLM:
-    """Inject the method recorded in `path` into a plain LlamaForCausalLM and load its weights."""
+def load_pretrained_adapter(model, path: str | os.PathLike, *, backend: str | None = None,
+                            vision_encoder=None) -> MultimodalLlamaForCausalLM:
+    """Inject the method recorded in `path` into a plain LlamaForCausalLM and load its weights; its fused ops
+    run on `backend` (None: pill_kernels' default), whatever backend the adapter was trained with."""
     saved = read_adapter_config(path)
-    config = METHOD_CONFIGS[saved["pill_type"]].from_dict(_adapter_fields(saved["config"]))
-    if saved["pill_type"] == "pill":
-        model = inject_pill(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"])
-    elif saved["pill_type"] == "lavin":
-        model = inject_lavin(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"])
-    else:
-        model = inject_llama_adapter_v2(model, config, vision_dim=saved["vision_dim"])
+    method = get_method(saved["pill_type"], where=f"{Path(path) / CONFIG_NAME}: pill_type")
+    config = method.config_class.from_dict(_adapter_fields(saved["config"]))
+    model = method.inject(model, config, vision_dim=saved["vision_dim"], image_token_id=saved["image_token_id"],
+                          vision_encoder=vision_encoder)
+    set_kernel_backend(model, backend)
     load_adapter(model, path)
     return model

@@ -21,6 +21,7 @@ import torch
 from .data import LETTERS, Example, PromptFormatter, answer_text
 from .evaluate import evaluate_multiple_choice, format_report
 from .llm import cache_dir, load_llm
+from .recipe import record_run
 from .trainer import TrainConfig, Trainer
 from .vision import EfficientNetLite0Encoder, FeatureCache
 
@@ -57,22 +58,10 @@ class DemoSettings:
     threads: int | None = None    # None: time 1 vs all cores before each phase and keep the faster
     image_size: int = 64
     grid: int = 2
-    adapter_dim: int = 16
     eval_batch_size: int = 64
     seed: int = 0
     base_eval: bool = True
-
-
-METHOD_DEFAULTS = {
-    # Per-method learning rates: LaVIN's seed lr is several times PILL's; LLaMA-Adapter V2's stage 2 tunes only
-    # biases and norms.
-    "pill": {},
-    "lavin": {"stage1_lr": 4e-3, "stage2_lr": 4e-3},
-    # Its visual prompts learn the digits slowly (zero-init gates, visual queries mostly image-independent at
-    # init) and its stage 2 cannot touch them, so the budget goes to stage 1; stage 2 only learns the answer
-    # format. Measured held-out accuracy: 50 + 140 steps 23%, 120 + 140 steps 51%, 260 + 40 steps 79.3%.
-    "llama_adapter_v2": {"stage1_lr": 2e-3, "stage2_lr": 2e-3, "stage1_steps": 280, "stage2_steps": 40},
-}
+    backend: str | None = None  # kernel backend of the fused ops; None: pill_kernels' default
 
 
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:
@@ -122,19 +111,15 @@ def pick_threads(candidates=None) -> int:
     return choice
 
 
-def inject(method: str, llm, settings: DemoSettings, vision_dim: int):
-    import pill
+def inject(method: str, llm, vision_dim: int, backend: str | None = None):
+    """The method with its demo configuration (`Method.demo_config`) on the demo's LLM."""
+    from .methods import get_method
 
-    image_token_id = llm.config.vocab_size  # outside the vocabulary, as the seed's <image_placeholder>
-    if method == "pill":
-        return pill.inject_pill(llm, pill.PillConfig(adapter_dim=settings.adapter_dim), vision_dim=vision_dim,
-                                image_token_id=image_token_id)
-    if method == "lavin":
-        return pill.inject_lavin(llm, pill.LavinConfig(), vision_dim=vision_dim, image_token_id=image_token_id)
-    if method == "llama_adapter_v2":
-        return pill.inject_llama_adapter_v2(llm, pill.LlamaAdapterV2Config(visual_blocks=1, visual_heads=8),
-                                            vision_dim=vision_dim)
-    raise ValueError(f"--method must be pill, lavin or llama_adapter_v2, got {method!r}")
+    spec = get_method(method, where="--method")
+    config = spec.config_class(**spec.demo_config, backend=backend)
+    # Outside the vocabulary, as the seed's <image_placeholder>.
+    image_token_id = llm.config.vocab_size if spec.image_placeholders else None
+    return spec.inject(llm, config, vision_dim=vision_dim, image_token_id=image_token_id)
 
 
 def run_demo(settings: DemoSettings | None = None, *, llm: str | None = None, cache: str | None = None,
@@ -205,7 +190,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         say(format_report(base, "[demo] base model without adapters (sees no image; chance is 25%)"))
         say(f"[demo]   e.g. it answers {base['predictions'][0]['output']!r}")
 
-    model = inject(settings.method, model, settings, encoder.feature_dim)
+    model = inject(settings.method, model, encoder.feature_dim, settings.backend)
     mm = model.multimodal
     formatter = PromptFormatter(tokenizer, image_token_id=mm.image_token_id,
                                 image_tokens=encoder.num_tokens if mm.image_token_id is not None else 0,
@@ -248,9 +233,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     say(format_report(result, f"[demo] {settings.method} held-out multiple-choice accuracy"))
     say(f"[demo]   e.g. {test_mc[0].messages[0]['content'].splitlines()[-1]!r} -> {result['predictions'][0]['output']!r}"
         f" (right: {'ABCD'[test_mc[0].answer]})")
-    from .cli import _record_run
-
-    _record_run(Path(results["adapter"]), {"llm": llm or "smollm2", "cache_dir": cache, "prompt": {
+    record_run(Path(results["adapter"]), {"llm": llm or "smollm2", "cache_dir": cache, "prompt": {
         "format": "chat", "system": "", "max_length": 256}, "vision": {
         "type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}})
     say(f"[demo] adapter saved to {results['adapter']} (try: pill generate --adapter {results['adapter']} "

@@ -1,9 +1,11 @@
-"""Injection of PILL, LaVIN and LLaMA-Adapter V2 into an existing transformers LlamaForCausalLM.
+"""The multimodal model (`MultimodalLlamaForCausalLM`: forward and generate with image features) and the
+functions over a model with a method injected: stages, adapter parameters, kernel backend.
 
-`inject_pill(model, PillConfig(), vision_dim=...)` (and `inject_lavin`, `inject_llama_adapter_v2`) modify the
-model in place and return it: the decoder layers become the method's layer subclasses (base weights untouched
-and frozen), the model becomes a `MultimodalLlamaForCausalLM` whose forward and generate take image features,
-and ``model.multimodal`` holds the method's model-level modules (projector, modality token, prompts).
+The methods themselves live in `pill.methods` (one module each). Their inject functions
+(`inject_pill(model, PillConfig(), vision_dim=...)`, `inject_lavin`, `inject_llama_adapter_v2`) modify a
+transformers LlamaForCausalLM in place and return it: the decoder layers become the method's layer subclasses
+(base weights untouched and frozen), the model becomes a `MultimodalLlamaForCausalLM`, and ``model.multimodal``
+holds the method's model-level module (projector, modality token, prompts).
 
 Image features follow the LLaVA convention for PILL and LaVIN: the text holds ``image_token_id`` placeholders
 (the id may lie outside the vocabulary), and ``image_features`` [N_images, tokens, C] (the output of any frozen
@@ -12,17 +14,19 @@ visual features to its prompts instead: ``image_features`` [B, tokens, C], one i
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 from transformers import LlamaForCausalLM
 
-from .config import LavinConfig, LlamaAdapterV2Config, PillConfig, _MethodConfig
 from .hf_compat import CAUSAL_LM_CACHE_ARG, take_cache
-from .layers import LavinDecoderLayer, LlamaAdapterV2DecoderLayer, PillDecoderLayer
-from .modules import LinearProjector, MLPProjector, VisualPromptProjector
+
+if TYPE_CHECKING:
+    from .methods.base import MultimodalAdapter
 
 
-def _check_llama(model) -> None:
+def check_llama(model) -> None:
     if isinstance(model, MultimodalLlamaForCausalLM):
         raise ValueError(f"this model already has the {model.multimodal.config.method!r} adapters injected")
     if type(model) is not LlamaForCausalLM:
@@ -30,210 +34,10 @@ def _check_llama(model) -> None:
                         f"LLaMA-Adapter V2 are implemented for the LLaMA architecture (model_type 'llama')")
 
 
-def _check_vision_dim(vision_dim: int) -> None:
-    if not isinstance(vision_dim, int) or isinstance(vision_dim, bool) or vision_dim <= 0:
-        raise ValueError(f"vision_dim must be the positive feature width C of the vision encoder, got {vision_dim!r}")
-
-
-class MultimodalAdapter(nn.Module):
-    """Model-level part of a method: the projector and method-specific state; knows how to prepare inputs."""
-
-    method: str
-
-    def __init__(self, config: _MethodConfig, vision_dim: int, image_token_id: int | None):
-        super().__init__()
-        self.config = config
-        self.vision_dim = vision_dim
-        self.image_token_id = image_token_id
-        self.stage = config.stages[0]  # training starts at the first stage
-        self.vision_encoder = None
-
-    def set_vision_encoder(self, encoder) -> None:
-        """A frozen vision encoder: any callable mapping images to features [N, tokens, C=vision_dim]. It is kept
-        outside the module tree, so it is neither trained nor saved with the adapter."""
-        if encoder is not None and not callable(encoder):
-            raise TypeError(f"vision_encoder must be callable (images -> [N, tokens, C]), got "
-                            f"{type(encoder).__name__}")
-        object.__setattr__(self, "vision_encoder", encoder)
-
-    @torch.no_grad()
-    def encode_images(self, images) -> torch.Tensor:
-        if self.vision_encoder is None:
-            raise ValueError("images given but the model has no vision encoder: pass vision_encoder= to the inject "
-                             "call, or pass image_features instead")
-        features = self.vision_encoder(images)
-        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != self.vision_dim:
-            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"the vision encoder must return features [N, tokens, C={self.vision_dim}], got {shape}")
-        return features
-
-    # -- inputs --------------------------------------------------------------------------------------------
-    def embed(self, model, input_ids: torch.Tensor, image_features: torch.Tensor | None):
-        """Token embeddings with projected image features scattered into the placeholders, and the mask."""
-        embed_tokens = model.get_input_embeddings()
-        if self.image_token_id is None:
-            if image_features is not None:
-                raise ValueError("image_features given but this model has no image_token_id")
-            return embed_tokens(input_ids), None
-        placeholders = input_ids == self.image_token_id
-        embeds = embed_tokens(input_ids.masked_fill(placeholders, 0))
-        count = int(placeholders.sum())
-        if image_features is None:
-            if count:
-                raise ValueError(f"input_ids hold {count} image placeholder tokens (id {self.image_token_id}) but no "
-                                 f"image_features were given")
-            return embeds, placeholders.long()
-        if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
-            raise ValueError(f"image_features must have shape [N_images, tokens, C={self.vision_dim}], got "
-                             f"{tuple(image_features.shape)}")
-        n_images, tokens = image_features.shape[:2]
-        if count != n_images * tokens:
-            raise ValueError(f"input_ids hold {count} image placeholder tokens but image_features carry "
-                             f"{n_images} images x {tokens} tokens = {n_images * tokens}")
-        projected = self.project(image_features.to(self.projector_dtype())).to(embeds.dtype)
-        embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]))
-        return embeds, placeholders.long()
-
-    def projector_dtype(self) -> torch.dtype:
-        return next(self.projector.parameters()).dtype
-
-    def project(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.projector(image_features)
-
-    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, cache) -> dict:
-        return {}
-
-    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
-        """Per-row tensors fixed by the prompt that generate() carries to every decoding step (it repeats them
-        per returned sequence): the prompt's embeddings with the images scattered in, and its modality per token
-        (``mm_token_type_ids`` given to generate, else read off the placeholders). The model's
-        `prepare_inputs_for_generation` cuts each step's inputs out of them."""
-        prompt_types = kwargs.pop("mm_token_type_ids", None)
-        inputs_embeds, derived_types = self.embed(model, input_ids, image_features)
-        if prompt_types is None:
-            prompt_types = derived_types
-        elif tuple(prompt_types.shape) != tuple(input_ids.shape):
-            raise ValueError(f"mm_token_type_ids must have the prompt's shape [batch, seq] = "
-                             f"{tuple(input_ids.shape)}, got {tuple(prompt_types.shape)}")
-        return {"prompt_embeds": inputs_embeds, "prompt_mm_token_type_ids": prompt_types.long()}
-
-    # -- training stages -----------------------------------------------------------------------------------
-    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
-        raise NotImplementedError
-
-    def apply_stage(self, model, stage: int) -> None:
-        """Per-stage behaviour beyond which parameters train (PILL switches MAG and routing)."""
-
-
-def _named(model, predicate) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if predicate(name)}
-
-
-class PillMultimodal(MultimodalAdapter):
-    method = "pill"
-
-    def __init__(self, config: PillConfig, vision_dim: int, hidden_size: int, image_token_id: int):
-        super().__init__(config, vision_dim, image_token_id)
-        self.projector = (LinearProjector(vision_dim, hidden_size) if config.projector == "linear"
-                          else MLPProjector(vision_dim, config.projector_hidden, hidden_size))
-
-    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
-        if stage == 1:  # projector + visual experts (docs/methods.md, PILL; the unused gates are left out)
-            return _named(model, lambda n: n.startswith("multimodal.projector.") or ".experts.visual." in n)
-        return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
-
-    def apply_stage(self, model, stage: int) -> None:
-        for layer in model.model.layers:
-            layer.pill_stage = stage
-
-
-class LavinMultimodal(MultimodalAdapter):
-    method = "lavin"
-
-    def __init__(self, config: LavinConfig, vision_dim: int, hidden_size: int, image_token_id: int):
-        super().__init__(config, vision_dim, image_token_id)
-        self.projector = MLPProjector(vision_dim, config.projector_hidden, hidden_size)
-        # The seed's adapter_modality_embedding: nn.Embedding(2, D), N(0, 1).
-        self.modality_embedding = nn.Parameter(torch.randn(2, hidden_size))
-
-    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
-        sequence_modality = extra.get("sequence_modality")
-        if sequence_modality is None:
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("LaVIN routes per sequence from the prompt's modality: when decoding with a cache, "
-                                 "pass sequence_modality [B] (1 where the sequence has an image); generate() does")
-            batch = extra["batch"]
-            sequence_modality = (mm_token_type_ids.any(dim=-1) if mm_token_type_ids is not None else
-                                 torch.zeros(batch, dtype=torch.bool, device=self.modality_embedding.device))
-        return {"mm_routing_weights": self.routing_weights(model, sequence_modality)}
-
-    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
-        inputs = super().generate_inputs(model, input_ids, image_features, kwargs)
-        if kwargs.get("sequence_modality") is None:  # decoding steps are text: fix the routing from the prompt
-            inputs["sequence_modality"] = inputs["prompt_mm_token_type_ids"].bool().any(dim=-1)
-        return inputs
-
-    def routing_weights(self, model, sequence_modality: torch.Tensor) -> torch.Tensor:
-        """[B, L, E] routing weights of every layer from each sequence's modality token."""
-        dtype = model.get_input_embeddings().weight.dtype
-        state = self.modality_embedding[sequence_modality.to(torch.long)].to(dtype)
-        weights = []
-        for layer in model.model.layers:
-            w, state = layer.modality_token_step(state)
-            weights.append(w)
-        return torch.stack(weights, dim=1)
-
-    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
-        return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
-
-
-class LlamaAdapterV2Multimodal(MultimodalAdapter):
-    method = "llama_adapter_v2"
-
-    def __init__(self, config: LlamaAdapterV2Config, vision_dim: int, hidden_size: int):
-        super().__init__(config, vision_dim, None)
-        self.projector = VisualPromptProjector(vision_dim, hidden_size, config.prompt_len, config.visual_blocks,
-                                               config.visual_heads)
-        self.tuned_bias_names: list[str] = []
-
-    def embed(self, model, input_ids, image_features):
-        return model.get_input_embeddings()(input_ids), None
-
-    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
-        prompts = extra.get("visual_prompts")
-        if prompts is None and image_features is not None:
-            prompts = self.visual_prompts(image_features, extra.get("sequence_modality"))
-        return {"mm_visual_prompts": prompts}
-
-    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
-        """The visual prompts [B, K, D], computed once from the image and used by every decoding step."""
-        if kwargs.get("mm_token_type_ids") is not None:
-            raise ValueError("LLaMA-Adapter V2 takes no mm_token_type_ids: its image enters through the prompts")
-        if image_features is None:
-            return {}
-        return {"visual_prompts": self.visual_prompts(image_features, kwargs.get("sequence_modality"))}
-
-    def visual_prompts(self, image_features: torch.Tensor, sequence_modality: torch.Tensor | None = None):
-        if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
-            raise ValueError(f"image_features must have shape [B, tokens, C={self.vision_dim}] (one image per "
-                             f"sequence for LLaMA-Adapter V2), got {tuple(image_features.shape)}")
-        prompts = self.projector(image_features.to(self.projector_dtype()))
-        if sequence_modality is not None:  # text-only rows get no visual prompt
-            prompts = prompts * sequence_modality.to(prompts.dtype)[:, None, None]
-        return prompts
-
-    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
-        if stage == 1:  # gates, visual projector, adaption prompts (the seed's pretrain phase)
-            return _named(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
-        tuned = set(self.tuned_bias_names)
-        return _named(model, lambda n: n in tuned or (self.config.norm_tuning and "norm.weight" in n
-                                                      and not n.startswith("multimodal.")))
-
-
 class MultimodalLlamaForCausalLM(LlamaForCausalLM):
     """A LlamaForCausalLM with a method injected; created by the `inject_*` functions, never directly."""
 
-    multimodal: MultimodalAdapter
+    multimodal: nn.Module  # the method's model-level module, a pill.methods.base.MultimodalAdapter
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, image_features=None,
@@ -351,6 +155,9 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
     def set_stage(self, stage: int) -> None:
         set_stage(self, stage)
 
+    def set_kernel_backend(self, backend: str | None) -> None:
+        set_kernel_backend(self, backend)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -369,7 +176,7 @@ def _refuse_unsupported_decoding(model, kwargs: dict) -> None:
                              f"models; use greedy decoding or sampling")
 
 
-def _features(mm: MultimodalAdapter, images, image_features):
+def _features(mm: "MultimodalAdapter", images, image_features):
     if images is None:
         return image_features
     if image_features is not None:
@@ -388,16 +195,12 @@ def _refuse_reentrant_checkpointing(model) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Injection
+# Injection (the last step of every method's inject function)
 # ----------------------------------------------------------------------------------------------------------
 
-def _swap_layers(model, layer_class, init) -> None:
-    for index, layer in enumerate(model.model.layers):
-        layer.__class__ = layer_class
-        init(index, layer)
-
-
-def _finish(model, multimodal: MultimodalAdapter, vision_encoder=None) -> MultimodalLlamaForCausalLM:
+def attach_method(model, multimodal: "MultimodalAdapter", vision_encoder=None) -> MultimodalLlamaForCausalLM:
+    """Freeze the base, move the new adapters to the model's device, make the model a MultimodalLlamaForCausalLM
+    holding `multimodal`, apply the config's kernel backend and start at the method's first stage."""
     multimodal.set_vision_encoder(vision_encoder)
     device = model.get_input_embeddings().weight.device
     for p in model.parameters():
@@ -411,73 +214,16 @@ def _finish(model, multimodal: MultimodalAdapter, vision_encoder=None) -> Multim
     model.__class__ = MultimodalLlamaForCausalLM
     model.multimodal = multimodal
     model.train(model.training)  # new submodules start in training mode; follow the model's mode
+    set_kernel_backend(model, multimodal.config.backend)
     set_stage(model, multimodal.stage)
     return model
-
-
-def inject_pill(model: LlamaForCausalLM, config: PillConfig | None = None, *, vision_dim: int,
-                image_token_id: int, vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Add PILL to `model` in place (all layers): attention adapter, MAG, MoMAE; returns the model.
-
-    At initialisation a text-only input gives the base model's logits (zero up-projections; MAG only touches
-    image tokens). The model starts in stage 1 (training order); ``set_stage(model, 2)`` moves on.
-    """
-    config = config or PillConfig()
-    _check_llama(model)
-    _check_vision_dim(vision_dim)
-    hc = model.config
-    last = hc.num_hidden_layers - 1
-    _swap_layers(model, PillDecoderLayer, lambda i, layer: layer.pill_init(hc, config, i == last))
-    return _finish(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
-
-
-def inject_lavin(model: LlamaForCausalLM, config: LavinConfig | None = None, *, vision_dim: int,
-                 image_token_id: int, vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Add LaVIN's mixture-of-modality adapters to `model` in place; returns the model.
-
-    Routing is soft and per sequence, from a learned modality token that attends only to itself (as in the
-    seed), so a sequence's output never depends on the rest of the batch.
-    """
-    config = config or LavinConfig()
-    _check_llama(model)
-    _check_vision_dim(vision_dim)
-    hc = model.config
-    _swap_layers(model, LavinDecoderLayer, lambda i, layer: layer.pill_init(hc, config))
-    return _finish(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
-
-
-def inject_llama_adapter_v2(model: LlamaForCausalLM, config: LlamaAdapterV2Config | None = None, *,
-                            vision_dim: int, vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Add LLaMA-Adapter V2 to `model` in place: gated adaption prompts in the last layers with visual
-    features added, zero-init biases (bias tuning) and trainable norms; returns the model."""
-    config = config or LlamaAdapterV2Config()
-    _check_llama(model)
-    _check_vision_dim(vision_dim)
-    hc = model.config
-    prompt_layers = config.prompt_layers if config.prompt_layers is not None else max(hc.num_hidden_layers - 1, 1)
-    if prompt_layers > hc.num_hidden_layers:
-        raise ValueError(f"LlamaAdapterV2Config.prompt_layers ({prompt_layers}) exceeds the model's "
-                         f"{hc.num_hidden_layers} layers")
-    first_prompted = hc.num_hidden_layers - prompt_layers
-    _swap_layers(model, LlamaAdapterV2DecoderLayer,
-                 lambda i, layer: layer.pill_init(hc, config, i >= first_prompted))
-    multimodal = LlamaAdapterV2Multimodal(config, vision_dim, hc.hidden_size)
-    if config.bias_tuning:
-        for name, module in model.model.layers.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Linear) and leaf in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                if module.bias is None:
-                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
-                                                           device=module.weight.device))
-                multimodal.tuned_bias_names.append(f"model.layers.{name}.bias")
-    return _finish(model, multimodal, vision_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training stages
 # ----------------------------------------------------------------------------------------------------------
 
-def _multimodal(model) -> MultimodalAdapter:
+def multimodal_of(model) -> "MultimodalAdapter":
     if not isinstance(model, MultimodalLlamaForCausalLM):
         raise TypeError(f"expected a model returned by inject_pill / inject_lavin / inject_llama_adapter_v2, got "
                         f"{type(model).__name__}")
@@ -486,7 +232,7 @@ def _multimodal(model) -> MultimodalAdapter:
 
 def stage_parameters(model, stage: int) -> dict[str, nn.Parameter]:
     """The parameters trained in `stage`, by name."""
-    mm = _multimodal(model)
+    mm = multimodal_of(model)
     if stage not in mm.config.stages:
         raise ValueError(f"{mm.method} has stages {mm.config.stages}, got stage {stage!r}")
     return mm.stage_parameters(model, stage)
@@ -494,7 +240,7 @@ def stage_parameters(model, stage: int) -> dict[str, nn.Parameter]:
 
 def adapter_parameters(model) -> dict[str, nn.Parameter]:
     """Every parameter the method trains in any stage: what an adapter checkpoint holds."""
-    mm = _multimodal(model)
+    mm = multimodal_of(model)
     names: dict[str, nn.Parameter] = {}
     for stage in mm.config.stages:
         names.update(mm.stage_parameters(model, stage))
@@ -504,7 +250,7 @@ def adapter_parameters(model) -> dict[str, nn.Parameter]:
 def set_stage(model, stage: int) -> None:
     """Make exactly `stage`'s parameters trainable and switch stage-dependent behaviour (PILL's MAG bypass and
     last-layer routing in stage 1)."""
-    mm = _multimodal(model)
+    mm = multimodal_of(model)
     trainable = stage_parameters(model, stage)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
@@ -512,9 +258,27 @@ def set_stage(model, stage: int) -> None:
     mm.apply_stage(model, stage)
 
 
+def set_kernel_backend(model, backend: str | None) -> None:
+    """Run this model's fused ops on `backend` ("eager", "triton", "cuda", "cpp", "auto"), or None to follow
+    pill_kernels' default (`pill_kernels.use_backend` / `set_backend`, then $PILL_KERNELS_BACKEND, then auto).
+    A run-time choice: adapters are saved without it and load under any backend."""
+    from .methods.base import check_backend
+
+    check_backend(backend)
+    multimodal_of(model).kernel_backend = backend
+    for module in model.modules():
+        if hasattr(module, "kernel_backend"):
+            module.kernel_backend = backend
+
+
+def kernel_backend(model) -> str | None:
+    """The backend set with `set_kernel_backend` (None: pill_kernels' default)."""
+    return multimodal_of(model).kernel_backend
+
+
 def trainable_parameter_report(model) -> str:
     """Trainable parameter counts of every stage, split by component."""
-    mm = _multimodal(model)
+    mm = multimodal_of(model)
     total = sum(p.numel() for p in model.parameters())
     lines = [f"{mm.method}: {total:,} parameters in all; current stage {mm.stage}"]
     for stage in mm.config.stages:

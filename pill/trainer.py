@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 from .checkpoint import DTensor, full_tensor, save_adapter, shard_like
 from .files import read_json, read_safetensors, replace_directory
 from .data import IGNORE, Collator, Example, PromptFormatter
-from .model import _multimodal, adapter_parameters, set_stage
+from .methods import get_method
+from .model import adapter_parameters, multimodal_of, set_stage
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -128,7 +129,7 @@ class Trainer:
         self.examples = examples
         self.config = config
         self.on_step = on_step
-        mm = _multimodal(model)
+        mm = multimodal_of(model)
         if features is None and any(ex.images or ex.image_ids for ex in examples):
             raise ValueError("Trainer: the examples have images but no features lookup was given")
         self.collator = Collator(formatter.tokenizer.pad_token_id, features,
@@ -404,8 +405,8 @@ class Trainer:
 def shard_with_fsdp(model) -> None:
     """FSDP2 over every process of the default group: each decoder layer is one unit (its parameters are
     gathered just before it runs and freed after), the rest (embeddings, LM head, the method's projector and
-    prompts) one more at the root; LaVIN is a single unit (see below). Frozen and trainable parameters are sharded alike; gradients exist for the
-    trainable ones only, and only those are reduce-scattered."""
+    prompts) one more at the root; LaVIN is a single unit (see below). Frozen and trainable parameters are
+    sharded alike; gradients exist for the trainable ones only, and only those are reduce-scattered."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -418,10 +419,9 @@ def shard_with_fsdp(model) -> None:
         for p in adapter_parameters(model).values():
             torch.distributed.broadcast(p.data, src=0)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    # LaVIN's modality token runs every layer's weights before the layers run (its routing weights for all
-    # layers come first), outside the layers' forward, where per-layer units would hold only their shards: LaVIN
-    # is one unit, sharded at rest and gathered whole for each forward and backward.
-    if _multimodal(model).method != "lavin":
+    # A method whose forward runs layers' weights outside the layers' own forward (LaVIN's modality token) is one
+    # unit, sharded at rest and gathered whole for each forward and backward (`Method.fsdp_layer_units`).
+    if get_method(multimodal_of(model).method).fsdp_layer_units:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -138,7 +138,7 @@ def register(op: str, backend: str, forward: Callable, backward: Callable,
              auto_skip_reason: Callable[[torch.device], str | None] = _no_objection,
              auto_needs_measurement: bool = False) -> None:
     """Make `backend` an implementation of `op`: `forward` and `backward` take the arguments of the eager
-    implementations in ops.py and return the same outputs (None for gradients of absent optional inputs)."""
+    implementations in ops/<op>.py and return the same outputs (None for gradients of absent optional inputs)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _registry.setdefault(op, {})[backend] = Kernel(forward, backward, unavailable_reason, auto_skip_reason,

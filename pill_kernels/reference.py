@@ -1,8 +1,11 @@
-"""Plain-PyTorch ground truth for every fused op (docs/design.md, "Op semantics").
+"""Plain-PyTorch ground truth for every fused op (docs/design.md, "Op semantics"), and the "eager" backend.
 
-These functions are the specification: tests compare every backend against them (in float64 on small
-shapes), benchmarks use them as the eager baseline, and the "eager" backend runs them. They are written
-for clarity first; each differentiates through autograd.
+These functions are the specification: benchmarks use them as the eager baseline and the "eager" backend runs
+them (tests check every backend, eager included, against definitions written independently in
+tests/op_testing.py). They are written for clarity first; each differentiates through autograd.
+Gated attention has two formulations: `gated_attention` with the explicit S x S score matrix, and
+`gated_attention_sdpa`, the same through PyTorch's scaled_dot_product_attention, which the eager backend runs
+(fused sdpa kernels keep no S x S matrix for autograd).
 
 Shapes: T tokens (B*S flattened), D hidden, r bottleneck, E experts, H query heads, Hkv key/value heads.
 """
@@ -18,6 +21,7 @@ __all__ = [
     "soft_routed_adapter",
     "modality_gate",
     "gated_attention",
+    "gated_attention_sdpa",
 ]
 
 
@@ -160,3 +164,39 @@ def gated_attention(
         out = out + torch.tanh(prompt_gate)[None, :, None, None] * (prompt_probs @ pv)
     return out
 
+
+
+def gated_attention_sdpa(q, k, v, gate_logits=None, image_mask=None, key_padding_mask=None, prompt_k=None,
+                         prompt_v=None, prompt_gate=None, causal: bool = True, scale: float | None = None):
+    """`gated_attention` through ``F.scaled_dot_product_attention``: the gate applied to the values, the masks
+    as one boolean mask, the prompt branch as a second sdpa call. Same arguments and result."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    if gate_logits is not None:
+        gate = torch.tanh(gate_logits)
+        v = v * torch.where(image_mask[:, None, :], gate, torch.ones_like(gate))[..., None]
+    allowed = None
+    if causal and seq_q > 1 or key_padding_mask is not None:
+        allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=q.device)
+        if causal:
+            rows = torch.arange(seq_q, device=q.device)[:, None] + (seq_k - seq_q)
+            allowed = allowed & (torch.arange(seq_k, device=q.device)[None, :] <= rows)
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, None, :]
+    if allowed is not None:
+        # A padding query that sees no key would give NaN; let it see everything, then zero its output.
+        has_key = allowed.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scale)
+        out = out * has_key
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if prompt_k is not None:
+        pk = prompt_k.repeat_interleave(group, dim=1)
+        pv = prompt_v.repeat_interleave(group, dim=1)
+        prompt_out = F.scaled_dot_product_attention(q, pk, pv, scale=scale)
+        out = out + torch.tanh(prompt_gate)[None, :, None, None] * prompt_out
+    return out

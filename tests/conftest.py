@@ -24,6 +24,22 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture
+def resolved_backends(monkeypatch):
+    """[(op, backend)] of every fused-op call from here on: the backend each call actually resolved to."""
+    import pill_kernels.dispatch as dispatch
+
+    seen, resolve = [], dispatch.resolve
+
+    def recording(op, device, backend=None, shape=None):
+        chosen = resolve(op, device, backend, shape)
+        seen.append((op, chosen))
+        return chosen
+
+    monkeypatch.setattr(dispatch, "resolve", recording)
+    return seen
+
+
 def tiny_llama_config(num_layers=3, heads=4, kv_heads=2, hidden=40, attn="sdpa"):
     """A few layers, GQA (heads/kv_heads), a hidden size that is no power of two."""
     return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=56, num_hidden_layers=num_layers,

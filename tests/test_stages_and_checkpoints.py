@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 
 import pill
 from conftest import IMAGE_TOKEN, VISION_DIM, make_llama, multimodal_batch, randomize_adapters
@@ -349,4 +349,37 @@ def test_the_backend_is_a_run_time_choice_not_part_of_the_adapter(tmp_path):
     saved["config"]["backend"] = "eager"  # as written by earlier versions
     (path / "adapter_config.json").write_text(json.dumps(saved))
     pill.load_adapter(default, path)
-    assert pill.load_pretrained_adapter(make_llama(), path).model.layers[0].pill_backend is None
+    loaded = pill.load_pretrained_adapter(make_llama(), path)
+    assert pill.kernel_backend(loaded) is None and loaded.model.layers[0].kernel_backend is None
+
+
+@pytest.mark.parametrize("method", ["pill", "pill_query_head", "lavin", "llama_adapter_v2"])
+def test_an_adapter_trained_under_one_backend_loads_and_runs_under_another(method, tmp_path, resolved_backends):
+    """Saved from a model whose ops ran on eager, loaded with load_pretrained_adapter(backend=...) for every other
+    backend that runs here: the same logits, and the ops really run on the asked backend (recorded at dispatch)."""
+    import pill_kernels as pk
+
+    import copy
+
+    seen = resolved_backends
+    base = make_llama()
+    trained = inject(method, copy.deepcopy(base))
+    pill.set_stage(trained, trained.multimodal.config.stages[-1])  # every part active (PILL's MAG, ...)
+    randomize_adapters(trained)
+    pill.set_kernel_backend(trained, "eager")
+    path = pill.save_adapter(trained, tmp_path / method)
+    ids, features, extra = batch_for(method)
+    with torch.no_grad():
+        expected = trained(input_ids=ids, image_features=features, **extra).logits
+    assert seen and {b for _, b in seen} == {"eager"}
+    others = [b for b in ("cpp", "triton") if all(b in pk.available_backends(op, "cpu") for op, _ in seen)]
+    if not others:
+        pytest.skip("no backend besides eager runs these ops here")
+    for backend in others:
+        seen.clear()
+        loaded = pill.load_pretrained_adapter(copy.deepcopy(base), path, backend=backend)
+        assert pill.kernel_backend(loaded) == backend
+        with torch.no_grad():
+            got = loaded(input_ids=ids, image_features=features, **extra).logits
+        assert seen and {b for _, b in seen} == {backend}, (backend, sorted(set(seen)))
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import pill
 import pill_kernels as pk
 from pill_kernels import reference as ref
 from pill_kernels.triton import INTERPRET
@@ -147,8 +146,8 @@ def test_weight_gradients_summed_over_token_splits(poisoned_allocations, monkeyp
     import pill_kernels.triton.soft_routed_adapter as soft_kernels
 
     for module in (routed_kernels, soft_kernels, gate_kernels):
-        monkeypatch.setattr(module, "_token_splits", lambda device, d_chunks, experts, tiles: splits)
-    tokens = 7 * routed_kernels._blocks(40, torch.float32)[0] - 5
+        monkeypatch.setattr(module, "token_splits", lambda device, d_chunks, experts, tiles: splits)
+    tokens = 7 * routed_kernels.token_blocks(40, torch.float32)[0] - 5
     x, wd, wg, wu, ids, nw = routed_inputs(tokens, 40, 5, 2, norm=True)
     check_against_reference(lambda **a: pk.routed_glu_adapter(**a, backend="triton"),
                             lambda **a: ref.routed_glu_adapter(**a),

@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernels: interpreter detection, launch configuration and small jit helpers.
+"""Pieces shared by the Triton kernels: interpreter detection, launch configuration (tile sizes, token splits of
+the weight-gradient kernels) and small jit helpers.
 
 The Triton interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) has gaps that are handled here,
 in launch code, never by loosening test tolerances (docs/kernels.md, "Triton under the interpreter"):
@@ -70,6 +71,26 @@ def mma_precision(dtype: torch.dtype) -> bool:
 def pow2_at_least_16(n: int) -> int:
     # tl.dot needs every block dimension to be a power of two and at least 16.
     return max(16, triton.next_power_of_2(n))
+
+
+def token_blocks(hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the per-token adapter kernels (routed and soft-routed). GPU: 64-token tiles feed the MMA; 64-wide D chunks keep a program's
+    x/dy/weight chunks in registers at r <= 64; 8 warps because with 4 the kernels spill registers on sm_90
+    (cuobjdump on the cubins tests/triton_gpu_compile.py builds). Not yet timed on a GPU."""
+    if INTERPRET:
+        return 16, 32, 1
+    if dtype == torch.float32:  # fp32 tiles take twice the registers
+        return 32, 32, 8
+    return 64, 64, 8
+
+
+def token_splits(device, d_chunks, experts, tiles):
+    """How many programs share the token tiles of a weight-gradient kernel (each sums a partial slab)."""
+    # Enough programs to fill the GPU; each split's partial weight gradients cost E*3*r*D fp32 of workspace.
+    if INTERPRET or device.type != "cuda":
+        return 1
+    programs = torch.cuda.get_device_properties(device).multi_processor_count * 2
+    return max(1, min(tiles, triton.cdiv(programs, d_chunks * experts), 16))
 
 
 @triton.jit

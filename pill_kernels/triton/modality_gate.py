@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
-                      pow2_at_least_16, tanh)
-from .routed_glu_adapter import _token_splits
+                      pow2_at_least_16, tanh, token_splits)
 
 
 def _blocks(hidden: int, head_dim: int) -> tuple[int, int, int]:
@@ -169,7 +168,7 @@ def backward(grad_out, x, w_gate, v, image_mask):
             grad_out, x, w_gate, v, image_mask, dx, dv, dlogit, tokens, hidden, heads, head_dim, BLOCK_T=block_t,
             BLOCK_D=block_d, num_warps=warps, **flags)
     d_chunks = triton.cdiv(hidden, block_d)
-    splits = _token_splits(x.device, d_chunks, 1, max(tiles, 1))
+    splits = token_splits(x.device, d_chunks, 1, max(tiles, 1))
     dwg = torch.empty(splits, hidden, heads, device=x.device, dtype=acc)
     flags.pop("BLOCK_HD")
     _backward_weights_kernel[(d_chunks, splits)](

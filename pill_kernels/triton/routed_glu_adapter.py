@@ -25,18 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
-                      pow2_at_least_16, rms_rstd)
-
-
-def _blocks(hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps). GPU: 64-token tiles feed the MMA; 64-wide D chunks keep a program's
-    x/dy/weight chunks in registers at r <= 64; 8 warps because with 4 the kernels spill registers on sm_90
-    (cuobjdump on the cubins tests/triton_gpu_compile.py builds). Not yet timed on a GPU."""
-    if INTERPRET:
-        return 16, 32, 1
-    if dtype == torch.float32:  # fp32 tiles take twice the registers
-        return 32, 32, 8
-    return 64, 64, 8
+                      pow2_at_least_16, rms_rstd, token_blocks, token_splits)
 
 
 @triton.jit
@@ -264,19 +253,11 @@ def forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
     y = torch.empty_like(x)
     if tokens == 0:
         return y
-    block_t, block_d, warps = _blocks(hidden, x.dtype)
+    block_t, block_d, warps = token_blocks(hidden, x.dtype)
     _forward_kernel[(triton.cdiv(tokens, block_t),)](
         x, w_down, w_gate, w_up, ids, g, y, tokens, hidden, rank, num_experts, eps,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, **flags)
     return y
-
-
-def _token_splits(device, d_chunks, experts, tiles):
-    # Enough programs to fill the GPU; each split's partial weight gradients cost E*3*r*D fp32 of workspace.
-    if INTERPRET or device.type != "cuda":
-        return 1
-    programs = torch.cuda.get_device_properties(device).multi_processor_count * 2
-    return max(1, min(tiles, triton.cdiv(programs, d_chunks * experts), 16))
 
 
 def backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
@@ -284,7 +265,7 @@ def backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
     check_index_range("routed_glu_adapter", x)
     tokens, hidden, num_experts, rank, ids, g, flags = _common_args(x, w_down, expert_ids, norm_weight)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block_t, block_d, warps = _blocks(hidden, x.dtype)
+    block_t, block_d, warps = token_blocks(hidden, x.dtype)
     dx = torch.empty_like(x)
     act, d_hd, d_hg = (torch.empty(tokens, rank, device=x.device, dtype=acc) for _ in range(3))
     rstd = torch.empty(tokens, device=x.device, dtype=acc)
@@ -294,7 +275,7 @@ def backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps):
             grad_y, x, w_down, w_gate, w_up, ids, g, dx, act, d_hd, d_hg, rstd, tokens, hidden, rank, num_experts,
             eps, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, **flags)
     d_chunks = triton.cdiv(hidden, block_d)
-    splits = _token_splits(x.device, d_chunks, num_experts, max(tiles, 1))
+    splits = token_splits(x.device, d_chunks, num_experts, max(tiles, 1))
     dwd = torch.empty(splits, num_experts, hidden, rank, device=x.device, dtype=acc)
     dwg = torch.empty_like(dwd)
     dwu = torch.empty(splits, num_experts, rank, hidden, device=x.device, dtype=acc)

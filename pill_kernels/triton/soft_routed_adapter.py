@@ -24,8 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
-                      pow2_at_least_16, rms_rstd)
-from .routed_glu_adapter import _blocks, _token_splits
+                      pow2_at_least_16, rms_rstd, token_blocks, token_splits)
 
 
 @triton.jit
@@ -240,7 +239,7 @@ def forward(x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask, norm_w
     y = torch.empty_like(x)
     if tokens == 0:
         return y
-    block_t, block_d, warps = _blocks(hidden, x.dtype)
+    block_t, block_d, warps = token_blocks(hidden, x.dtype)
     _forward_kernel[(triton.cdiv(tokens, block_t),)](
         x, w_down, b_down, w_up, b_up, routing_weights, dropout_mask if dropout_mask is not None else x,
         norm_weight if norm_weight is not None else x, y, tokens, hidden, rank, num_experts, eps, scale,
@@ -257,7 +256,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mas
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     flags = _flags(x, rank, dropout_mask, norm_weight)
     block_e = triton.next_power_of_2(num_experts)
-    block_t, block_d, warps = _blocks(hidden, x.dtype)
+    block_t, block_d, warps = token_blocks(hidden, x.dtype)
     g = norm_weight if norm_weight is not None else x
     dx = torch.empty_like(x)
     dw = torch.empty_like(routing_weights)
@@ -271,7 +270,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, routing_weights, dropout_mas
             HAS_MASK=dropout_mask is not None, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e, num_warps=warps,
             **flags)
     d_chunks = triton.cdiv(hidden, block_d)
-    splits = _token_splits(x.device, d_chunks, 1, max(tiles, 1))
+    splits = token_splits(x.device, d_chunks, 1, max(tiles, 1))
     dwd = torch.empty(splits, hidden, rank, device=x.device, dtype=acc)
     dbd = torch.empty(splits, rank, device=x.device, dtype=acc)
     dwu = torch.empty(splits, num_experts, rank, hidden, device=x.device, dtype=acc)

@@ -1,0 +1,294 @@
+"""What the three methods share: the config base, the registry record, the decoder-layer base with its helpers,
+the model-level module base, the MLP projector, and the injection steps every method takes.
+
+A method module (`pill.py`, `lavin.py`, `llama_adapter_v2.py` next to this file) holds its whole definition:
+config, adapter modules, decoder layer, model-level module, inject function, stage parameter sets, and its
+`METHOD` record, which `pill.methods` collects into the registry.
+
+Adapter weights live in fp32 (or whatever dtype they were created in) and are cast to the activation dtype at
+call time, as the seed code's fp32 adapters under bf16 autocast do.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import (ALL_ATTENTION_FUNCTIONS, LlamaDecoderLayer,
+                                                      apply_rotary_pos_emb, eager_attention_forward)
+
+from pill_kernels.dispatch import CHOICES
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and registry record
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodConfig:
+    """Base of the method configs. Every field has the seed code's value as its default. ``backend`` is the kernel
+    backend the model's fused ops use (None: `pill_kernels.get_backend()`); it is a run-time choice, applied at
+    injection, changed with `pill.set_kernel_backend`, and never saved with an adapter."""
+
+    method: ClassVar[str]
+    stages: ClassVar[tuple[int, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def _positive(self, **values: int) -> None:
+        for name, value in values.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def _check_backend(self) -> None:
+        check_backend(self.backend, f"{type(self).__name__}.backend")
+
+
+def check_backend(backend: str | None, argument: str = "backend") -> str | None:
+    if backend is not None and backend not in CHOICES:
+        raise ValueError(f"{argument} must be None or one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method as the CLI, the demo, checkpoints and the trainer see it (`pill.methods.get_method(name)`)."""
+
+    name: str
+    config_class: type[MethodConfig]
+    # (model, config, *, vision_dim, image_token_id, vision_encoder) -> the injected model. image_token_id is
+    # None for methods whose images do not enter as placeholder tokens.
+    inject: Callable[..., Any]
+    # Images enter the text as placeholder tokens (PILL, LaVIN) rather than beside it (LLaMA-Adapter V2's prompts).
+    image_placeholders: bool
+    # FSDP may shard each decoder layer as its own unit (see `pill.trainer.shard_with_fsdp`).
+    fsdp_layer_units: bool = True
+    # The demo's choices for this method: config fields, and `pill.demo.DemoSettings` fields (why: in the module).
+    demo_config: dict = field(default_factory=dict)
+    demo_settings: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder layers
+# ----------------------------------------------------------------------------------------------------------
+
+# Per-call multimodal inputs reach the decoder layers as keyword arguments, which transformers passes to every
+# layer: ``mm_token_type_ids`` [B, S] (1 for image tokens), ``mm_routing_weights`` [B, L, E] (LaVIN) and
+# ``mm_visual_prompts`` [B, K, D] (LLaMA-Adapter V2).
+MULTIMODAL_LAYER_KWARGS = ("mm_token_type_ids", "mm_routing_weights", "mm_visual_prompts")
+
+
+def pop_multimodal(kwargs: dict) -> dict:
+    return {name: kwargs.pop(name, None) for name in MULTIMODAL_LAYER_KWARGS}
+
+
+def image_mask(mm_token_type_ids: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+    if mm_token_type_ids is None:
+        return torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+    if tuple(mm_token_type_ids.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"mm_token_type_ids must have shape [batch, seq] = {tuple(hidden_states.shape[:2])}, got "
+                         f"{tuple(mm_token_type_ids.shape)}")
+    return mm_token_type_ids.to(torch.bool)
+
+
+def key_padding_from_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq_k: int):
+    """Which keys are real tokens, read off the mask transformers builds for the attention functions.
+
+    The last query row of a causal mask sees every earlier key, so it holds the padding of all keys (with left
+    padding the last position is a real token; with right padding its row still excludes only padding).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        valid = attention_mask.to(torch.bool)
+    else:
+        row = attention_mask[:, 0, -1, :]
+        valid = row if row.dtype == torch.bool else row == 0
+    return valid[:, :seq_k].expand(batch, seq_k)
+
+
+class MultimodalDecoderLayer(LlamaDecoderLayer):
+    """Base of the method layers, subclasses of transformers' LlamaDecoderLayer; never instantiated directly.
+
+    Injection swaps each layer's class for a method's subclass and adds the adapter submodules; the base weights
+    stay where they are. Because the subclass's forward goes through GradientCheckpointingLayer's wrapper,
+    gradient checkpointing still recomputes the patched layers (overriding ``forward`` on an instance would
+    bypass it). ``kernel_backend`` is the backend of the layer's fused ops (None: pill_kernels' default).
+    """
+
+    kernel_backend: str | None = None
+
+    def _qkv(self, attn_input: torch.Tensor):
+        attn = self.self_attn
+        batch, seq = attn_input.shape[:2]
+        q = attn.q_proj(attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(attn_input).view(batch, seq, -1, attn.head_dim)  # [B, S, Hkv, hd] for the value gate
+        return q, k, v
+
+    def _standard_attention(self, q, k, v, attention_mask, kwargs) -> torch.Tensor:
+        attn = self.self_attn
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                                    eager_attention_forward)
+        out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0 if not self.training else
+                           attn.attention_dropout, scaling=attn.scaling, **kwargs)
+        return out.reshape(*out.shape[:2], -1)
+
+    def _rope_and_cache(self, q, k, v, position_embeddings, cache):
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.self_attn.layer_idx)
+        return q, k, v
+
+    def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def rms_norm_args(norm: nn.Module | None, dtype: torch.dtype) -> dict:
+    """The keyword arguments that fuse a LlamaRMSNorm into an adapter op."""
+    if norm is None:
+        return {}
+    return {"norm_weight": norm.weight.to(dtype), "eps": norm.variance_epsilon}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model level
+# ----------------------------------------------------------------------------------------------------------
+
+class MultimodalAdapter(nn.Module):
+    """Model-level part of a method (``model.multimodal``): the projector and method-specific state; knows how
+    to prepare a call's inputs and which parameters each stage trains."""
+
+    method: str
+    kernel_backend: str | None = None  # set by `pill.set_kernel_backend`, with every adapter module's
+
+    def __init__(self, config: MethodConfig, vision_dim: int, image_token_id: int | None):
+        super().__init__()
+        self.config = config
+        self.vision_dim = vision_dim
+        self.image_token_id = image_token_id
+        self.stage = config.stages[0]  # training starts at the first stage
+        self.vision_encoder = None
+
+    def set_vision_encoder(self, encoder) -> None:
+        """A frozen vision encoder: any callable mapping images to features [N, tokens, C=vision_dim]. It is kept
+        outside the module tree, so it is neither trained nor saved with the adapter."""
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"vision_encoder must be callable (images -> [N, tokens, C]), got "
+                            f"{type(encoder).__name__}")
+        object.__setattr__(self, "vision_encoder", encoder)
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        if self.vision_encoder is None:
+            raise ValueError("images given but the model has no vision encoder: pass vision_encoder= to the inject "
+                             "call, or pass image_features instead")
+        features = self.vision_encoder(images)
+        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != self.vision_dim:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"the vision encoder must return features [N, tokens, C={self.vision_dim}], got {shape}")
+        return features
+
+    # -- inputs --------------------------------------------------------------------------------------------
+    def embed(self, model, input_ids: torch.Tensor, image_features: torch.Tensor | None):
+        """Token embeddings with projected image features scattered into the placeholders, and the mask."""
+        embed_tokens = model.get_input_embeddings()
+        if self.image_token_id is None:
+            if image_features is not None:
+                raise ValueError("image_features given but this model has no image_token_id")
+            return embed_tokens(input_ids), None
+        placeholders = input_ids == self.image_token_id
+        embeds = embed_tokens(input_ids.masked_fill(placeholders, 0))
+        count = int(placeholders.sum())
+        if image_features is None:
+            if count:
+                raise ValueError(f"input_ids hold {count} image placeholder tokens (id {self.image_token_id}) but no "
+                                 f"image_features were given")
+            return embeds, placeholders.long()
+        if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
+            raise ValueError(f"image_features must have shape [N_images, tokens, C={self.vision_dim}], got "
+                             f"{tuple(image_features.shape)}")
+        n_images, tokens = image_features.shape[:2]
+        if count != n_images * tokens:
+            raise ValueError(f"input_ids hold {count} image placeholder tokens but image_features carry "
+                             f"{n_images} images x {tokens} tokens = {n_images * tokens}")
+        projected = self.project(image_features.to(self.projector_dtype())).to(embeds.dtype)
+        embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]))
+        return embeds, placeholders.long()
+
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def project(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.projector(image_features)
+
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, cache) -> dict:
+        return {}
+
+    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
+        """Per-row tensors fixed by the prompt that generate() carries to every decoding step (it repeats them
+        per returned sequence): the prompt's embeddings with the images scattered in, and its modality per token
+        (``mm_token_type_ids`` given to generate, else read off the placeholders). The model's
+        `prepare_inputs_for_generation` cuts each step's inputs out of them."""
+        prompt_types = kwargs.pop("mm_token_type_ids", None)
+        inputs_embeds, derived_types = self.embed(model, input_ids, image_features)
+        if prompt_types is None:
+            prompt_types = derived_types
+        elif tuple(prompt_types.shape) != tuple(input_ids.shape):
+            raise ValueError(f"mm_token_type_ids must have the prompt's shape [batch, seq] = "
+                             f"{tuple(input_ids.shape)}, got {tuple(prompt_types.shape)}")
+        return {"prompt_embeds": inputs_embeds, "prompt_mm_token_type_ids": prompt_types.long()}
+
+    # -- training stages -----------------------------------------------------------------------------------
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def apply_stage(self, model, stage: int) -> None:
+        """Per-stage behaviour beyond which parameters train (PILL switches MAG and routing)."""
+
+
+def parameters_where(model, predicate) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if predicate(name)}
+
+
+class MLPProjector(nn.Module):
+    """LaVIN's AdapterMLP (also PILL's projector="mlp"): Linear(C, h) - SiLU - Linear(h, D), xavier-initialised."""
+
+    def __init__(self, vision_dim: int, hidden: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden_size)
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(features)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Injection steps
+# ----------------------------------------------------------------------------------------------------------
+
+def check_vision_dim(vision_dim: int) -> None:
+    if not isinstance(vision_dim, int) or isinstance(vision_dim, bool) or vision_dim <= 0:
+        raise ValueError(f"vision_dim must be the positive feature width C of the vision encoder, got {vision_dim!r}")
+
+
+def swap_layers(model, layer_class, init) -> None:
+    for index, layer in enumerate(model.model.layers):
+        layer.__class__ = layer_class
+        init(index, layer)

@@ -1,0 +1,216 @@
+"""LaVIN (docs/methods.md, LaVIN): mixture-of-modality adaptation, a soft-routed RepAdapter before attention in
+every layer, routed per sequence from a learned modality token, trained in one stage. Its whole definition:
+config, adapter module, decoder layer, model-level module, inject function, stage parameters and registry
+record."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pill_kernels as pk
+
+from ..hf_compat import take_cache
+from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
+                   parameters_where, pop_multimodal, rms_norm_args, swap_layers)
+
+
+@dataclass
+class LavinConfig(MethodConfig):
+    """LaVIN's mixture-of-modality adaptation: a soft-routed RepAdapter before attention in every layer.
+
+    adapter_dim: bottleneck (seed: 8); groups: groups of the up-projection 1x1 convolutions (seed: 2);
+    num_experts: up-projection experts (seed: 2); scale: s (seed: 1); temperature: router softmax
+    temperature (seed: 10 for 7B, 5 for 13B); dropout: on the bottleneck in training (seed: 0.1);
+    projector_hidden: width of the image-feature MLP (seed: 128); backend: kernel backend of the fused ops at
+    injection (run-time only; see `MethodConfig`).
+    """
+
+    method: ClassVar[str] = "lavin"
+    stages: ClassVar[tuple[int, ...]] = (1,)
+
+    adapter_dim: int = 8
+    groups: int = 2
+    num_experts: int = 2
+    scale: float = 1.0
+    temperature: float = 10.0
+    dropout: float = 0.1
+    projector_hidden: int = 128
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        self._positive(adapter_dim=self.adapter_dim, groups=self.groups, num_experts=self.num_experts,
+                       projector_hidden=self.projector_hidden)
+        if self.adapter_dim % self.groups:
+            raise ValueError(f"LavinConfig.adapter_dim ({self.adapter_dim}) must be a multiple of groups "
+                             f"({self.groups})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LavinConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if self.temperature <= 0:
+            raise ValueError(f"LavinConfig.temperature must be positive, got {self.temperature}")
+        self._check_backend()
+
+
+class SoftRoutedAdapter(nn.Module):
+    """LaVIN's RepAdapter router: shared down-projection, E grouped up-projection experts, per-sequence softmax
+    routing from the modality token. Initialisation as the seed: xavier down, zero up, nn.Linear router."""
+
+    def __init__(self, hidden_size: int, adapter_dim: int, groups: int, num_experts: int, scale: float,
+                 temperature: float, dropout: float, kernel_backend: str | None = None):
+        super().__init__()
+        if hidden_size % groups:
+            raise ValueError(f"LaVIN: hidden size {hidden_size} must be a multiple of groups {groups}")
+        self.groups, self.scale, self.temperature, self.dropout = groups, scale, temperature, dropout
+        self.kernel_backend = kernel_backend
+        self.w_down = nn.Parameter(torch.empty(hidden_size, adapter_dim))
+        nn.init.xavier_uniform_(self.w_down)
+        self.b_down = nn.Parameter(torch.zeros(adapter_dim))
+        # Conv1d(r, D, 1, groups) weights of each expert: [E, D, r / groups].
+        self.w_up_grouped = nn.Parameter(torch.zeros(num_experts, hidden_size, adapter_dim // groups))
+        self.b_up = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.router = nn.Linear(hidden_size, num_experts)
+
+    def dense_up(self) -> torch.Tensor:
+        """The grouped 1x1 convolutions as block-diagonal [E, r, D] matrices."""
+        num_experts, hidden, per_group = self.w_up_grouped.shape
+        out_per_group = hidden // self.groups
+        return torch.stack([
+            torch.block_diag(*[self.w_up_grouped[e, g * out_per_group:(g + 1) * out_per_group].t()
+                               for g in range(self.groups)])
+            for e in range(num_experts)])
+
+    def routing_weights(self, normed_modality_token: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(normed_modality_token, self.router.weight.to(normed_modality_token.dtype),
+                          self.router.bias.to(normed_modality_token.dtype))
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor, norm: nn.Module | None = None):
+        """x [B, S, D] (or [B, D]); routing_weights [B, E], one row per sequence."""
+        dtype = x.dtype
+        token_weights = routing_weights.to(dtype).unsqueeze(-2).expand(*x.shape[:-1], routing_weights.shape[-1]) \
+            if x.dim() == 3 else routing_weights.to(dtype)
+        dropout_mask = None
+        if self.training and self.dropout > 0:
+            keep = torch.rand(*x.shape[:-1], self.w_down.shape[1], device=x.device) >= self.dropout
+            dropout_mask = keep.to(dtype) / (1.0 - self.dropout)
+        return pk.soft_routed_adapter(x, self.w_down.to(dtype), self.b_down.to(dtype), self.dense_up().to(dtype),
+                                      self.b_up.to(dtype), token_weights, dropout_mask=dropout_mask,
+                                      scale=self.scale, backend=self.kernel_backend, **rms_norm_args(norm, dtype))
+
+
+class LavinDecoderLayer(MultimodalDecoderLayer):
+    """LaVIN block (docs/methods.md, LaVIN; the seed's adapter_type='attn'):
+
+        a = n + s * sum_e w_e (z W_up_e + b_e),  z = drop(n W_down + b),  n = RMSNorm_att(x)   (one fused call)
+        h = x + Attn(a);  y = h + FFN(RMSNorm_ffn(h))
+
+    ``w`` comes per sequence from the modality token's state at this layer (see `modality_token_step`).
+    """
+
+    def pill_init(self, config, lavin_config: LavinConfig) -> None:
+        self.pill_router_adapter = SoftRoutedAdapter(
+            config.hidden_size, lavin_config.adapter_dim, lavin_config.groups, lavin_config.num_experts,
+            lavin_config.scale, lavin_config.temperature, lavin_config.dropout)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        cache = take_cache(kwargs, past_key_values)
+        mm = pop_multimodal(kwargs)
+        routing = mm["mm_routing_weights"]
+        if routing is None:
+            raise ValueError("LaVIN layers need mm_routing_weights; call the injected model, not its layers")
+        residual = hidden_states
+        a = self.pill_router_adapter(hidden_states, routing[:, self.self_attn.layer_idx],
+                                     norm=self.input_layernorm)
+        q, k, v = self._qkv(a)
+        q, k, v = self._rope_and_cache(q, k, v.transpose(1, 2), position_embeddings, cache)
+        h = residual + self.self_attn.o_proj(self._standard_attention(q, k, v, attention_mask, kwargs))
+        return self._feed_forward(h)
+
+    def modality_token_step(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of LaVIN's modality token: (routing weights [B, E], state after this layer [B, D]).
+
+        The seed prepends the token at position 0 and masks it from every other query, so it attends only to
+        itself: its attention output is ``o_proj(v_proj(a))`` with each query head reading its KV head, and its
+        state depends on the modality bit alone. Computing that here gives the seed's routing exactly, for any
+        batch, without an extra sequence position.
+        """
+        attn = self.self_attn
+        norm = self.input_layernorm
+        weights = self.pill_router_adapter.routing_weights(pk.reference.rms_norm(state, norm.weight,
+                                                                                 norm.variance_epsilon))
+        a = self.pill_router_adapter(state, weights, norm=self.input_layernorm)
+        v = attn.v_proj(a).view(state.shape[0], -1, attn.head_dim)
+        v = v.repeat_interleave(attn.num_key_value_groups, dim=1).reshape(state.shape[0], -1)
+        h = state + attn.o_proj(v)
+        return weights, self._feed_forward(h)
+
+
+class LavinMultimodal(MultimodalAdapter):
+    method = "lavin"
+
+    def __init__(self, config: LavinConfig, vision_dim: int, hidden_size: int, image_token_id: int):
+        super().__init__(config, vision_dim, image_token_id)
+        self.projector = MLPProjector(vision_dim, config.projector_hidden, hidden_size)
+        # The seed's adapter_modality_embedding: nn.Embedding(2, D), N(0, 1).
+        self.modality_embedding = nn.Parameter(torch.randn(2, hidden_size))
+
+    def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
+        sequence_modality = extra.get("sequence_modality")
+        if sequence_modality is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("LaVIN routes per sequence from the prompt's modality: when decoding with a cache, "
+                                 "pass sequence_modality [B] (1 where the sequence has an image); generate() does")
+            batch = extra["batch"]
+            sequence_modality = (mm_token_type_ids.any(dim=-1) if mm_token_type_ids is not None else
+                                 torch.zeros(batch, dtype=torch.bool, device=self.modality_embedding.device))
+        return {"mm_routing_weights": self.routing_weights(model, sequence_modality)}
+
+    def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
+        inputs = super().generate_inputs(model, input_ids, image_features, kwargs)
+        if kwargs.get("sequence_modality") is None:  # decoding steps are text: fix the routing from the prompt
+            inputs["sequence_modality"] = inputs["prompt_mm_token_type_ids"].bool().any(dim=-1)
+        return inputs
+
+    def routing_weights(self, model, sequence_modality: torch.Tensor) -> torch.Tensor:
+        """[B, L, E] routing weights of every layer from each sequence's modality token."""
+        dtype = model.get_input_embeddings().weight.dtype
+        state = self.modality_embedding[sequence_modality.to(torch.long)].to(dtype)
+        weights = []
+        for layer in model.model.layers:
+            w, state = layer.modality_token_step(state)
+            weights.append(w)
+        return torch.stack(weights, dim=1)
+
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        return parameters_where(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
+
+
+def inject_lavin(model, config: LavinConfig | None = None, *, vision_dim: int, image_token_id: int,
+                 vision_encoder=None) -> MultimodalLlamaForCausalLM:
+    """Add LaVIN's mixture-of-modality adapters to `model` (a transformers LlamaForCausalLM) in place; returns
+    the model.
+
+    Routing is soft and per sequence, from a learned modality token that attends only to itself (as in the
+    seed), so a sequence's output never depends on the rest of the batch.
+    """
+    config = config or LavinConfig()
+    check_llama(model)
+    check_vision_dim(vision_dim)
+    hc = model.config
+    swap_layers(model, LavinDecoderLayer, lambda i, layer: layer.pill_init(hc, config))
+    return attach_method(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
+
+
+METHOD = Method(
+    name="lavin", config_class=LavinConfig, inject=inject_lavin, image_placeholders=True,
+    # The modality token runs every layer's weights before the layers run (the routing weights of all layers
+    # come first), outside the layers' forward, where per-layer FSDP units would hold only their shards.
+    fsdp_layer_units=False,
+    # The seed's learning rate is several times PILL's.
+    demo_settings={"stage1_lr": 4e-3, "stage2_lr": 4e-3},
+)

@@ -1,0 +1,238 @@
+"""PILL (docs/methods.md, PILL): a GLU attention adapter, the modality attention gate (MAG) and MoMAE experts in
+every layer, trained in two stages. Its whole definition: config, adapter modules, decoder layer, model-level
+module, inject function, stage parameter sets and registry record."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+import pill_kernels as pk
+
+from ..hf_compat import take_cache
+from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
+                   image_mask, key_padding_from_attention_mask, parameters_where, pop_multimodal, rms_norm_args,
+                   swap_layers)
+
+
+@dataclass
+class PillConfig(MethodConfig):
+    """PILL: a GLU attention adapter, the modality attention gate (MAG) and MoMAE experts in every layer.
+
+    adapter_dim: GLU bottleneck r (seed: 32).
+    gate_per: "kv_head" gates each key/value head's values before attention (works with any attention
+        implementation and the KV cache); "query_head" gives each query head its own gate inside the attention,
+        which only differs from "kv_head" on GQA models.
+    stage1_invert_last_layer: in stage 1 the seed routes the last layer's text tokens to the visual expert (and
+        image tokens to the text expert) so that the last visual expert gets a gradient.
+    projector: "linear" (seed: Linear(C, D), no bias) or "mlp" (Linear-SiLU-Linear).
+    backend: kernel backend of the fused ops at injection (run-time only; see `MethodConfig`).
+    """
+
+    method: ClassVar[str] = "pill"
+    stages: ClassVar[tuple[int, ...]] = (1, 2)
+
+    adapter_dim: int = 32
+    gate_per: str = "kv_head"
+    stage1_invert_last_layer: bool = True
+    projector: str = "linear"
+    projector_hidden: int = 1024
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        self._positive(adapter_dim=self.adapter_dim, projector_hidden=self.projector_hidden)
+        if self.gate_per not in ("kv_head", "query_head"):
+            raise ValueError(f"PillConfig.gate_per must be 'kv_head' or 'query_head', got {self.gate_per!r}")
+        if self.projector not in ("linear", "mlp"):
+            raise ValueError(f"PillConfig.projector must be 'linear' or 'mlp', got {self.projector!r}")
+        self._check_backend()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapter modules
+# ----------------------------------------------------------------------------------------------------------
+
+class GLUExpert(nn.Module):
+    """One PILL GLU adapter ``W_up(SiLU(x W_gate) * (x W_down))`` with the seed's initialisation (W_up = 0)."""
+
+    def __init__(self, hidden_size: int, adapter_dim: int):
+        super().__init__()
+        self.w_down = nn.Parameter(torch.empty(hidden_size, adapter_dim))
+        self.w_gate = nn.Parameter(torch.empty(hidden_size, adapter_dim))
+        self.w_up = nn.Parameter(torch.zeros(adapter_dim, hidden_size))
+        nn.init.normal_(self.w_down, std=0.02)
+        # nn.Linear's default initialisation, which the seed keeps for the gate projection.
+        bound = 1.0 / math.sqrt(hidden_size)
+        nn.init.uniform_(self.w_gate, -bound, bound)
+
+
+class RoutedGLUAdapter(nn.Module):
+    """Hard-routed GLU experts with their input skip: ``n + A_{expert(t)}(n)``, optionally ``n = RMSNorm(x)``.
+
+    One expert is PILL's attention adapter; two (``text``, ``visual``) are MoMAE, routed by modality.
+    """
+
+    def __init__(self, hidden_size: int, adapter_dim: int, expert_names: tuple[str, ...],
+                 kernel_backend: str | None = None):
+        super().__init__()
+        self.expert_names = expert_names
+        self.experts = nn.ModuleDict({name: GLUExpert(hidden_size, adapter_dim) for name in expert_names})
+        self.kernel_backend = kernel_backend
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, norm: nn.Module | None = None):
+        experts = [self.experts[name] for name in self.expert_names]
+        stack = lambda attr: torch.stack([getattr(e, attr) for e in experts]).to(x.dtype)  # noqa: E731
+        return pk.routed_glu_adapter(x, stack("w_down"), stack("w_gate"), stack("w_up"), expert_ids,
+                                     backend=self.kernel_backend, **rms_norm_args(norm, x.dtype))
+
+
+class ModalityGate(nn.Module):
+    """PILL's MAG weights ``W_g`` [D, heads], zero-initialised so that image tokens' values start switched off."""
+
+    def __init__(self, hidden_size: int, heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size, heads))
+
+
+class LinearProjector(nn.Module):
+    """PILL's projection: Linear(C, D) without bias, N(0, 0.02)."""
+
+    def __init__(self, vision_dim: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, hidden_size, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder layer
+# ----------------------------------------------------------------------------------------------------------
+
+class PillDecoderLayer(MultimodalDecoderLayer):
+    """PILL block (docs/methods.md, PILL):
+
+        a = n + A_att(n),  n = RMSNorm_att(x)              (one fused routed-adapter call)
+        V <- tanh(a W_g) * V for image tokens (MAG, stage 2)
+        h = x + Attn(a)
+        u = m + A_{vis|txt}(m),  m = RMSNorm_ffn(h)       (MoMAE, one fused call, own expert per token)
+        y = h + FFN(u)
+    """
+
+    TEXT, VISUAL = 0, 1
+
+    def pill_init(self, config, pill_config: PillConfig, is_last_layer: bool) -> None:
+        hidden = config.hidden_size
+        r = pill_config.adapter_dim
+        self.pill_attn_adapter = RoutedGLUAdapter(hidden, r, ("attn",))
+        self.pill_ffn_experts = RoutedGLUAdapter(hidden, r, ("text", "visual"))
+        heads = config.num_attention_heads if pill_config.gate_per == "query_head" else config.num_key_value_heads
+        self.pill_value_gate = ModalityGate(hidden, heads)
+        self.pill_gate_per = pill_config.gate_per
+        self.pill_is_last_layer = is_last_layer
+        self.pill_invert_last_layer = pill_config.stage1_invert_last_layer
+        self.pill_stage = 2
+
+    @property
+    def pill_gate_enabled(self) -> bool:
+        return self.pill_stage >= 2  # the seed bypasses MAG in stage 1 (do_pretrain)
+
+    def pill_expert_ids(self, image: torch.Tensor) -> torch.Tensor:
+        ids = image.to(torch.long)
+        if self.pill_stage == 1 and self.pill_is_last_layer and self.pill_invert_last_layer:
+            ids = 1 - ids
+        return ids
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        cache = take_cache(kwargs, past_key_values)
+        mm = pop_multimodal(kwargs)
+        image = image_mask(mm["mm_token_type_ids"], hidden_states)
+        residual = hidden_states
+        a = self.pill_attn_adapter(hidden_states, norm=self.input_layernorm)
+        q, k, v = self._qkv(a)
+        if self.pill_gate_enabled and self.pill_gate_per == "kv_head":
+            # Gate before the cache so that cached image values are already gated (decoding sees text only).
+            v = pk.modality_gate(a, self.pill_value_gate.weight.to(a.dtype), v, image, backend=self.kernel_backend)
+        v = v.transpose(1, 2)
+        q, k, v = self._rope_and_cache(q, k, v, position_embeddings, cache)
+        if self.pill_gate_enabled and self.pill_gate_per == "query_head":
+            gate_logits = (a @ self.pill_value_gate.weight.to(a.dtype)).transpose(1, 2)
+            gate_logits, key_image = self._cached_gate_logits(gate_logits, image, cache)
+            attn_out = pk.gated_attention(
+                q, k, v, gate_logits=gate_logits, image_mask=key_image,
+                key_padding_mask=key_padding_from_attention_mask(attention_mask, q.shape[0], k.shape[2]),
+                scale=self.self_attn.scaling, backend=self.kernel_backend).transpose(1, 2)
+            attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
+        else:
+            attn_out = self._standard_attention(q, k, v, attention_mask, kwargs)
+        h = residual + self.self_attn.o_proj(attn_out)
+        u = self.pill_ffn_experts(h, self.pill_expert_ids(image), norm=self.post_attention_layernorm)
+        return h + self.mlp(u)
+
+    def _cached_gate_logits(self, gate_logits, image, cache):
+        """Per-query-head gates of every key seen so far; the cache holds values ungated in this mode."""
+        if cache is None:
+            return gate_logits, image
+        store = cache.__dict__.setdefault("_pill_query_head_gates", {})
+        layer = self.self_attn.layer_idx
+        if layer in store and store[layer][0].shape[-1] + gate_logits.shape[-1] == \
+                cache.get_seq_length(layer):
+            gate_logits = torch.cat([store[layer][0], gate_logits], dim=-1)
+            image = torch.cat([store[layer][1], image], dim=-1)
+        elif gate_logits.shape[-1] != cache.get_seq_length(layer):
+            raise RuntimeError("PILL gate_per='query_head': the KV cache holds keys whose gates were not recorded "
+                               "(a cache filled outside this model, or reordered / cropped); start a new cache")
+        store[layer] = (gate_logits.detach(), image)
+        return gate_logits, image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model level, stages, injection
+# ----------------------------------------------------------------------------------------------------------
+
+class PillMultimodal(MultimodalAdapter):
+    method = "pill"
+
+    def __init__(self, config: PillConfig, vision_dim: int, hidden_size: int, image_token_id: int):
+        super().__init__(config, vision_dim, image_token_id)
+        self.projector = (LinearProjector(vision_dim, hidden_size) if config.projector == "linear"
+                          else MLPProjector(vision_dim, config.projector_hidden, hidden_size))
+
+    def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        if stage == 1:  # projector + visual experts (docs/methods.md, PILL; the unused gates are left out)
+            return parameters_where(model, lambda n: n.startswith("multimodal.projector.") or ".experts.visual." in n)
+        return parameters_where(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
+
+    def apply_stage(self, model, stage: int) -> None:
+        for layer in model.model.layers:
+            layer.pill_stage = stage
+
+
+def inject_pill(model, config: PillConfig | None = None, *, vision_dim: int, image_token_id: int,
+                vision_encoder=None) -> MultimodalLlamaForCausalLM:
+    """Add PILL to `model` (a transformers LlamaForCausalLM) in place, in all layers: attention adapter, MAG,
+    MoMAE; returns the model.
+
+    At initialisation a text-only input gives the base model's logits (zero up-projections; MAG only touches
+    image tokens). The model starts in stage 1 (training order); ``set_stage(model, 2)`` moves on.
+    """
+    config = config or PillConfig()
+    check_llama(model)
+    check_vision_dim(vision_dim)
+    hc = model.config
+    last = hc.num_hidden_layers - 1
+    swap_layers(model, PillDecoderLayer, lambda i, layer: layer.pill_init(hc, config, i == last))
+    return attach_method(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
+
+
+METHOD = Method(
+    name="pill", config_class=PillConfig, inject=inject_pill, image_placeholders=True,
+    # A 16-wide bottleneck fits the demo's 135M model and CPU budget (the seed's 32 is for 7B).
+    demo_config={"adapter_dim": 16},
+)
