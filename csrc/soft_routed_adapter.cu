@@ -2,8 +2,8 @@
 //
 //   n = RMSNorm(x; g, eps) or x;   z = (n W_down + b_down) * mask;   y = n + scale * sum_e w[t,e] (z W_up[e] + b_up[e])
 //
-// Design: the layout of routed_glu_adapter.cu (one warp per token, lanes over D, 16-byte vectors where aligned,
-// fp32 accumulation, the fused norm as n W = rstd * ((x g) W)). The E experts are a runtime loop inside the
+// Design: the layout of routed_glu_adapter_cuda_core.cu (one warp per token, lanes over D, 16-byte vectors where
+// aligned, fp32 accumulation, the fused norm as n W = rstd * ((x g) W)). The E experts are a runtime loop inside the
 // token's warp (LaVIN has E = 2), so register use does not grow with E.
 // Backward, kernel 1 (per token): z from one pass over x; per expert e one pass over dy gives
 // u_e = dy W_up[e]^T and v_e = dy . b_up[e], hence d routing_weights[t,e] = scale (z . u_e + v_e) and

@@ -8,7 +8,7 @@
   hardware races or GPU intrinsic rounding; the GPU run stays the final word.
 
 The source-layout tests at the bottom keep the .cu files torch-free (CI compiles them with plain nvcc) and
-every kernel file paired with its launcher header and torch binding.
+every launcher paired with its header and torch binding (an op's further .cu files are its kernel families).
 """
 import dataclasses
 import os
@@ -449,7 +449,22 @@ def test_cuda_sources_are_torch_free():
 
 def test_every_cuda_kernel_has_header_and_binding():
     declared = set(re.findall(r'm\.def\("(\w+)\(', (CSRC / "op_schemas.h").read_text()))
-    for cu in sorted(CSRC.glob("*.cu")):
+    cu_files = sorted(CSRC.glob("*.cu"))
+    launchers = [cu for cu in cu_files if (CSRC / f"{cu.stem}.h").exists()]
+    for cu in cu_files:
+        if cu in launchers:
+            continue
+        # A kernel family of an op whose kernels span several files: csrc/<op>_<family>.cu, launched from
+        # csrc/<op>.cu through the launch functions of csrc/<op>.cuh, which both include.
+        owners = [op for op in launchers if cu.stem.startswith(op.stem + "_")]
+        assert owners, f"{cu.name} has no launcher header {cu.stem}.h and is no kernel family of a csrc/<op>.cu"
+        op = max(owners, key=lambda p: len(p.stem))
+        shared = f"{op.stem}.cuh"
+        assert (CSRC / shared).exists(), f"{cu.name} is a kernel family of {op.name}, but there is no {shared}"
+        for f in (cu, op):
+            assert f'#include "{shared}"' in f.read_text(), f"{f.name} does not include {shared}"
+        assert not (CSRC / f"{cu.stem}_cuda.cpp").exists(), f"{cu.name} is bound through {op.stem}_cuda.cpp only"
+    for cu in launchers:
         op = cu.stem
         header, binding = CSRC / f"{op}.h", CSRC / f"{op}_cuda.cpp"
         assert header.exists(), f"{cu.name} has no launcher header {header.name}"
