@@ -89,6 +89,7 @@ def cmd_train(args) -> int:
         torch.distributed.destroy_process_group()
         return 0
     _say(pill.trainable_parameter_report(model))
+    _say(f"frozen base in {str(pill.compute_dtype(model)).removeprefix('torch.')}: {trainer.dtype_reason}")
     if world > 1:
         _say(trainer.distributed_report())
     _say(f"{world} processes; " if world > 1 else "", end="")
@@ -149,6 +150,7 @@ def cmd_demo(args) -> int:
     values = dict(get_method(args.method, where="--method").demo_settings)
     values["method"] = args.method
     values["backend"] = args.backend
+    values["dtype"] = args.dtype
     for name in ("train_images", "test_images", "stage1_steps", "stage2_steps", "batch_size", "seed", "threads"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument(f"--{name}", type=int, default=None)
     demo.add_argument("--threads", type=int, default=None,
                       help="CPU threads (default: time 1 vs all cores and keep the faster; matters on shared CPUs)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                      help="the frozen base's compute dtype (default: bf16 where this CPU runs it faster)")
     demo.add_argument("--no-base-eval", action="store_true", help="skip the base model's evaluation")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")

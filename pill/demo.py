@@ -21,6 +21,8 @@ import torch
 from .data import LETTERS, Example, PromptFormatter, answer_text
 from .evaluate import evaluate_multiple_choice, format_report
 from .llm import cache_dir, load_llm
+from .machine import ThreadWatch, choose_attention_dtype, choose_compute_dtype, pick_threads
+from .model import set_compute_dtype
 from .recipe import record_run
 from .trainer import TrainConfig, Trainer
 from .vision import EfficientNetLite0Encoder, FeatureCache
@@ -62,6 +64,7 @@ class DemoSettings:
     seed: int = 0
     base_eval: bool = True
     backend: str | None = None  # kernel backend of the fused ops; None: pill_kernels' default
+    dtype: str = "auto"         # the frozen base's: auto | float32 | bfloat16 (pill.machine.choose_compute_dtype)
 
 
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:
@@ -85,30 +88,6 @@ def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> l
         out.append(Example(messages, [image], [f"sklearn-digits:{i}"], choices, answer,
                            {"digit": DIGIT_WORDS[label]}, where))
     return out
-
-
-def pick_threads(candidates=None) -> int:
-    """The faster intra-op thread count for this machine right now: on a CPU shared with other busy processes,
-    OpenMP threads waiting for each other can make 2 threads many times slower than 1, so both are timed on a
-    matmul of the demo's shape and the faster is kept."""
-    import os
-
-    cores = os.cpu_count() or 1
-    candidates = candidates or sorted({1, cores})
-    if len(candidates) == 1:
-        return candidates[0]
-    a, w = torch.randn(640, 576), torch.randn(576, 1536)
-    best: dict[int, float] = {}
-    for _ in range(3):
-        for n in candidates:
-            torch.set_num_threads(n)
-            start = time.perf_counter()
-            for _ in range(10):
-                a @ w
-            best[n] = min(best.get(n, float("inf")), time.perf_counter() - start)
-    choice = min(best, key=best.get)
-    torch.set_num_threads(choice)
-    return choice
 
 
 def inject(method: str, llm, vision_dim: int, backend: str | None = None):
@@ -176,6 +155,9 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({timings['load LLM']:.1f} s)")
 
     torch.set_num_threads(settings.threads or pick_threads())
+    dtype, why = choose_compute_dtype(model, settings.dtype)
+    say(f"[demo] frozen base in {str(dtype).removeprefix('torch.')}: {why}")
+    model.to(dtype)  # the base model's evaluation runs in it too
     rng = random.Random(settings.seed + 1)
     test_mc = digit_examples(test_idx, digits.images, digits.target, rng, "mc")
     results: dict = {"method": settings.method}
@@ -191,6 +173,9 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         say(f"[demo]   e.g. it answers {base['predictions'][0]['output']!r}")
 
     model = inject(settings.method, model, encoder.feature_dim, settings.backend)
+    attention, why = choose_attention_dtype(model, dtype)
+    say(f"[demo] {why}")
+    set_compute_dtype(model, dtype, attention)  # the new adapters stay fp32
     mm = model.multimodal
     formatter = PromptFormatter(tokenizer, image_token_id=mm.image_token_id,
                                 image_tokens=encoder.num_tokens if mm.image_token_id is not None else 0,
@@ -207,18 +192,20 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         data = [ex for _ in range(repeats) for ex in digit_examples(train_idx, digits.images, digits.target, rng, kind)]
         config = TrainConfig(stage=stage, output_dir=str(out_dir / f"phase{phase}"), lr=lr, max_steps=steps,
                              batch_size=settings.batch_size, warmup_steps=max(1, steps // 10), seed=settings.seed,
-                             progress=progress)
+                             progress=progress, dtype=str(dtype).removeprefix("torch."))
         _clear_run(Path(config.output_dir))
-        threads = settings.threads or pick_threads()
+        threads = settings.threads or pick_threads(dtype=dtype)
         torch.set_num_threads(threads)
-        trainer = Trainer(model, formatter, data, config, features=lookup)
+        watch = ThreadWatch(dtype=dtype)
+        on_step = None if settings.threads else (lambda step, metrics: watch.step(say))
+        trainer = Trainer(model, formatter, data, config, features=lookup, on_step=on_step)
         say(f"[demo] phase {phase}: {name}, method stage {stage}, {steps} steps of {settings.batch_size}, "
             f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters, {threads} thread(s)")
         metrics = trainer.train()
         t = lap(f"train phase {phase} ({name})", t)
         say(f"[demo]   loss {metrics['recent_loss']:.3f} over the last steps "
             f"({timings[f'train phase {phase} ({name})']:.0f} s)")
-    torch.set_num_threads(settings.threads or pick_threads())
+    torch.set_num_threads(settings.threads or pick_threads(dtype=dtype))
     result = evaluate_multiple_choice(model, formatter, test_mc, lookup, batch_size=settings.eval_batch_size,
                                       max_new_tokens=24, progress=progress)
     t = lap("evaluate", t)

@@ -14,11 +14,14 @@ visual features to its prompts instead: ``image_features`` [B, tokens, C], one i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .hf_compat import CAUSAL_LM_CACHE_ARG, take_cache
 
@@ -34,6 +37,23 @@ def check_llama(model) -> None:
                         f"LLaMA-Adapter V2 are implemented for the LLaMA architecture (model_type 'llama')")
 
 
+IGNORE_INDEX = -100
+
+
+def upcast_half(t: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 logits to fp32 for the cross-entropy (as transformers' loss does); fp32 and fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@dataclass
+class SupervisedCausalLMOutput(CausalLMOutputWithPast):
+    """What ``forward(..., logits_to_keep="supervised")`` returns: ``logits`` [N, V] of the N positions whose
+    next token is supervised (row-major over batch and sequence), ``targets`` [N] their next tokens, and
+    ``loss`` the mean cross-entropy over them (or its sum over ``num_items_in_batch``, as transformers does)."""
+
+    targets: torch.LongTensor | None = None
+
+
 class MultimodalLlamaForCausalLM(LlamaForCausalLM):
     """A LlamaForCausalLM with a method injected; created by the `inject_*` functions, never directly."""
 
@@ -46,7 +66,21 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted),
         precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2), and ``images`` for the attached frozen
         vision encoder (instead of ``image_features``). The KV cache may be passed as ``past_key_values`` or
-        ``cache`` (the name transformers uses since 5.24)."""
+        ``cache`` (the name transformers uses since 5.24).
+
+        ``logits_to_keep="supervised"`` (with ``labels``, for training) runs the LM head only on the positions
+        whose next token is supervised, wherever they are in the row, as one contiguous [N, D] x [D, V] GEMM,
+        and returns a `SupervisedCausalLMOutput`: on a small model the LM head over every kept position is a
+        large share of the step, and a [B, K, D] slice makes it a batched matmul that copies the weight per
+        row (measured on CPU)."""
+        with compute_autocast(self):
+            return self._forward(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
+                                 use_cache, logits_to_keep, image_features, mm_token_type_ids, sequence_modality,
+                                 visual_prompts, images, **kwargs)
+
+    def _forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache,
+                 logits_to_keep, image_features, mm_token_type_ids, sequence_modality, visual_prompts, images,
+                 **kwargs):
         cache = take_cache(kwargs, past_key_values)
         mm = self.multimodal
         image_features = _features(mm, images, image_features)
@@ -81,11 +115,36 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         extra = {"sequence_modality": sequence_modality, "visual_prompts": visual_prompts,
                  "batch": inputs_embeds.shape[0]}
         layer_kwargs = mm.layer_kwargs(self, mm_token_type_ids, image_features, extra, cache)
+        if isinstance(logits_to_keep, str):
+            return self._supervised_forward(logits_to_keep, labels, cache, use_cache, dict(
+                attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                mm_token_type_ids=mm_token_type_ids, **layer_kwargs, **kwargs))
         kwargs[CAUSAL_LM_CACHE_ARG] = cache
         return super().forward(attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, mm_token_type_ids=mm_token_type_ids,
                                **layer_kwargs, **kwargs)
+
+    def _supervised_forward(self, logits_to_keep, labels, cache, use_cache, model_kwargs):
+        if logits_to_keep != "supervised":
+            raise ValueError(f"logits_to_keep must be an int, a tensor of positions or 'supervised', got "
+                             f"{logits_to_keep!r}")
+        if labels is None:
+            raise ValueError("logits_to_keep='supervised' needs labels: it keeps the positions they supervise")
+        if cache is not None or use_cache:
+            raise ValueError("logits_to_keep='supervised' is for training: pass no cache and use_cache=False")
+        num_items = model_kwargs.pop("num_items_in_batch", None)
+        hidden = self.model(use_cache=False, **model_kwargs).last_hidden_state
+        if tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"labels must have shape [batch, seq] = {tuple(hidden.shape[:2])}, got "
+                             f"{tuple(labels.shape)}")
+        next_tokens = labels[:, 1:].to(hidden.device)
+        supervised = next_tokens != IGNORE_INDEX
+        targets = next_tokens[supervised]
+        logits = self.lm_head(hidden[:, :-1][supervised])
+        loss = F.cross_entropy(upcast_half(logits), targets, reduction="sum")
+        loss = loss / (num_items if num_items is not None else max(targets.numel(), 1))
+        return SupervisedCausalLMOutput(loss=loss, logits=logits, targets=targets)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, image_features=None, images=None, **kwargs):
@@ -256,6 +315,57 @@ def set_stage(model, stage: int) -> None:
         p.requires_grad_(name in trainable)
     mm.stage = stage
     mm.apply_stage(model, stage)
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float64": torch.float64}
+
+
+def set_compute_dtype(model, dtype: torch.dtype | str, attention_dtype: torch.dtype | str | None = None) -> None:
+    """Run the frozen base in `dtype` (float32, bfloat16, float16; float64 for ground truths) while the adapters stay in their own dtype
+    (fp32 as created): the frozen parameters are cast once, and the model's forward (training, evaluation,
+    generation) runs under autocast to `dtype`, so that fp32 adapters, tuned norms and biases meet half-precision
+    activations as in the seeds' fp32-adapters-under-bf16-autocast recipe. float32 casts the base back and turns
+    autocast off. `attention_dtype` runs the decoder layers' attention in another dtype (its inputs cast, the
+    output cast back), e.g. fp32 on a CPU where flash attention is faster in fp32
+    (`pill.machine.choose_attention_dtype`); None: the activations' dtype."""
+    if isinstance(dtype, str):
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
+        dtype = COMPUTE_DTYPES[dtype]
+    if dtype not in COMPUTE_DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype}")
+    mm = multimodal_of(model)
+    trained = {id(p) for p in adapter_parameters(model).values()}
+    with torch.no_grad():
+        for p in model.parameters():
+            # Adapters made in the base's half dtype (LLaMA-Adapter V2's biases follow the weight's) go to fp32.
+            want = dtype if id(p) not in trained else torch.promote_types(p.dtype, torch.float32)
+            if p.is_floating_point() and p.dtype != want:
+                p.data = p.data.to(want)
+    mm.compute_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    if isinstance(attention_dtype, str):
+        attention_dtype = COMPUTE_DTYPES[attention_dtype]
+    attention_dtype = None if attention_dtype == dtype else attention_dtype
+    mm.attention_dtype = attention_dtype
+    for layer in model.model.layers:
+        layer.attention_dtype = attention_dtype
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The frozen base's compute dtype (`set_compute_dtype`)."""
+    return getattr(multimodal_of(model), "compute_dtype", None) or model.get_input_embeddings().weight.dtype
+
+
+def compute_autocast(model):
+    """The autocast context of the model's compute dtype (a no-op context when none is set or autocast is on)."""
+    import contextlib
+
+    dtype = getattr(model.multimodal, "compute_dtype", None)
+    device = model.get_input_embeddings().weight.device.type
+    if dtype is None or torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype)
 
 
 def set_kernel_backend(model, backend: str | None) -> None:

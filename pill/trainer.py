@@ -35,8 +35,9 @@ from safetensors.torch import save_file
 from .checkpoint import DTensor, full_tensor, save_adapter, shard_like
 from .files import read_json, read_safetensors, replace_directory
 from .data import IGNORE, Collator, Example, PromptFormatter
+from .machine import DTYPE_CHOICES, choose_attention_dtype, choose_compute_dtype
 from .methods import get_method
-from .model import adapter_parameters, multimodal_of, set_stage
+from .model import adapter_parameters, compute_dtype, multimodal_of, set_compute_dtype, set_stage, upcast_half
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -45,8 +46,10 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 class TrainConfig:
     """One training stage. lr: absolute learning rate; when None, lr = blr * batch_size * grad_accum * world / 256
     (the seed's rule). warmup_steps, when None, is warmup_ratio of the steps. epochs sets the length unless
-    max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). bf16: autocast to
-    bfloat16 ("auto": on CUDA only; adapters stay fp32). distributed: how several processes (torchrun) share the
+    max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). dtype: the frozen
+    base's compute dtype, "float32", "bfloat16" or "auto" (bf16 on a GPU, and on a CPU whose bf16 GEMMs measure
+    enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the adapters stay fp32 either way
+    (`pill.set_compute_dtype`). bf16 is its earlier name (true / false / "auto"). distributed: how several processes (torchrun) share the
     work: "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
     included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it."""
 
@@ -68,7 +71,8 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 1
-    bf16: str | bool = "auto"
+    dtype: str = "auto"
+    bf16: str | bool | None = None
     progress: bool = True
     distributed: str = "ddp"
 
@@ -83,8 +87,15 @@ class TrainConfig:
             raise ValueError(f"train.save_every must be a non-negative integer, got {self.save_every!r}")
         if self.epochs <= 0:
             raise ValueError(f"train.epochs must be positive, got {self.epochs}")
-        if self.bf16 not in ("auto", True, False):
-            raise ValueError(f"train.bf16 must be 'auto', true or false, got {self.bf16!r}")
+        if self.bf16 is not None:
+            if self.bf16 not in ("auto", True, False):
+                raise ValueError(f"train.bf16 must be 'auto', true or false, got {self.bf16!r}")
+            legacy = {True: "bfloat16", False: "float32", "auto": "auto"}[self.bf16]
+            if self.dtype not in ("auto", legacy):
+                raise ValueError(f"train.bf16={self.bf16!r} contradicts train.dtype={self.dtype!r}; set dtype only")
+            self.dtype = legacy
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"train.dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         self.betas = tuple(self.betas)
@@ -154,6 +165,19 @@ class Trainer:
         eff_batch = config.batch_size * config.grad_accum * self.world
         self.lr = config.lr if config.lr is not None else config.blr * eff_batch / 256
         set_stage(model, config.stage)
+        # Before sharding and before the optimiser: the frozen base is cast once, the adapters stay fp32.
+        dtype, self.dtype_reason = choose_compute_dtype(model, config.dtype)
+        attention, why = choose_attention_dtype(model, dtype)
+        self.dtype_reason += f"; {why}"
+        if self.world > 1:  # every rank runs rank 0's choice: "auto" measures per process
+            device = model.get_input_embeddings().weight.device
+            codes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+            choice = torch.tensor([codes.index(dtype), codes.index(attention)], device=device)
+            torch.distributed.broadcast(choice, src=0)
+            if (codes[int(choice[0])], codes[int(choice[1])]) != (dtype, attention):
+                dtype, attention = codes[int(choice[0])], codes[int(choice[1])]
+                self.dtype_reason = f"rank 0's choice ({self.dtype_reason} here)"
+        set_compute_dtype(model, dtype, attention)
         self.fsdp = self.world > 1 and config.distributed == "fsdp"
         if self.fsdp:
             shard_with_fsdp(model)
@@ -178,7 +202,6 @@ class Trainer:
                                                      find_unused_parameters=find_unused_parameters)
         device = model.get_input_embeddings().weight.device
         self.device = device
-        self.autocast = (config.bf16 is True) or (config.bf16 == "auto" and device.type == "cuda")
         self.step = 0
         self.output_dir = Path(config.output_dir)
 
@@ -209,22 +232,13 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
-        labels = batch.pop("labels")
-        width = labels.shape[1]
-        supervised = (labels != IGNORE).any(0).nonzero()
-        first = int(supervised.min()) if supervised.numel() else width - 1
-        # Left padding puts every answer at the end: only the logits that predict answer tokens are computed
-        # (the LM head over a 49k-50k vocabulary is otherwise a large share of a small model's step).
-        keep = min(width, width - first + 1)
+        """The summed cross-entropy of the batch's supervised tokens and their count. The LM head runs only on
+        the positions whose next token is supervised (`MultimodalLlamaForCausalLM.forward`,
+        ``logits_to_keep="supervised"``)."""
         model = self.ddp_model or self.model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-        targets = labels[:, width - keep + 1:]
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        return loss, int((targets != IGNORE).sum())
+        out = model(**batch, logits_to_keep="supervised", use_cache=False)
+        loss = F.cross_entropy(upcast_half(out.logits), out.targets, reduction="sum")
+        return loss, int(out.targets.numel())
 
     def train_step(self) -> dict:
         cfg = self.config
@@ -359,7 +373,9 @@ class Trainer:
             save_file(tensors, str(staging / "trainer_state.safetensors"))
             state = {"step": self.step, "total_steps": self.total_steps, "stage": self.config.stage,
                      "param_groups": groups, "train_config": dataclasses.asdict(self.config),
-                     "num_examples": len(self.examples), "world_size": self.world}
+                     "num_examples": len(self.examples), "world_size": self.world,
+                     "compute_dtype": str(compute_dtype(self.model)).removeprefix("torch."),
+                     "attention_dtype": _dtype_name(multimodal_of(self.model).attention_dtype)}
             with open(staging / "trainer_state.json", "w") as f:
                 json.dump(state, f, indent=2)
                 f.flush()
@@ -393,6 +409,17 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint of a run over {state['num_examples']} examples on "
                              f"{state['world_size']} process(es); this run has {len(self.examples)} on {self.world}: "
                              f"the data position would not carry over")
+        saved = (state.get("compute_dtype"), state.get("attention_dtype"))
+        current = (str(compute_dtype(self.model)).removeprefix("torch."),
+                   _dtype_name(multimodal_of(self.model).attention_dtype))
+        if saved[0] is not None and saved != current:
+            if self.fsdp:
+                raise ValueError(f"{path}: checkpoint trained with the base in {saved[0]} (attention: "
+                                 f"{saved[1] or saved[0]}), this run chose {current[0]} ({current[1] or current[0]}); "
+                                 f"set train.dtype: {saved[0]} to resume it")
+            # A resumed run continues in the dtypes it started with, whatever "auto" measures now.
+            set_compute_dtype(self.model, saved[0], saved[1])
+            self.dtype_reason = f"resumed in the checkpoint's {saved[0]} (attention: {saved[1] or saved[0]})"
         load_adapter(self.model, path / "adapter", set_saved_stage=False)
         tensors = read_safetensors(path / "trainer_state.safetensors")
         load_optimizer_state(self.optimizer, self.param_names, tensors, state["param_groups"])
@@ -400,6 +427,10 @@ class Trainer:
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step = state["step"]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def shard_with_fsdp(model) -> None:

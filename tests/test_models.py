@@ -241,3 +241,45 @@ def test_image_features_change_the_output_once_trained():
     a = model(input_ids=ids, image_features=features).logits
     b = model(input_ids=ids, image_features=features + 1).logits
     assert (a - b).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_supervised_positions_loss_and_gradients_equal_the_full_logits_loss(method):
+    """logits_to_keep="supervised" (the LM head on supervised positions only, wherever they are in a row: several
+    answer spans, a right-padded row, the last column) against cross-entropy over the full logits, in float64."""
+    model = make_model(method)
+    ids, features, extra = batch_for(method, batch=2, seq=11)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    labels = torch.full_like(ids, -100)
+    labels[0, [3, 4, 7, 10]] = ids[0, [3, 4, 7, 10]]
+    labels[1, [1, 5, 6]] = ids[1, [1, 5, 6]]
+    labels[labels == IMAGE_TOKEN] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    full = model(input_ids=ids, attention_mask=mask, image_features=features, **extra).logits
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+    expected_grads = torch.autograd.grad(expected, params)
+    out = model(input_ids=ids, attention_mask=mask, image_features=features, labels=labels,
+                logits_to_keep="supervised", **extra)
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert out.logits.shape == (supervised, full.shape[-1]) and out.logits.is_contiguous()
+    assert torch.equal(out.targets, labels[:, 1:][labels[:, 1:] != -100])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out.loss, params), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    summed = model(input_ids=ids, attention_mask=mask, image_features=features, labels=labels,
+                   logits_to_keep="supervised", num_items_in_batch=4, **extra).loss
+    torch.testing.assert_close(summed, expected * supervised / 4, rtol=1e-12, atol=1e-12)
+
+
+def test_supervised_positions_need_labels_and_no_cache():
+    model = make_model("pill")
+    ids, features, _ = batch_for("pill")
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=ids, image_features=features, logits_to_keep="supervised")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(input_ids=ids, image_features=features, labels=ids, logits_to_keep="supervised", use_cache=True)
+    with pytest.raises(ValueError, match="'supervised'"):
+        model(input_ids=ids, image_features=features, labels=ids, logits_to_keep="answers")

@@ -11,6 +11,7 @@ call time, as the seed code's fp32 adapters under bf16 autocast do.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -125,10 +126,24 @@ class MultimodalDecoderLayer(LlamaDecoderLayer):
     Injection swaps each layer's class for a method's subclass and adds the adapter submodules; the base weights
     stay where they are. Because the subclass's forward goes through GradientCheckpointingLayer's wrapper,
     gradient checkpointing still recomputes the patched layers (overriding ``forward`` on an instance would
-    bypass it). ``kernel_backend`` is the backend of the layer's fused ops (None: pill_kernels' default).
+    bypass it). ``kernel_backend`` is the backend of the layer's fused ops (None: pill_kernels' default);
+    ``attention_dtype`` the dtype its attention runs in when that differs from the activations' (set by
+    `pill.set_compute_dtype`: a CPU's flash attention can be several times slower in bf16 than in fp32).
     """
 
     kernel_backend: str | None = None
+    attention_dtype: torch.dtype | None = None
+
+    @contextlib.contextmanager
+    def _attention_precision(self, like: torch.Tensor):
+        """Yields the cast into this layer's attention dtype (identity when there is none); inside, autocast is
+        off so that it does not cast the attention's inputs back to half precision."""
+        dtype = self.attention_dtype
+        if dtype is None or like.dtype == dtype:
+            yield lambda t: t
+            return
+        with torch.autocast(like.device.type, enabled=False):
+            yield lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t
 
     def _qkv(self, attn_input: torch.Tensor):
         attn = self.self_attn
@@ -142,9 +157,11 @@ class MultimodalDecoderLayer(LlamaDecoderLayer):
         attn = self.self_attn
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                                     eager_attention_forward)
-        out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0 if not self.training else
-                           attn.attention_dropout, scaling=attn.scaling, **kwargs)
-        return out.reshape(*out.shape[:2], -1)
+        with self._attention_precision(q) as cast:
+            out, _ = interface(attn, cast(q), cast(k), cast(v), cast(attention_mask),
+                               dropout=0.0 if not self.training else attn.attention_dropout, scaling=attn.scaling,
+                               **kwargs)
+        return out.to(q.dtype).reshape(*out.shape[:2], -1)
 
     def _rope_and_cache(self, q, k, v, position_embeddings, cache):
         cos, sin = position_embeddings
@@ -174,6 +191,8 @@ class MultimodalAdapter(nn.Module):
 
     method: str
     kernel_backend: str | None = None  # set by `pill.set_kernel_backend`, with every adapter module's
+    compute_dtype: torch.dtype | None = None  # the frozen base's, when not fp32 (`pill.set_compute_dtype`)
+    attention_dtype: torch.dtype | None = None  # the layers' attention's, when it differs (same function)
 
     def __init__(self, config: MethodConfig, vision_dim: int, image_token_id: int | None):
         super().__init__()

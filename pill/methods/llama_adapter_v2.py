@@ -107,12 +107,18 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
             prompt = self.pill_prompt.to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
             if mm["mm_visual_prompts"] is not None:
                 prompt = prompt + mm["mm_visual_prompts"].to(x.dtype)
-            prompt_k = attn.k_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2)
-            prompt_v = attn.v_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2)
-            attn_out = pk.gated_attention(
-                q, k, v, key_padding_mask=key_padding_from_attention_mask(attention_mask, batch, k.shape[2]),
-                prompt_k=prompt_k, prompt_v=prompt_v, prompt_gate=self.pill_prompt_gate.to(x.dtype),
-                scale=attn.scaling, backend=self.kernel_backend).transpose(1, 2)
+            # Under the autocast of a half-precision base (pill.set_compute_dtype) the tuned fp32 norm gives fp32 x
+            # while the projections give half precision: the attention inputs all follow q.
+            prompt_k = attn.k_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
+            prompt_v = attn.v_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
+            with self._attention_precision(q) as cast:
+                attn_out = pk.gated_attention(
+                    cast(q), cast(k), cast(v),
+                    key_padding_mask=key_padding_from_attention_mask(attention_mask, batch, k.shape[2]),
+                    prompt_k=cast(prompt_k), prompt_v=cast(prompt_v),
+                    prompt_gate=cast(self.pill_prompt_gate.to(q.dtype)),
+                    scale=attn.scaling, backend=self.kernel_backend)
+            attn_out = attn_out.to(q.dtype).transpose(1, 2)
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:
             attn_out = self._standard_attention(q, k, v, attention_mask, kwargs)

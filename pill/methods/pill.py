@@ -158,16 +158,19 @@ class PillDecoderLayer(MultimodalDecoderLayer):
         q, k, v = self._qkv(a)
         if self.pill_gate_enabled and self.pill_gate_per == "kv_head":
             # Gate before the cache so that cached image values are already gated (decoding sees text only).
-            v = pk.modality_gate(a, self.pill_value_gate.weight.to(a.dtype), v, image, backend=self.kernel_backend)
+            v = pk.modality_gate(a.to(v.dtype), self.pill_value_gate.weight.to(v.dtype), v, image,
+                                 backend=self.kernel_backend)
         v = v.transpose(1, 2)
         q, k, v = self._rope_and_cache(q, k, v, position_embeddings, cache)
         if self.pill_gate_enabled and self.pill_gate_per == "query_head":
-            gate_logits = (a @ self.pill_value_gate.weight.to(a.dtype)).transpose(1, 2)
+            gate_logits = (a @ self.pill_value_gate.weight.to(a.dtype)).transpose(1, 2).to(q.dtype)
             gate_logits, key_image = self._cached_gate_logits(gate_logits, image, cache)
-            attn_out = pk.gated_attention(
-                q, k, v, gate_logits=gate_logits, image_mask=key_image,
-                key_padding_mask=key_padding_from_attention_mask(attention_mask, q.shape[0], k.shape[2]),
-                scale=self.self_attn.scaling, backend=self.kernel_backend).transpose(1, 2)
+            with self._attention_precision(q) as cast:
+                attn_out = pk.gated_attention(
+                    cast(q), cast(k), cast(v), gate_logits=cast(gate_logits), image_mask=key_image,
+                    key_padding_mask=key_padding_from_attention_mask(attention_mask, q.shape[0], k.shape[2]),
+                    scale=self.self_attn.scaling, backend=self.kernel_backend)
+            attn_out = attn_out.to(q.dtype).transpose(1, 2)
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:
             attn_out = self._standard_attention(q, k, v, attention_mask, kwargs)
