@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument(f"--{name}", type=int, default=None)
     demo.add_argument("--threads", type=int, default=None,
                       help="CPU threads (default: time 1 vs all cores and keep the faster; matters on shared CPUs)")
-    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                      help="the frozen base's compute dtype (default: bf16 where this CPU runs it faster)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "fastest", "float32", "bfloat16"],
+                      help="the frozen base's compute dtype (auto: bf16 on a GPU, fp32 on a CPU; fastest: bf16 "
+                           "where this CPU runs it faster, at lower accuracy)")
     demo.add_argument("--no-base-eval", action="store_true", help="skip the base model's evaluation")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -64,7 +64,7 @@ class DemoSettings:
     seed: int = 0
     base_eval: bool = True
     backend: str | None = None  # kernel backend of the fused ops; None: pill_kernels' default
-    dtype: str = "auto"         # the frozen base's: auto | float32 | bfloat16 (pill.machine.choose_compute_dtype)
+    dtype: str = "auto"         # the frozen base's: auto | fastest | float32 | bfloat16 (pill.machine)
 
 
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:

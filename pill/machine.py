@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_CHOICES = ("auto", "fastest", "float32", "bfloat16")
 # bf16 pays off only where its GEMMs are clearly faster: the step also holds work that does not speed up
 # (norms, softmax, the fp32 adapters' casts). Below this width a step is dominated by per-op overhead.
 BF16_MIN_SPEEDUP = 1.5
@@ -44,10 +44,12 @@ def gemm_seconds(tokens: int, hidden: int, width: int, dtype: torch.dtype, devic
 def choose_compute_dtype(model, requested: str = "auto", tokens: int = 1024) -> tuple[torch.dtype, str]:
     """(dtype, why) for the frozen base of `model` (a LlamaForCausalLM, injected or not).
 
-    "float32" / "bfloat16" are taken as asked. "auto": bf16 on a CUDA GPU that supports it; on a CPU, bf16 when
-    a GEMM of the model's shape ([tokens, hidden] @ [hidden, intermediate]) measures at least BF16_MIN_SPEEDUP
-    times faster in bf16 than in fp32 and the model is at least BF16_MIN_HIDDEN wide; a base that is neither
-    fp32 nor bf16 (a float64 test model, an fp16 checkpoint) is left in its dtype."""
+    "float32" / "bfloat16" are taken as asked. "auto": bf16 on a CUDA GPU that supports it (the seeds' recipe),
+    fp32 on a CPU, because training with a bf16 base measured lower held-out accuracy there (the PILL demo: 76-78%
+    instead of 95%, 2026-12-02). "fastest": bf16 on such a GPU; on a CPU, bf16 when a GEMM of the model's shape
+    ([tokens, hidden] @ [hidden, intermediate]) measures at least BF16_MIN_SPEEDUP times faster in bf16 than in
+    fp32 and the model is at least BF16_MIN_HIDDEN wide. A base that is neither fp32 nor bf16 (a float64 test
+    model, an fp16 checkpoint) is left in its dtype by "auto" and "fastest"."""
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {requested!r}")
     current = model.get_input_embeddings().weight.dtype
@@ -57,21 +59,24 @@ def choose_compute_dtype(model, requested: str = "auto", tokens: int = 1024) -> 
         return torch.bfloat16, "asked for bfloat16"
     device = model.get_input_embeddings().weight.device
     if current not in (torch.float32, torch.bfloat16):
-        return current, f"auto: the base is {current}; left as it is"
+        return current, f"{requested}: the base is {current}; left as it is"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, f"auto: {torch.cuda.get_device_name(device)} runs bf16"
-        return torch.float32, f"auto: {torch.cuda.get_device_name(device)} has no bf16"
+            return torch.bfloat16, f"{requested}: {torch.cuda.get_device_name(device)} runs bf16"
+        return torch.float32, f"{requested}: {torch.cuda.get_device_name(device)} has no bf16"
+    if requested == "auto":
+        return torch.float32, ("auto: float32 on a CPU (a bf16 base trained to lower accuracy in the PILL demo; "
+                               "dtype 'fastest' takes bf16 where this CPU runs it faster)")
     hidden = model.config.hidden_size
     width = getattr(model.config, "intermediate_size", 4 * hidden)
     if hidden < BF16_MIN_HIDDEN:
-        return torch.float32, f"auto: hidden size {hidden} < {BF16_MIN_HIDDEN}: per-op overhead dominates"
+        return torch.float32, f"fastest: hidden size {hidden} < {BF16_MIN_HIDDEN}: per-op overhead dominates"
     fp32 = gemm_seconds(tokens, hidden, width, torch.float32)
     bf16 = gemm_seconds(tokens, hidden, width, torch.bfloat16)
     shape = f"a {tokens}x{hidden} @ {hidden}x{width} GEMM takes {bf16 * 1e3:.1f} ms in bf16, {fp32 * 1e3:.1f} ms in fp32"
     if fp32 / bf16 >= BF16_MIN_SPEEDUP:
-        return torch.bfloat16, f"auto: {shape} on this CPU ({fp32 / bf16:.1f}x)"
-    return torch.float32, f"auto: {shape} on this CPU ({fp32 / bf16:.1f}x < {BF16_MIN_SPEEDUP}x)"
+        return torch.bfloat16, f"fastest: {shape} on this CPU ({fp32 / bf16:.1f}x)"
+    return torch.float32, f"fastest: {shape} on this CPU ({fp32 / bf16:.1f}x < {BF16_MIN_SPEEDUP}x)"
 
 
 def attention_seconds(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, dtype: torch.dtype,

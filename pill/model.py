@@ -114,6 +114,11 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
             labels = labels.masked_fill(labels == mm.image_token_id, -100)
         extra = {"sequence_modality": sequence_modality, "visual_prompts": visual_prompts,
                  "batch": inputs_embeds.shape[0]}
+        if getattr(mm, "compute_dtype", None) is not None:
+            # A half-precision base keeps its residual stream in fp32, as autocast over fp32 weights (the seeds'
+            # recipe) does: the matmuls run in half precision, the residual sums, the norms and the adapters in
+            # fp32.
+            inputs_embeds = inputs_embeds.float()
         layer_kwargs = mm.layer_kwargs(self, mm_token_type_ids, image_features, extra, cache)
         if isinstance(logits_to_keep, str):
             return self._supervised_forward(logits_to_keep, labels, cache, use_cache, dict(

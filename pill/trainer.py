@@ -47,8 +47,8 @@ class TrainConfig:
     """One training stage. lr: absolute learning rate; when None, lr = blr * batch_size * grad_accum * world / 256
     (the seed's rule). warmup_steps, when None, is warmup_ratio of the steps. epochs sets the length unless
     max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). dtype: the frozen
-    base's compute dtype, "float32", "bfloat16" or "auto" (bf16 on a GPU, and on a CPU whose bf16 GEMMs measure
-    enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the adapters stay fp32 either way
+    base's compute dtype, "float32", "bfloat16", "auto" (bf16 on a GPU, fp32 on a CPU) or "fastest" (bf16 also on
+    a CPU whose bf16 GEMMs measure enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the adapters stay fp32 either way
     (`pill.set_compute_dtype`). bf16 is its earlier name (true / false / "auto"). distributed: how several processes (torchrun) share the
     work: "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
     included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it."""

@@ -28,7 +28,7 @@ class _Model:
         return self._embedding
 
 
-@pytest.mark.parametrize("fp32_ms, bf16_ms, hidden, expected", [
+@pytest.mark.parametrize("fp32_ms, bf16_ms, hidden, expected", [  # dtype "fastest" on a CPU
     (19.9, 4.4, 576, torch.bfloat16),   # the measurement on the development VM
     (10.0, 8.0, 576, torch.float32),    # bf16 faster, but not by BF16_MIN_SPEEDUP
     (19.9, 4.4, 40, torch.float32),     # too narrow for a GEMM rate to carry over to the step
@@ -36,17 +36,20 @@ class _Model:
 def test_auto_dtype_follows_the_measured_gemms(monkeypatch, fp32_ms, bf16_ms, hidden, expected):
     times = {torch.float32: fp32_ms / 1e3, torch.bfloat16: bf16_ms / 1e3}
     monkeypatch.setattr(machine, "gemm_seconds", lambda tokens, hidden, width, dtype, device="cpu": times[dtype])
-    dtype, why = machine.choose_compute_dtype(_Model(hidden=hidden))
-    assert dtype == expected and why.startswith("auto:")
+    dtype, why = machine.choose_compute_dtype(_Model(hidden=hidden), "fastest")
+    assert dtype == expected and why.startswith("fastest:")
     if hidden >= machine.BF16_MIN_HIDDEN:
         assert f"{bf16_ms:.1f} ms in bf16, {fp32_ms:.1f} ms in fp32" in why
 
 
-def test_explicit_dtypes_and_a_float64_base_are_kept(monkeypatch):
+def test_explicit_dtypes_and_a_float64_base_are_kept_and_auto_trains_in_fp32_on_a_cpu(monkeypatch):
     monkeypatch.setattr(machine, "gemm_seconds", lambda *a, **k: pytest.fail("measured without need"))
+    dtype, why = machine.choose_compute_dtype(_Model())
+    assert dtype == torch.float32 and "fastest" in why
     assert machine.choose_compute_dtype(_Model(), "float32")[0] == torch.float32
     assert machine.choose_compute_dtype(_Model(), "bfloat16")[0] == torch.bfloat16
     assert machine.choose_compute_dtype(_Model(torch.float64))[0] == torch.float64
+    assert machine.choose_compute_dtype(_Model(torch.float64), "fastest")[0] == torch.float64
     with pytest.raises(ValueError, match="dtype must be one of"):
         machine.choose_compute_dtype(_Model(), "fp8")
 

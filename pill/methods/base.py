@@ -165,7 +165,11 @@ class MultimodalDecoderLayer(LlamaDecoderLayer):
 
     def _rope_and_cache(self, q, k, v, position_embeddings, cache):
         cos, sin = position_embeddings
+        dtype = q.dtype
+        # With a half-precision base the rotary tables follow the fp32 residual stream; q and k stay in the
+        # projections' dtype, as v does (the KV cache and the attention ops take one dtype).
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = q.to(dtype), k.to(dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.self_attn.layer_idx)
         return q, k, v
