@@ -43,6 +43,7 @@ def cmd_train(args) -> int:
 
     import pill
     from .llm import cache_dir, load_llm
+    from .machine import dtype_name
     from .methods import get_method
     from .trainer import TrainConfig, Trainer
     from .vision import build_encoder
@@ -89,7 +90,7 @@ def cmd_train(args) -> int:
         torch.distributed.destroy_process_group()
         return 0
     _say(pill.trainable_parameter_report(model))
-    _say(f"frozen base in {str(pill.compute_dtype(model)).removeprefix('torch.')}: {trainer.dtype_reason}")
+    _say(f"frozen base in {dtype_name(pill.compute_dtype(model))}: {trainer.dtype_reason}")
     if world > 1:
         _say(trainer.distributed_report())
     _say(f"{world} processes; " if world > 1 else "", end="")

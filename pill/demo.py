@@ -21,7 +21,7 @@ import torch
 from .data import LETTERS, Example, PromptFormatter, answer_text
 from .evaluate import evaluate_multiple_choice, format_report
 from .llm import cache_dir, load_llm
-from .machine import ThreadWatch, choose_attention_dtype, choose_compute_dtype, pick_threads
+from .machine import ThreadWatch, choose_attention_dtype, choose_compute_dtype, dtype_name, pick_threads
 from .model import set_compute_dtype
 from .recipe import record_run
 from .trainer import TrainConfig, Trainer
@@ -156,7 +156,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
 
     torch.set_num_threads(settings.threads or pick_threads())
     dtype, why = choose_compute_dtype(model, settings.dtype)
-    say(f"[demo] frozen base in {str(dtype).removeprefix('torch.')}: {why}")
+    say(f"[demo] frozen base in {dtype_name(dtype)}: {why}")
     model.to(dtype)  # the base model's evaluation runs in it too
     rng = random.Random(settings.seed + 1)
     test_mc = digit_examples(test_idx, digits.images, digits.target, rng, "mc")
@@ -192,7 +192,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         data = [ex for _ in range(repeats) for ex in digit_examples(train_idx, digits.images, digits.target, rng, kind)]
         config = TrainConfig(stage=stage, output_dir=str(out_dir / f"phase{phase}"), lr=lr, max_steps=steps,
                              batch_size=settings.batch_size, warmup_steps=max(1, steps // 10), seed=settings.seed,
-                             progress=progress, dtype=str(dtype).removeprefix("torch."))
+                             progress=progress, dtype=dtype_name(dtype))
         _clear_run(Path(config.output_dir))
         threads = settings.threads or pick_threads(dtype=dtype)
         torch.set_num_threads(threads)

@@ -17,6 +17,11 @@ BF16_MIN_SPEEDUP = 1.5
 BF16_MIN_HIDDEN = 256
 
 
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """"bfloat16" for torch.bfloat16 (the names train.dtype and checkpoints use); None stays None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def _best_time(fn, repeats: int = 3, inner: int = 3) -> float:
     fn()
     best = float("inf")
@@ -109,7 +114,7 @@ def choose_attention_dtype(model, dtype: torch.dtype, batch: int = 8, seq: int =
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     half = attention_seconds(batch, heads, kv_heads, seq, head_dim, dtype, dtype)
     full = attention_seconds(batch, heads, kv_heads, seq, head_dim, dtype, torch.float32)
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     shape = (f"causal attention forward+backward at [{batch}, {heads}, {seq}, {head_dim}] takes {half * 1e3:.1f} ms in "
              f"{name}, {full * 1e3:.1f} ms in fp32 with the casts")
     return (torch.float32, f"{shape}: fp32") if full < half else (dtype, f"{shape}: {name}")

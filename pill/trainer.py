@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from .checkpoint import DTensor, full_tensor, save_adapter, shard_like
 from .files import read_json, read_safetensors, replace_directory
 from .data import IGNORE, Collator, Example, PromptFormatter
-from .machine import DTYPE_CHOICES, choose_attention_dtype, choose_compute_dtype
+from .machine import DTYPE_CHOICES, choose_attention_dtype, choose_compute_dtype, dtype_name
 from .methods import get_method
 from .model import adapter_parameters, compute_dtype, multimodal_of, set_compute_dtype, set_stage, upcast_half
 
@@ -374,8 +374,8 @@ class Trainer:
             state = {"step": self.step, "total_steps": self.total_steps, "stage": self.config.stage,
                      "param_groups": groups, "train_config": dataclasses.asdict(self.config),
                      "num_examples": len(self.examples), "world_size": self.world,
-                     "compute_dtype": str(compute_dtype(self.model)).removeprefix("torch."),
-                     "attention_dtype": _dtype_name(multimodal_of(self.model).attention_dtype)}
+                     "compute_dtype": dtype_name(compute_dtype(self.model)),
+                     "attention_dtype": dtype_name(multimodal_of(self.model).attention_dtype)}
             with open(staging / "trainer_state.json", "w") as f:
                 json.dump(state, f, indent=2)
                 f.flush()
@@ -410,8 +410,8 @@ class Trainer:
                              f"{state['world_size']} process(es); this run has {len(self.examples)} on {self.world}: "
                              f"the data position would not carry over")
         saved = (state.get("compute_dtype"), state.get("attention_dtype"))
-        current = (str(compute_dtype(self.model)).removeprefix("torch."),
-                   _dtype_name(multimodal_of(self.model).attention_dtype))
+        current = (dtype_name(compute_dtype(self.model)),
+                   dtype_name(multimodal_of(self.model).attention_dtype))
         if saved[0] is not None and saved != current:
             if self.fsdp:
                 raise ValueError(f"{path}: checkpoint trained with the base in {saved[0]} (attention: "
@@ -427,10 +427,6 @@ class Trainer:
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step = state["step"]
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def shard_with_fsdp(model) -> None:

@@ -113,6 +113,29 @@ def modality_gate(x: torch.Tensor, w_gate: torch.Tensor, v: torch.Tensor, image_
     return v * multiplier[..., None]
 
 
+def _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask):
+    """k and v repeated to the query heads (GQA), and the values of image keys scaled by tanh(gate_logits)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    if gate_logits is not None:
+        gate = torch.tanh(gate_logits)
+        v = v * torch.where(image_mask[:, None, :], gate, torch.ones_like(gate))[..., None]
+    return k, v
+
+
+def _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, device):
+    """[B, 1, S, Skv] True where a query may attend to a key: causal (query i at key position Skv - S + i) and
+    real keys only."""
+    allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=device)
+    if causal:
+        rows = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+        allowed = allowed & (torch.arange(seq_k, device=device)[None, :] <= rows)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return allowed
+
+
 def gated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,24 +159,12 @@ def gated_attention(
     (a padding row) outputs zeros from the token branch. Returns [B, H, S, hd].
     """
     batch, heads, seq_q, head_dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    seq_k = k.shape[2]
+    group = heads // k.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    if gate_logits is not None:
-        gate = torch.tanh(gate_logits)
-        multiplier = torch.where(image_mask[:, None, :], gate, torch.ones_like(gate))
-        v = v * multiplier[..., None]
+    k, v = _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask)
     scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=q.device)
-    if causal:
-        offset = seq_k - seq_q
-        rows = torch.arange(seq_q, device=q.device)[:, None] + offset
-        cols = torch.arange(seq_k, device=q.device)[None, :]
-        allowed = allowed & (cols <= rows)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
+    allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
     out = probs @ v
@@ -165,28 +176,18 @@ def gated_attention(
     return out
 
 
-
 def gated_attention_sdpa(q, k, v, gate_logits=None, image_mask=None, key_padding_mask=None, prompt_k=None,
                          prompt_v=None, prompt_gate=None, causal: bool = True, scale: float | None = None):
     """`gated_attention` through ``F.scaled_dot_product_attention``: the gate applied to the values, the masks
     as one boolean mask, the prompt branch as a second sdpa call. Same arguments and result."""
     batch, heads, seq_q, head_dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    seq_k = k.shape[2]
+    group = heads // k.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    if gate_logits is not None:
-        gate = torch.tanh(gate_logits)
-        v = v * torch.where(image_mask[:, None, :], gate, torch.ones_like(gate))[..., None]
+    k, v = _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask)
     allowed = None
     if causal and seq_q > 1 or key_padding_mask is not None:
-        allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=q.device)
-        if causal:
-            rows = torch.arange(seq_q, device=q.device)[:, None] + (seq_k - seq_q)
-            allowed = allowed & (torch.arange(seq_k, device=q.device)[None, :] <= rows)
-        if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask[:, None, None, :]
+        allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device)
     if allowed is not None:
         # A padding query that sees no key would give NaN; let it see everything, then zero its output.
         has_key = allowed.any(dim=-1, keepdim=True)
