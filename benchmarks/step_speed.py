@@ -88,13 +88,18 @@ def median_seconds(step, repeats: int) -> float:
 
 
 def frozen_base_step(model, ids, labels):
-    """Forward and backward of the frozen base to the input embeddings, the LM head on supervised positions."""
+    """Forward and backward of the frozen base to the input embeddings, the LM head on supervised positions. A
+    half-precision base computes the LM head in fp32 from an fp32 copy of its weight, as the methods do
+    (`pill.model.FullPrecisionLinear`)."""
+    head = model.lm_head.weight
+    head = head.float() if head.dtype in (torch.bfloat16, torch.float16) else head
+
     def step():
         embeds = model.get_input_embeddings()(ids.clamp(max=model.config.vocab_size - 1)).detach()
         embeds.requires_grad_(True)
         hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         supervised = labels[:, 1:] != -100
-        logits = model.lm_head(hidden[:, :-1][supervised])
+        logits = torch.nn.functional.linear(hidden[:, :-1][supervised].to(head.dtype), head)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][supervised])
         loss.backward()
         return loss

@@ -81,9 +81,10 @@ def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                 tensors: dict[str, torch.Tensor] | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write the adapter of `model` to directory `path` atomically; returns the path. tensors: the adapter's
-    tensors gathered beforehand (by `full_tensor` on every rank of an FSDP run) instead of the model's own."""
+    tensors gathered beforehand (by `full_tensor` on every rank of an FSDP run) instead of the model's own.
+    extra_files: {file name: text} written into the same directory in the same atomic step (a run record)."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"save_adapter: {target} exists and is not a directory")
@@ -106,6 +107,14 @@ def save_adapter(model, path: str | os.PathLike, metadata: dict | None = None,
             os.fsync(f.fileno())
         with open(staging / WEIGHTS_NAME, "rb+") as f:
             os.fsync(f.fileno())
+        for name, text in (extra_files or {}).items():
+            if Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
+                raise ValueError(f"save_adapter: extra_files: {name!r} must be a plain file name other than the "
+                                 f"adapter's own files")
+            with open(staging / name, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

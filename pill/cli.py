@@ -4,6 +4,8 @@
     pill train CONFIG.yaml [--resume]                    one training stage from a YAML / JSON config
     pill eval CONFIG.yaml --adapter DIR                  multiple-choice accuracy on the config's eval data
     pill generate --adapter DIR --image IMG --question Q answer a question about an image
+    pill convert --method M --checkpoint F.pth --base HF_DIR --output DIR
+                                                         a seed's released checkpoint as an adapter directory
 
 Every command takes --backend NAME (eager, triton, cuda, cpp, auto): the kernel backend of the fused ops, a
 run-time choice (adapters do not record it). The run config's format: `pill.recipe`.
@@ -144,6 +146,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_seed_checkpoint
+
+    def json_option(text, name):
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}: not JSON ({e}): {text!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a JSON object, got {text!r}")
+        return value
+
+    method_config = json_option(args.method_config, "--method-config") or {}
+    if args.skip_vision_routers:
+        method_config["skip_vision_routers"] = True
+    summary = convert_seed_checkpoint(args.method, args.checkpoint, args.base, args.output,
+                                      trust_pickle=args.trust_pickle, method_config=method_config,
+                                      image_token_id=args.image_token_id,
+                                      vision=json_option(args.vision, "--vision"),
+                                      prompt=json_option(args.prompt, "--prompt"))
+    for note in summary["notes"]:
+        _say(f"[convert] {note}")
+    _say(f"[convert] {summary['method']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters "
+         f"written to {summary['output']} (load with pill.load_pretrained_adapter)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import DemoSettings, run_demo
     from .methods import get_method
@@ -221,16 +252,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     _add_backend(gen)
     gen.set_defaults(func=cmd_generate)
+    conv = sub.add_parser("convert", help="a seed's released checkpoint (.pth) as this project's adapter directory")
+    conv.add_argument("--method", required=True, choices=method_names())
+    conv.add_argument("--checkpoint", required=True, help="the seed's .pth file")
+    conv.add_argument("--base", required=True, help="the Hugging Face LLaMA directory the adapter is for")
+    conv.add_argument("--output", required=True, help="the adapter directory to write (replaced atomically)")
+    conv.add_argument("--trust-pickle", action="store_true",
+                      help="unpickle classes outside the allow-list (can run code from the file)")
+    conv.add_argument("--image-token-id", type=int, default=None,
+                      help="the image placeholder id (PILL: the seed's 32000; LaVIN: the vocabulary size)")
+    conv.add_argument("--method-config", default=None,
+                      help='JSON of config fields the file cannot tell, e.g. \'{"visual_heads": 16}\'')
+    conv.add_argument("--skip-vision-routers", action="store_true",
+                      help="LaVIN: drop the vision-side routers (not supported yet) and keep the LLM side")
+    conv.add_argument("--vision", default=None, help="JSON vision encoder spec for the run record (pill.recipe)")
+    conv.add_argument("--prompt", default=None, help="JSON prompt spec for the run record (pill.recipe)")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .seed_format import SeedCheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, SeedCheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"pill {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -324,6 +324,21 @@ def set_stage(model, stage: int) -> None:
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float64": torch.float64}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class FullPrecisionLinear(nn.Linear):
+    """The LM head under a half-precision base: its weight stays fp32 and it runs outside autocast on fp32
+    inputs, so the logits the loss reads and the gradient the head sends back into the residual stream carry
+    no bf16 rounding. In training it runs on the supervised positions only, so fp32 costs little. (The PILL
+    demo with a bf16 base: 78.0% held-out with a bf16 head and projector, 94.0% with both in fp32 on an Intel
+    AMX CPU, but 79.7% with both in fp32 on an AMD AVX-512 BF16 CPU: it is not the whole story; fp32 bases
+    reach 95%. docs/training.md, "Compute dtype of the frozen base".)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+            return F.linear(x.to(self.weight.dtype), self.weight, bias)
 
 
 def set_compute_dtype(model, dtype: torch.dtype | str, attention_dtype: torch.dtype | str | None = None) -> None:
@@ -333,7 +348,11 @@ def set_compute_dtype(model, dtype: torch.dtype | str, attention_dtype: torch.dt
     activations as in the seeds' fp32-adapters-under-bf16-autocast recipe. float32 casts the base back and turns
     autocast off. `attention_dtype` runs the decoder layers' attention in another dtype (its inputs cast, the
     output cast back), e.g. fp32 on a CPU where flash attention is faster in fp32
-    (`pill.machine.choose_attention_dtype`); None: the activations' dtype."""
+    (`pill.machine.choose_attention_dtype`); None: the activations' dtype.
+
+    Under a half-precision `dtype` the LM head (with the input embedding it is tied to) stays fp32 and runs
+    outside autocast (`FullPrecisionLinear`), as the methods' projectors do: bf16 logits and the gradient they
+    send back cost the trained adapters accuracy (docs/training.md, "Compute dtype of the frozen base")."""
     if isinstance(dtype, str):
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
@@ -341,14 +360,22 @@ def set_compute_dtype(model, dtype: torch.dtype | str, attention_dtype: torch.dt
     if dtype not in COMPUTE_DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype}")
     mm = multimodal_of(model)
-    trained = {id(p) for p in adapter_parameters(model).values()}
+    half = dtype in HALF_DTYPES
+    full_precision = {id(p) for p in adapter_parameters(model).values()}
+    if half:
+        full_precision |= {id(p) for p in model.lm_head.parameters()}
     with torch.no_grad():
         for p in model.parameters():
             # Adapters made in the base's half dtype (LLaMA-Adapter V2's biases follow the weight's) go to fp32.
-            want = dtype if id(p) not in trained else torch.promote_types(p.dtype, torch.float32)
+            want = dtype if id(p) not in full_precision else torch.promote_types(p.dtype, torch.float32)
             if p.is_floating_point() and p.dtype != want:
                 p.data = p.data.to(want)
-    mm.compute_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    if type(model.lm_head) in (nn.Linear, FullPrecisionLinear):
+        model.lm_head.__class__ = FullPrecisionLinear if half else nn.Linear
+    elif half:
+        raise TypeError(f"set_compute_dtype: the LM head is a {type(model.lm_head).__name__}, not an nn.Linear; "
+                        f"it cannot be kept in full precision under a {dtype} base")
+    mm.compute_dtype = dtype if half else None
     if isinstance(attention_dtype, str):
         attention_dtype = COMPUTE_DTYPES[attention_dtype]
     attention_dtype = None if attention_dtype == dtype else attention_dtype

@@ -131,10 +131,13 @@ def _image_processor(path: Path):
 class HFVisionEncoder:
     """A local Hugging Face vision tower (CLIP / SigLIP / any AutoModel with a vision part) and its image
     processor. feature_layer: which hidden state (-1 last, -2 penultimate as LLaVA); drop_cls: drop the first
-    token (CLIP's CLS; SigLIP has none)."""
+    token (CLIP's CLS; SigLIP has none). projected: every token of the last layer through the tower's
+    post-layernorm and the model's visual projection (a CLIP checkpoint), as LLaMA-Adapter V2 encodes images
+    (all 257 tokens of ViT-L/14, 768 wide); feature_layer must then be -1."""
 
     def __init__(self, path: str | os.PathLike, feature_layer: int = -1, drop_cls: bool = False,
-                 batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 projected: bool = False):
         from transformers import AutoConfig, AutoModel
 
         path = Path(path).expanduser()
@@ -149,6 +152,18 @@ class HFVisionEncoder:
         self.processor = _image_processor(path)
         vision_config = getattr(config, "vision_config", config)
         self.feature_dim = vision_config.hidden_size
+        self.projection = None
+        if projected:
+            projection = getattr(model, "visual_projection", None)
+            if projection is None or not hasattr(self.model, "post_layernorm"):
+                raise ValueError(f"vision encoder {path}: projected=True needs a CLIP checkpoint with a visual "
+                                 f"projection and a post-layernorm ({type(model).__name__} has "
+                                 f"{'no visual_projection' if projection is None else 'no post_layernorm'})")
+            if feature_layer != -1:
+                raise ValueError(f"vision encoder {path}: projected=True takes the last layer; feature_layer must "
+                                 f"be -1, got {feature_layer}")
+            self.projection = projection.to(device).eval().requires_grad_(False)
+            self.feature_dim = projection.out_features
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
         self.batch_size = batch_size
@@ -156,7 +171,7 @@ class HFVisionEncoder:
         self.dtype = dtype
         weights = sorted(path.glob("*.safetensors"))
         ident = json.dumps([str(path.resolve()), [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights],
-                            feature_layer, drop_cls])
+                            feature_layer, drop_cls] + (["projected"] if projected else []))
         self.key = f"hf-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
         with torch.no_grad():
             probe = self(self.preprocess([np.zeros((32, 32, 3), dtype=np.float32)]))
@@ -170,6 +185,8 @@ class HFVisionEncoder:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
         features = out.hidden_states[self.feature_layer]
+        if self.projection is not None:
+            features = self.projection(self.model.post_layernorm(out.last_hidden_state))
         if self.drop_cls:
             features = features[:, 1:]
         return features.float().contiguous()
@@ -182,7 +199,7 @@ class HFVisionEncoder:
 
 def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder:
     """An encoder from a config mapping: {"type": "efficientnet-lite0", "image_size", "grid"} or
-    {"type": "hf", "path", "feature_layer", "drop_cls"}."""
+    {"type": "hf", "path", "feature_layer", "drop_cls", "projected"}."""
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "efficientnet-lite0":
@@ -190,7 +207,8 @@ def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder:
     if kind == "hf":
         if "path" not in spec:
             raise ValueError("vision: type 'hf' needs path (a local Hugging Face vision model directory)")
-        return HFVisionEncoder(**_only(spec, {"path", "feature_layer", "drop_cls", "batch_size"}, "vision"))
+        return HFVisionEncoder(**_only(spec, {"path", "feature_layer", "drop_cls", "batch_size", "projected"},
+                                       "vision"))
     raise ValueError(f"vision.type must be 'efficientnet-lite0' or 'hf', got {kind!r}")
 
 

@@ -64,9 +64,9 @@ def test_train_config_reads_the_earlier_bf16_name():
 
 @pytest.mark.parametrize("method", ["pill", "pill_query_head", "lavin", "llama_adapter_v2"])
 def test_a_bf16_base_with_fp32_adapters_trains_evaluates_and_generates(method):
-    """After set_compute_dtype(bf16): the frozen base is bf16, every adapter parameter (LLaMA-Adapter V2's tuned
-    norms and biases included) stays fp32 and gets fp32 gradients, the logits stay within bf16 rounding of the
-    fp32 model's, and generation runs."""
+    """After set_compute_dtype(bf16): the frozen base is bf16 but for the LM head (tied to the input embedding
+    here), every adapter parameter (LLaMA-Adapter V2's tuned norms and biases included) stays fp32 and gets fp32
+    gradients, the fp32 logits stay within bf16 rounding of the fp32 model's, and generation runs."""
     model = make_model(method, dtype=torch.float32)
     ids, features, extra = batch_for(method)
     features = features.float()
@@ -76,15 +76,16 @@ def test_a_bf16_base_with_fp32_adapters_trains_evaluates_and_generates(method):
     pill.set_compute_dtype(model, "bfloat16")
     assert pill.compute_dtype(model) == torch.bfloat16
     for name, p in model.named_parameters():
-        assert p.dtype == (torch.float32 if name in trained else torch.bfloat16), name
+        full_precision = name in trained or p is model.lm_head.weight
+        assert p.dtype == (torch.float32 if full_precision else torch.bfloat16), name
     out = model(input_ids=ids, image_features=features, labels=ids, logits_to_keep="supervised", **extra)
     out.loss.backward()
     grads = [p.grad for p in model.trainable_parameters()]
     assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
     with torch.no_grad():
         logits = model(input_ids=ids, image_features=features, **extra).logits
-    assert logits.dtype == torch.bfloat16
-    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    assert logits.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
     generated = model.generate(ids, image_features=features, max_new_tokens=3, do_sample=False, **extra)
     assert generated.shape == (ids.shape[0], ids.shape[1] + 3)
 
@@ -147,5 +148,34 @@ def test_the_attention_runs_in_its_own_dtype_under_a_bf16_base(method, attention
     out.loss.backward()
     want = attention or torch.bfloat16
     assert seen and set(seen) == {(want, want, want)}
-    assert out.logits.dtype == torch.bfloat16
+    assert out.logits.dtype == torch.float32  # the LM head's (FullPrecisionLinear)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.trainable_parameters())
+
+
+@pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
+def test_the_lm_head_and_projector_compute_in_fp32_under_a_bf16_base(method):
+    """Under a bf16 base the logits are the final hidden states times the LM head's weight to fp32 accuracy, and
+    the projector's output is its fp32 weights applied to the features to fp32 accuracy: both computed here in
+    float64 from the captured inputs (bf16 arithmetic would be off by ~1e-2 relative). float32 again restores a
+    plain nn.Linear head."""
+    model = make_model(method, dtype=torch.float32)
+    pill.set_compute_dtype(model, torch.bfloat16)
+    ids, features, extra = batch_for(method)
+    features = features.float()
+    captured = {}
+    model.model.norm.register_forward_hook(lambda module, args, out: captured.update(hidden=out))
+    with torch.no_grad():
+        logits = model(input_ids=ids, image_features=features, **extra).logits
+        expected = captured["hidden"].double() @ model.lm_head.weight.double().T
+        assert (logits.double() - expected).abs().max() < 1e-4 * expected.abs().max()
+        projector = model.multimodal.projector
+        projector_input = {}
+        projector.register_forward_hook(lambda module, args, out: projector_input.update(x=args[0], out=out))
+        with pill.model.compute_autocast(model):
+            model.multimodal.project(features)
+        assert projector_input["x"].dtype == torch.float32 and projector_input["out"].dtype == torch.float32
+        expected = projector.double()(features.double())
+        projector.float()
+        assert (projector_input["out"].double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    pill.set_compute_dtype(model, torch.float32)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32

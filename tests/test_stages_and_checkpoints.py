@@ -68,6 +68,34 @@ def test_llama_adapter_v2_stages_are_disjoint_and_lavin_has_one_stage():
         pill.set_stage(lavin, 2)
 
 
+def test_llama_adapter_v2_1_lora_and_new_gate_train_in_stage_2_and_start_as_the_base():
+    """V2.1: the LoRA pairs of all seven projections and the prompted layers' new_gate are stage-2 parameters
+    (with the biases and norms); at initialisation (B = 0, new_gate = 1) the model equals V2 without them."""
+    config = pill.LlamaAdapterV2Config(prompt_len=4, visual_blocks=1, visual_heads=4, lora_rank=3, new_gate=True)
+    torch.manual_seed(0)
+    model = pill.inject_llama_adapter_v2(make_llama(torch.float64), config, vision_dim=VISION_DIM).double()
+    s1, s2 = pill.stage_parameters(model, 1), pill.stage_parameters(model, 2)
+    lora = {n for n in s2 if ".pill_lora." in n}
+    assert len(lora) == 3 * 7 * 2 and not any(".pill_lora." in n or "new_gate" in n for n in s1)
+    assert {n for n in s2 if "pill_new_gate" in n} == {f"model.layers.{i}.pill_new_gate" for i in (1, 2)}
+    plain_config = pill.LlamaAdapterV2Config(prompt_len=4, visual_blocks=1, visual_heads=4)
+    torch.manual_seed(0)
+    plain = pill.inject_llama_adapter_v2(make_llama(torch.float64), plain_config, vision_dim=VISION_DIM).double()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():  # the prompt branch on, so that new_gate = 1 is exercised
+        for layer in [*model.model.layers, *plain.model.layers]:
+            if layer.pill_has_prompt:
+                layer.pill_prompt_gate.fill_(0.7)
+    ids, features, extra = batch_for("llama_adapter_v2")
+    with torch.no_grad():
+        got = model(input_ids=ids, image_features=features, **extra).logits
+        expected = plain(input_ids=ids, image_features=features, **extra).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        model.model.layers[2].pill_lora.up_proj.lora_b.normal_()
+        assert not torch.allclose(model(input_ids=ids, image_features=features, **extra).logits, expected)
+
+
 @pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
 def test_save_load_round_trip_is_exact_and_holds_only_adapter_weights(method, tmp_path):
     model = make_model(method)

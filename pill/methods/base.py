@@ -79,6 +79,9 @@ class Method:
     # The demo's choices for this method: config fields, and `pill.demo.DemoSettings` fields (why: in the module).
     demo_config: dict = field(default_factory=dict)
     demo_settings: dict = field(default_factory=dict)
+    # (SeedKeys, base LlamaConfig, config overrides: dict, image_token_id or None) -> SeedConversion: the seed
+    # repository's released checkpoint in this project's adapter layout (`pill.convert`).
+    convert_seed: Callable[..., Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ class MultimodalAdapter(nn.Module):
         if count != n_images * tokens:
             raise ValueError(f"input_ids hold {count} image placeholder tokens but image_features carry "
                              f"{n_images} images x {tokens} tokens = {n_images * tokens}")
-        projected = self.project(image_features.to(self.projector_dtype())).to(embeds.dtype)
+        projected = self.project(image_features).to(embeds.dtype)
         embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]))
         return embeds, placeholders.long()
 
@@ -256,7 +259,11 @@ class MultimodalAdapter(nn.Module):
         return next(self.projector.parameters()).dtype
 
     def project(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.projector(image_features)
+        """The projector on `image_features`, in the projector's own dtype (fp32) outside the base's autocast, as
+        the LM head (`pill.model.FullPrecisionLinear`): a trained input path of a few GEMMs per image, where
+        bf16 saves little (docs/training.md, "Compute dtype of the frozen base")."""
+        with torch.autocast(image_features.device.type, enabled=False):
+            return self.projector(image_features.to(self.projector_dtype()))
 
     def layer_kwargs(self, model, mm_token_type_ids, image_features, extra: dict, cache) -> dict:
         return {}

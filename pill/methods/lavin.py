@@ -15,6 +15,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..seed_format import SeedCheckpointError, SeedConversion, SeedKeys
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    parameters_where, pop_multimodal, rms_norm_args, swap_layers)
 
@@ -206,6 +207,78 @@ def inject_lavin(model, config: LavinConfig | None = None, *, vision_dim: int, i
     return attach_method(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The seed's released checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+_SEED_VISION_ROUTERS = {r"backbone\.visual\..*adapter.*": (
+    "LaVIN's vision-side routers (inside the CLIP ViT-L/14 blocks) are not supported by this version; "
+    "convert with skip_vision_routers (pill convert --skip-vision-routers) to keep the LLM side only, knowing "
+    "that the image features then differ from the seed's")}
+# The seed's router temperature by LLM width: 10 for LLaMA-7B, 5 for 13B (its model-building code).
+_SEED_TEMPERATURE = {4096: 10.0, 5120: 5.0}
+
+
+def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_id: int | None) -> SeedConversion:
+    """LaVIN's training checkpoint (``layers.{i}.adapter_attn.{conv_A,conv_B,conv_D,expert_weights}``,
+    ``adapter_proj.{conv_A,conv_B}``, ``adapter_modality_embedding.weight``) as this project's LaVIN adapter.
+    conv_A [r, d, 1] is the shared down-projection (transposed to [d, r]); conv_B and conv_D [d, r / groups, 1]
+    are experts 0 and 1 of the grouped up-projection, kept grouped; expert_weights is the router. All of it
+    acts on the RMSNorm output, so nothing is permuted. The bottleneck and groups are read off the shapes; the
+    temperature is the seed's for the LLM's width (10 for 7B, 5 for 13B) unless given. The vision-side routers
+    are refused (see `_SEED_VISION_ROUTERS`) unless ``skip_vision_routers`` is in `overrides`."""
+    overrides = dict(overrides)
+    skip_vision = bool(overrides.pop("skip_vision_routers", False))
+    hidden, layers = base.hidden_size, base.num_hidden_layers
+    down = keys.shape("layers.0.adapter_attn.conv_A.weight")
+    rank = down[0] if down else 8
+    up = keys.shape("layers.0.adapter_attn.conv_B.weight")
+    groups = rank // up[1] if up and up[1] and rank % up[1] == 0 else 2
+    experts = 2
+    mlp = keys.shape("adapter_proj.conv_A.weight")
+    projector_hidden, vision_dim = mlp if mlp else (128, 1024)
+    notes = []
+    settings = {"adapter_dim": rank, "groups": groups, "num_experts": experts, "projector_hidden": projector_hidden}
+    if "temperature" not in overrides:
+        if hidden not in _SEED_TEMPERATURE:
+            raise SeedCheckpointError(f"{keys.where}: the seed's router temperature is known for LLaMA-7B and 13B "
+                                      f"(width 4096 / 5120); this base is {hidden} wide: give the temperature")
+        settings["temperature"] = _SEED_TEMPERATURE[hidden]
+        notes.append(f"router temperature {settings['temperature']:g} (the seed's for width {hidden})")
+    config = LavinConfig(**{**settings, **overrides})
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(name, tensor, fn=lambda t: t):
+        if tensor is not None:
+            tensors[name] = fn(tensor).contiguous()
+
+    for i in range(layers):
+        seed, ours = f"layers.{i}.adapter_attn", f"model.layers.{i}.pill_router_adapter"
+        put(f"{ours}.w_down", keys.take(f"{seed}.conv_A.weight", (rank, hidden, 1)), lambda t: t[:, :, 0].t())
+        put(f"{ours}.b_down", keys.take(f"{seed}.conv_A.bias", (rank,)))
+        ups = [keys.take(f"{seed}.{conv}.weight", (hidden, rank // groups, 1)) for conv in ("conv_B", "conv_D")]
+        biases = [keys.take(f"{seed}.{conv}.bias", (hidden,)) for conv in ("conv_B", "conv_D")]
+        if all(t is not None for t in ups):
+            put(f"{ours}.w_up_grouped", torch.stack([t[:, :, 0] for t in ups]))
+        if all(t is not None for t in biases):
+            put(f"{ours}.b_up", torch.stack(biases))
+        put(f"{ours}.router.weight", keys.take(f"{seed}.expert_weights.weight", (experts, hidden)))
+        put(f"{ours}.router.bias", keys.take(f"{seed}.expert_weights.bias", (experts,)))
+    put("multimodal.projector.fc1.weight", keys.take("adapter_proj.conv_A.weight", (projector_hidden, vision_dim)))
+    put("multimodal.projector.fc1.bias", keys.take("adapter_proj.conv_A.bias", (projector_hidden,)))
+    put("multimodal.projector.fc2.weight", keys.take("adapter_proj.conv_B.weight", (hidden, projector_hidden)))
+    put("multimodal.projector.fc2.bias", keys.take("adapter_proj.conv_B.bias", (hidden,)))
+    put("multimodal.modality_embedding", keys.take("adapter_modality_embedding.weight", (2, hidden)))
+    vision_routers = keys.matching(next(iter(_SEED_VISION_ROUTERS)))
+    if skip_vision and vision_routers:
+        for key in vision_routers:
+            keys.skip(key)
+        notes.append(f"dropped {len(vision_routers)} vision-side router tensors (skip_vision_routers)")
+    keys.finish(refused=_SEED_VISION_ROUTERS)
+    return SeedConversion(config, vision_dim, image_token_id if image_token_id is not None else base.vocab_size,
+                          tensors, notes)
+
+
 METHOD = Method(
     name="lavin", config_class=LavinConfig, inject=inject_lavin, image_placeholders=True,
     # The modality token runs every layer's weights before the layers run (the routing weights of all layers
@@ -213,4 +286,5 @@ METHOD = Method(
     fsdp_layer_units=False,
     # The seed's learning rate is several times PILL's.
     demo_settings={"stage1_lr": 4e-3, "stage2_lr": 4e-3},
+    convert_seed=convert_seed_checkpoint,
 )

@@ -9,11 +9,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..seed_format import SeedCheckpointError, SeedConversion, SeedKeys, layer_indices, rope_rows_to_hf
 from .base import (Method, MethodConfig, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    key_padding_from_attention_mask, parameters_where, pop_multimodal, swap_layers)
 
@@ -27,7 +29,10 @@ class LlamaAdapterV2Config(MethodConfig):
     all but the first, as the seed's 31 of 32); bias_tuning: zero-init biases on q, o, gate, up, down
     projections; norm_tuning: RMSNorm weights trainable in stage 2; visual_blocks / visual_heads: the
     transformer blocks that turn image features into the K visual prompts (seed: 8 blocks of 16 heads);
-    backend: kernel backend of the fused ops at injection (run-time only; see `MethodConfig`).
+    lora_rank: LLaMA-Adapter V2.1's LoRA of this rank (scale 1, the seed's) on the q, k, v, o projections and the
+    three FFN projections, trained in stage 2 (0: none, as BIAS-7B); new_gate: V2.1's scalar gate (init 1) on
+    the prompt branch, trained in stage 2; backend: kernel backend of the fused ops at injection (run-time only;
+    see `MethodConfig`).
     """
 
     method: ClassVar[str] = "llama_adapter_v2"
@@ -39,10 +44,14 @@ class LlamaAdapterV2Config(MethodConfig):
     norm_tuning: bool = True
     visual_blocks: int = 8
     visual_heads: int = 16
+    lora_rank: int = 0
+    new_gate: bool = False
     backend: str | None = None
 
     def __post_init__(self) -> None:
         self._positive(prompt_len=self.prompt_len, visual_heads=self.visual_heads)
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ValueError(f"LlamaAdapterV2Config.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
         if self.prompt_layers is not None:
             self._positive(prompt_layers=self.prompt_layers)
         if not isinstance(self.visual_blocks, int) or self.visual_blocks < 0:
@@ -78,6 +87,26 @@ class VisualPromptProjector(nn.Module):
         return self.out_norm(self.out_proj(x[:, :queries.shape[1]]))
 
 
+class LowRankDelta(nn.Module):
+    """V2.1's LoRA on one frozen projection: ``x A^T B^T`` (scale 1), A [r, in] with nn.Linear's initialisation
+    and B [out, r] zero, as the seed's ``lora_*_l1`` / ``lora_*_l2``, so that it starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+
+
+# The projections V2.1's LoRA adapts (transformers' names), and the seed's names for them.
+LORA_TARGETS = {"q_proj": "attention.lora_wq", "k_proj": "attention.lora_wk", "v_proj": "attention.lora_wv",
+                "o_proj": "attention.lora_wo", "gate_proj": "feed_forward.lora_w1",
+                "down_proj": "feed_forward.lora_w2", "up_proj": "feed_forward.lora_w3"}
+
+
 class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
     """LLaMA-Adapter V2 block (docs/methods.md, LLaMA-Adapter V2). Layers with prompts compute
 
@@ -92,6 +121,40 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
         if has_prompt:
             self.pill_prompt = nn.Parameter(torch.randn(adapter_config.prompt_len, config.hidden_size))
             self.pill_prompt_gate = nn.Parameter(torch.zeros(config.num_attention_heads))
+            if adapter_config.new_gate:
+                self.pill_new_gate = nn.Parameter(torch.ones(1))
+        self.pill_lora = None
+        if adapter_config.lora_rank:
+            projections = {**{n: getattr(self.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                           **{n: getattr(self.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}}
+            self.pill_lora = nn.ModuleDict({
+                name: LowRankDelta(p.in_features, p.out_features, adapter_config.lora_rank)
+                for name, p in projections.items()})
+
+    def _adapted(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A frozen projection plus its LoRA delta (V2.1), or the projection alone."""
+        out = module(x)
+        if self.pill_lora is not None:
+            out = out + self.pill_lora[name](x).to(out.dtype)
+        return out
+
+    def _qkv(self, attn_input: torch.Tensor):
+        if self.pill_lora is None:
+            return super()._qkv(attn_input)
+        attn = self.self_attn
+        batch, seq = attn_input.shape[:2]
+        q = self._adapted("q_proj", attn.q_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        k = self._adapted("k_proj", attn.k_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        v = self._adapted("v_proj", attn.v_proj, attn_input).view(batch, seq, -1, attn.head_dim)
+        return q, k, v
+
+    def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.pill_lora is None:
+            return super()._feed_forward(hidden_states)
+        mlp = self.mlp
+        x = self.post_attention_layernorm(hidden_states)
+        product = mlp.act_fn(self._adapted("gate_proj", mlp.gate_proj, x)) * self._adapted("up_proj", mlp.up_proj, x)
+        return hidden_states + self._adapted("down_proj", mlp.down_proj, product)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -109,8 +172,11 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
                 prompt = prompt + mm["mm_visual_prompts"].to(x.dtype)
             # Under the autocast of a half-precision base (pill.set_compute_dtype) the tuned fp32 norm gives fp32 x
             # while the projections give half precision: the attention inputs all follow q.
+            # The prompts' keys and values come from the frozen projections alone (no LoRA, no RoPE), as the seed.
             prompt_k = attn.k_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
             prompt_v = attn.v_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
+            if hasattr(self, "pill_new_gate"):  # V2.1 scales the whole prompt branch, which is linear in V_p
+                prompt_v = prompt_v * self.pill_new_gate.to(prompt_v.dtype)
             with self._attention_precision(q) as cast:
                 attn_out = pk.gated_attention(
                     cast(q), cast(k), cast(v),
@@ -122,7 +188,7 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:
             attn_out = self._standard_attention(q, k, v, attention_mask, kwargs)
-        h = residual + self.self_attn.o_proj(attn_out)
+        h = residual + self._adapted("o_proj", self.self_attn.o_proj, attn_out)
         return self._feed_forward(h)
 
 
@@ -156,17 +222,19 @@ class LlamaAdapterV2Multimodal(MultimodalAdapter):
         if image_features.dim() != 3 or image_features.shape[-1] != self.vision_dim:
             raise ValueError(f"image_features must have shape [B, tokens, C={self.vision_dim}] (one image per "
                              f"sequence for LLaMA-Adapter V2), got {tuple(image_features.shape)}")
-        prompts = self.projector(image_features.to(self.projector_dtype()))
+        prompts = self.project(image_features)
         if sequence_modality is not None:  # text-only rows get no visual prompt
             prompts = prompts * sequence_modality.to(prompts.dtype)[:, None, None]
         return prompts
 
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
+        fine_tuned = (".pill_lora.", ".pill_new_gate")  # V2.1's additions train with the biases and norms
         if stage == 1:  # gates, visual projector, adaption prompts (the seed's pretrain phase)
-            return parameters_where(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
+            return parameters_where(model, lambda n: n.startswith("multimodal.") or (
+                ".pill_" in n and not any(part in n for part in fine_tuned)))
         tuned = set(self.tuned_bias_names)
-        return parameters_where(model, lambda n: n in tuned or (self.config.norm_tuning and "norm.weight" in n
-                                                                and not n.startswith("multimodal.")))
+        return parameters_where(model, lambda n: n in tuned or any(part in n for part in fine_tuned) or (
+            self.config.norm_tuning and "norm.weight" in n and not n.startswith("multimodal.")))
 
 
 def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *, vision_dim: int,
@@ -196,6 +264,130 @@ def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *
     return attach_method(model, multimodal, vision_encoder)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The seed's released checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+# timm's Block (the seed's visual blocks) -> nn.TransformerEncoderLayer(norm_first=True, gelu): same equations,
+# qkv stacked in the same q, k, v order.
+_SEED_VISUAL_BLOCK = {"norm1": "norm1", "attn.qkv": "self_attn.in_proj", "attn.proj": "self_attn.out_proj",
+                      "norm2": "norm2", "mlp.fc1": "linear1", "mlp.fc2": "linear2"}
+# The seed's tuned biases and norms per layer (Meta names) -> transformers' names.
+_SEED_LAYER_BIASES = {"attention.wq.bias": "self_attn.q_proj.bias", "attention.wo.bias": "self_attn.o_proj.bias",
+                      "feed_forward.w1.bias": "mlp.gate_proj.bias", "feed_forward.w3.bias": "mlp.up_proj.bias",
+                      "feed_forward.w2.bias": "mlp.down_proj.bias"}
+_SEED_LAYER_NORMS = {"attention_norm.weight": "input_layernorm.weight",
+                     "ffn_norm.weight": "post_attention_layernorm.weight"}
+# Output rows of these LoRA up-projections live in q / k space: Meta's RoPE order, permuted as wq / wk are.
+_SEED_LORA_ROPE_ROWS = ("q_proj", "k_proj")
+
+
+def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_id: int | None) -> SeedConversion:
+    """A released LLaMA-Adapter V2 multimodal checkpoint (BIAS-7B, CAPTION-7B, LORA-BIAS-7B, LORA-BIAS-7B-v21)
+    as this project's adapter.
+
+    Mapping: the CLIP projection, its norm, the learned visual queries, the timm visual blocks and the output
+    projection and norm onto `VisualPromptProjector`; ``adapter_query`` [layers x K, D] onto each prompted
+    layer's prompt (the last `layers` layers, in order); each prompted layer's ``attention.gate`` [1, H, 1, 1]
+    onto its per-head gate (layer 0's, which the seed never uses, is dropped); the tuned biases and norms onto
+    transformers' names, with ``wq.bias`` permuted from Meta's interleaved RoPE order into transformers' (as
+    transformers' converter does with ``wq``). V2.1's LoRA pairs ``lora_w*_l1`` / ``_l2`` become each projection's
+    A / B (the rows of the q and k up-projections permuted likewise), its ``new_gate`` the prompt branch's scalar
+    gate. The number of visual heads cannot be read off the shapes: the seed's 16 unless ``visual_heads`` is
+    given."""
+    hidden, layers, heads = base.hidden_size, base.num_hidden_layers, base.num_attention_heads
+    ffn = base.intermediate_size
+    lora = keys.shape("llama.layers.0.attention.lora_wq_l1.weight")
+    new_gate = bool(keys.matching(r"llama\.layers\.\d+\.attention\.new_gate"))
+    queries = keys.shape("visual_query.weight")
+    prompt_len, vision_dim = queries if queries else (10, 768)
+    blocks = len(layer_indices(keys, r"visual_blocks\.(\d+)\..*"))
+    prompts = keys.shape("adapter_query.weight")
+    prompt_rows = prompts[0] if prompts else prompt_len * (layers - 1)
+    if prompt_rows % prompt_len or not 0 < prompt_rows // prompt_len <= layers:
+        raise SeedCheckpointError(f"{keys.where}: adapter_query.weight has {prompt_rows} rows, not a multiple of "
+                                  f"the {prompt_len} visual queries for at most {layers} layers")
+    prompt_layers = prompt_rows // prompt_len
+    settings = {"prompt_len": prompt_len, "visual_blocks": blocks, "visual_heads": 16, "bias_tuning": True,
+                "norm_tuning": True, "prompt_layers": None if prompt_layers == layers - 1 else prompt_layers,
+                "lora_rank": lora[0] if lora else 0, "new_gate": new_gate}
+    config = LlamaAdapterV2Config(**{**settings, **overrides})
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(name, tensor):
+        if tensor is not None:
+            tensors[name] = tensor.contiguous()
+
+    projector = "multimodal.projector"
+    for seed_name, ours in (("clip_proj", "clip_proj"), ("clip_proj_norm", "clip_norm")):
+        width = (vision_dim, vision_dim) if seed_name == "clip_proj" else (vision_dim,)
+        put(f"{projector}.{ours}.weight", keys.take(f"{seed_name}.weight", width))
+        put(f"{projector}.{ours}.bias", keys.take(f"{seed_name}.bias", (vision_dim,)))
+    put(f"{projector}.queries", keys.take("visual_query.weight", (prompt_len, vision_dim)))
+    block_shapes = {"norm1": (vision_dim,), "attn.qkv": (3 * vision_dim, vision_dim), "attn.proj":
+                    (vision_dim, vision_dim), "norm2": (vision_dim,), "mlp.fc1": (4 * vision_dim, vision_dim),
+                    "mlp.fc2": (vision_dim, 4 * vision_dim)}
+    for b in range(blocks):
+        for seed_name, ours in _SEED_VISUAL_BLOCK.items():
+            weight = keys.take(f"visual_blocks.{b}.{seed_name}.weight", block_shapes[seed_name])
+            bias = keys.take(f"visual_blocks.{b}.{seed_name}.bias", (block_shapes[seed_name][0],))
+            if ours == "self_attn.in_proj":
+                put(f"{projector}.blocks.{b}.self_attn.in_proj_weight", weight)
+                put(f"{projector}.blocks.{b}.self_attn.in_proj_bias", bias)
+            else:
+                put(f"{projector}.blocks.{b}.{ours}.weight", weight)
+                put(f"{projector}.blocks.{b}.{ours}.bias", bias)
+    put(f"{projector}.out_proj.weight", keys.take("visual_proj.weight", (hidden, vision_dim)))
+    put(f"{projector}.out_proj.bias", keys.take("visual_proj.bias", (hidden,)))
+    put(f"{projector}.out_norm.weight", keys.take("visual_proj_norm.weight", (hidden,)))
+    put(f"{projector}.out_norm.bias", keys.take("visual_proj_norm.bias", (hidden,)))
+    adapter_query = keys.take("adapter_query.weight", (prompt_rows, hidden))
+    first_prompted = layers - prompt_layers
+    for i in range(layers):
+        layer = f"llama.layers.{i}"
+        ours = f"model.layers.{i}"
+        if i >= first_prompted:
+            if adapter_query is not None:
+                j = i - first_prompted
+                put(f"{ours}.pill_prompt", adapter_query[j * prompt_len:(j + 1) * prompt_len])
+            gate = keys.take(f"{layer}.attention.gate", (1, heads, 1, 1))
+            put(f"{ours}.pill_prompt_gate", None if gate is None else gate.reshape(heads))
+            if config.new_gate:
+                gate = keys.take(f"{layer}.attention.new_gate", (1, 1, 1, 1))
+                put(f"{ours}.pill_new_gate", None if gate is None else gate.reshape(1))
+        else:  # the seed creates the gates in every layer and uses them in prompted ones only
+            for unused in ("gate", "new_gate"):
+                if keys.has(f"{layer}.attention.{unused}"):
+                    keys.skip(f"{layer}.attention.{unused}")
+        if config.lora_rank:
+            r = config.lora_rank
+            for name, seed_name in LORA_TARGETS.items():
+                in_width = ffn if name == "down_proj" else hidden
+                out_width = ffn if name in ("gate_proj", "up_proj") else hidden
+                put(f"{ours}.pill_lora.{name}.lora_a", keys.take(f"{layer}.{seed_name}_l1.weight", (r, in_width)))
+                up = keys.take(f"{layer}.{seed_name}_l2.weight", (out_width, r))
+                if up is not None and name in _SEED_LORA_ROPE_ROWS:
+                    up = rope_rows_to_hf(up, heads)
+                put(f"{ours}.pill_lora.{name}.lora_b", up)
+        for seed_name, name in _SEED_LAYER_BIASES.items():
+            width = ffn if seed_name in ("feed_forward.w1.bias", "feed_forward.w3.bias") else hidden
+            bias = keys.take(f"{layer}.{seed_name}", (width,))
+            if bias is not None and seed_name == "attention.wq.bias":
+                bias = rope_rows_to_hf(bias, heads)
+            put(f"{ours}.{name}", bias)
+        for seed_name, name in _SEED_LAYER_NORMS.items():
+            put(f"{ours}.{name}", keys.take(f"{layer}.{seed_name}", (hidden,)))
+    put("model.norm.weight", keys.take("llama.norm.weight", (hidden,)))
+    keys.finish()
+    notes = [f"{prompt_layers} prompted layers x {prompt_len} prompts, {blocks} visual blocks of "
+             f"{config.visual_heads} heads (not in the file: the seed's 16 unless visual_heads is given), vision "
+             f"width {vision_dim} (CLIP ViT-L/14: all 257 tokens after post_layernorm and the projection)"]
+    if config.lora_rank:
+        notes.append(f"LLaMA-Adapter V2.1: LoRA rank {config.lora_rank} on q, k, v, o and the FFN"
+                     + (", new_gate" if config.new_gate else ""))
+    return SeedConversion(config, vision_dim, None, tensors, notes)
+
+
 def _inject_from_registry(model, config=None, *, vision_dim: int, image_token_id=None, vision_encoder=None):
     if image_token_id is not None:
         raise ValueError("LLaMA-Adapter V2 takes no image_token_id: its images enter through the visual prompts")
@@ -211,4 +403,5 @@ METHOD = Method(
     # init) and its stage 2 cannot touch them, so the budget goes to stage 1; stage 2 only learns the answer
     # format. Measured held-out accuracy: 50 + 140 steps 23%, 120 + 140 steps 51%, 260 + 40 steps 79.3%.
     demo_settings={"stage1_lr": 2e-3, "stage2_lr": 2e-3, "stage1_steps": 280, "stage2_steps": 40},
+    convert_seed=convert_seed_checkpoint,
 )

@@ -14,6 +14,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..seed_format import SeedConversion, SeedKeys
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    image_mask, key_padding_from_attention_mask, parameters_where, pop_multimodal, rms_norm_args,
                    swap_layers)
@@ -234,8 +235,60 @@ def inject_pill(model, config: PillConfig | None = None, *, vision_dim: int, ima
     return attach_method(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The seed's released checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+# The seed adds "<image_placeholder>" to the Llama-2 tokenizer as id 32000 (its embedding table keeps 32000 rows).
+SEED_IMAGE_TOKEN_ID = 32000
+# The seed's GLU adapters, as nn.Linear modules ([out, in] weights), and the expert each becomes here.
+_SEED_GLU = {"adapter_attn": ("pill_attn_adapter", "attn"), "vis_adapter_ffn": ("pill_ffn_experts", "visual"),
+             "txt_adapter_ffn": ("pill_ffn_experts", "text")}
+
+
+def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_id: int | None) -> SeedConversion:
+    """PILL's training checkpoint (``layers.{i}.{adapter_attn,vis_adapter_ffn,txt_adapter_ffn}.{down_sampler,
+    down_sampler_gate,up_sampler}.weight``, ``layers.{i}.attention.vis_adapter_gate.weight``,
+    ``vis_adapter_proj.weight``) as this project's PILL adapter. The seed's nn.Linear weights are [out, in];
+    the GLU matrices here are [in, out], so every adapter matrix is transposed. Nothing lives in q/k space (MAG
+    scales the values), so nothing is permuted. The bottleneck, the vision width and the gate's heads are read
+    off the shapes."""
+    hidden, layers = base.hidden_size, base.num_hidden_layers
+    down = keys.shape("layers.0.adapter_attn.down_sampler.weight")
+    rank = down[0] if down else 32
+    projector = keys.shape("vis_adapter_proj.weight")
+    vision_dim = projector[1] if projector else 0
+    gate = keys.shape("layers.0.attention.vis_adapter_gate.weight")
+    gate_heads = gate[0] if gate else base.num_key_value_heads
+    kv_heads = getattr(base, "num_key_value_heads", None) or base.num_attention_heads
+    gate_per = "kv_head" if gate_heads == kv_heads else "query_head"
+    config = PillConfig(**{"adapter_dim": rank, "gate_per": gate_per, "projector": "linear", **overrides})
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(name, tensor, transpose=False):
+        if tensor is not None:
+            tensors[name] = (tensor.t() if transpose else tensor).contiguous()
+
+    for i in range(layers):
+        for seed_name, (module, expert) in _SEED_GLU.items():
+            prefix = f"layers.{i}.{seed_name}"
+            ours = f"model.layers.{i}.{module}.experts.{expert}"
+            put(f"{ours}.w_down", keys.take(f"{prefix}.down_sampler.weight", (rank, hidden)), transpose=True)
+            put(f"{ours}.w_gate", keys.take(f"{prefix}.down_sampler_gate.weight", (rank, hidden)), transpose=True)
+            put(f"{ours}.w_up", keys.take(f"{prefix}.up_sampler.weight", (hidden, rank)), transpose=True)
+        put(f"model.layers.{i}.pill_value_gate.weight",
+            keys.take(f"layers.{i}.attention.vis_adapter_gate.weight", (gate_heads, hidden)), transpose=True)
+    put("multimodal.projector.proj.weight", keys.take("vis_adapter_proj.weight", (hidden, vision_dim)))
+    keys.finish()
+    notes = [f"adapter_dim {rank}, MAG gates per {'key/value' if gate_per == 'kv_head' else 'query'} head "
+             f"({gate_heads}), vision width {vision_dim} (BLIP-2 Q-Former queries)"]
+    return SeedConversion(config, vision_dim, SEED_IMAGE_TOKEN_ID if image_token_id is None else image_token_id,
+                          tensors, notes)
+
+
 METHOD = Method(
     name="pill", config_class=PillConfig, inject=inject_pill, image_placeholders=True,
     # A 16-wide bottleneck fits the demo's 135M model and CPU budget (the seed's 32 is for 7B).
     demo_config={"adapter_dim": 16},
+    convert_seed=convert_seed_checkpoint,
 )

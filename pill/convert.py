@@ -1,0 +1,89 @@
+"""`pill convert`: a seed repository's released checkpoint as this project's adapter directory.
+
+    convert_seed_checkpoint("llama_adapter_v2", "BIAS-7B.pth", base="llama-7b-hf", output="adapters/bias-7b")
+
+reads the seed's pickle safely (`pill.seed_format`), maps every tensor onto this project's parameter names with
+the method's own converter (`convert_seed_checkpoint` in `pill/methods/<method>.py`), checks the result
+against the method injected into the base model's shape (built on the meta device: no weights are loaded),
+and writes ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``pill_run.json`` naming the base and
+the vision encoder when given) atomically: nothing is written unless the whole conversion succeeds. The
+adapter then loads with `pill.load_pretrained_adapter(LlamaForCausalLM.from_pretrained(base), output)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .seed_format import SeedCheckpointError, SeedKeys, load_seed_checkpoint, seed_state_dict
+
+
+def _base_config(base):
+    """A transformers LlamaConfig from `base`: a LlamaConfig, or an HF checkpoint directory / its config.json."""
+    from transformers import LlamaConfig
+
+    if isinstance(base, LlamaConfig):
+        return base
+    path = Path(base)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise FileNotFoundError(f"base: no Hugging Face LLaMA config at {config_file} (pass the directory of a "
+                                f"transformers LlamaForCausalLM checkpoint; for Meta-format weights, convert them "
+                                f"first: see docs/convert.md)")
+    config = LlamaConfig.from_json_file(str(config_file))
+    if getattr(config, "model_type", "llama") != "llama":
+        raise ValueError(f"base: {config_file} is a {config.model_type!r} model, not 'llama'")
+    return config
+
+
+def convert_seed_checkpoint(method: str, checkpoint: str | os.PathLike, base, output: str | os.PathLike, *,
+                            trust_pickle: bool = False, method_config: dict | None = None,
+                            image_token_id: int | None = None, vision: dict | None = None,
+                            prompt: dict | None = None) -> dict:
+    """Convert `checkpoint` (the `method` seed's released `.pth`) for the LLaMA base `base` (an HF directory or a
+    LlamaConfig) into the adapter directory `output`. `method_config`: fields the file cannot tell (LLaMA-Adapter
+    V2's ``visual_heads``, LaVIN's ``temperature``; LaVIN's ``skip_vision_routers``). `vision` / `prompt`: the
+    run record's vision encoder and prompt (`pill.recipe`), so that `pill eval` / `pill generate` need only the
+    adapter directory. Returns a summary (method, config, tensors, parameters, notes)."""
+    from transformers import LlamaForCausalLM
+
+    from .checkpoint import save_adapter
+    from .methods import get_method
+    from .model import adapter_parameters, set_stage
+    from .recipe import RUN_RECORD
+
+    spec = get_method(method, where="method")
+    if spec.convert_seed is None:
+        raise ValueError(f"method {method!r} has no seed checkpoint converter")
+    config = _base_config(base)
+    where = str(checkpoint)
+    state = seed_state_dict(load_seed_checkpoint(checkpoint, trust_pickle=trust_pickle), where)
+    conversion = spec.convert_seed(SeedKeys(state, where), config, dict(method_config or {}), image_token_id)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+        model = spec.inject(model, conversion.config, vision_dim=conversion.vision_dim,
+                            image_token_id=conversion.image_token_id)
+    set_stage(model, conversion.config.stages[-1])  # the released models are used as trained to the end
+    expected = {name: tuple(p.shape) for name, p in adapter_parameters(model).items()}
+    got = {name: tuple(t.shape) for name, t in conversion.tensors.items()}
+    if expected != got:  # a converter bug, or a config override that changes the shapes
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shapes = sorted(f"{n}: converted {got[n]}, model {expected[n]}" for n in set(got) & set(expected)
+                        if got[n] != expected[n])
+        raise SeedCheckpointError(f"{where}: the converted tensors do not fit {method} on this base: missing "
+                                  f"{missing[:8]}, unexpected {extra[:8]}, shapes {shapes[:8]}")
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in conversion.tensors.items()}
+    metadata = {"converted_from": {"method": method, "checkpoint": Path(checkpoint).name}}
+    extra = {}
+    if vision is not None or prompt is not None or not isinstance(base, type(config)):
+        llm = None if isinstance(base, type(config)) else str(Path(base).resolve())
+        record = {"llm": llm, "vision": vision, "prompt": prompt or {}, "cache_dir": None}
+        extra[RUN_RECORD] = json.dumps(record, indent=2)
+    target = save_adapter(model, output, metadata=metadata, tensors=tensors, extra_files=extra)
+    return {"method": method, "output": str(target), "config": conversion.config.to_dict(),
+            "vision_dim": conversion.vision_dim, "image_token_id": conversion.image_token_id,
+            "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
+            "notes": conversion.notes}
