@@ -27,6 +27,8 @@ def _base_config(base):
     if isinstance(base, LlamaConfig):
         return base
     path = Path(base)
+    if path.is_dir() and (path / "params.json").is_file() and list(path.glob("consolidated.*.pth")):
+        raise SeedCheckpointError(meta_base_instructions(path))
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise FileNotFoundError(f"base: no Hugging Face LLaMA config at {config_file} (pass the directory of a "
@@ -36,6 +38,29 @@ def _base_config(base):
     if getattr(config, "model_type", "llama") != "llama":
         raise ValueError(f"base: {config_file} is a {config.model_type!r} model, not 'llama'")
     return config
+
+
+# Meta's widths per model size, as transformers' converter names the sizes.
+_META_SIZES = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B"}
+
+
+def meta_base_instructions(path: Path) -> str:
+    """What to run to turn a Meta-format LLaMA directory into the Hugging Face checkpoint `--base` needs.
+    transformers' own converter does it, but transformers' wheels leave its conversion scripts out, so it is
+    named rather than called (and not re-implemented here)."""
+    from .files import read_json
+
+    params = read_json(path / "params.json", "Meta LLaMA parameters")
+    size = _META_SIZES.get(params.get("dim"), "<7B|13B|30B|65B>")
+    # LLaMA-2 checkpoints use norm_eps 1e-5, LLaMA-1 1e-6.
+    version = "2" if params.get("norm_eps") == 1e-5 else "1"
+    return (f"base: {path} is a Meta-format LLaMA (params.json + consolidated.*.pth); convert it to a Hugging Face "
+            f"checkpoint first with transformers' LLaMA converter, "
+            f"src/transformers/models/llama/convert_llama_weights_to_hf.py in transformers' source repository "
+            f"(installed transformers wheels do not ship it), then pass the output as --base:\n"
+            f"  python convert_llama_weights_to_hf.py --input_dir {path} --model_size {size} "
+            f"--llama_version {version} --output_dir {path}-hf\n"
+            f"(it reads {path / 'tokenizer.model'}; put Meta's tokenizer.model there if it is beside the directory)")
 
 
 def convert_seed_checkpoint(method: str, checkpoint: str | os.PathLike, base, output: str | os.PathLike, *,

@@ -145,14 +145,18 @@ def pick_threads(candidates=None, dtype: torch.dtype = torch.float32) -> int:
 
 @dataclass
 class ThreadWatch:
-    """Re-picks the thread count during a run when steps slow down: a phase that started while the machine was
-    busy (or became busy) would otherwise keep a bad choice for its whole length. Checking costs nothing per
-    step (one clock read); re-timing (about 0.1-0.5 s) happens only after `patience` consecutive steps slower
-    than `slowdown` times the fastest step seen since the last choice, and at most every `min_gap` steps."""
+    """Re-picks the thread count during a run: a phase that started while the machine was busy (or became busy)
+    would otherwise keep a bad choice for its whole length. Checking costs nothing per step (one clock read);
+    re-timing (about 0.1-0.5 s) happens after `patience` consecutive steps slower than `slowdown` times the
+    fastest step seen since the last choice (at most every `min_gap` steps), and every `every` steps whatever the
+    step times say: a choice of fewer threads made while another process was busy makes every later step
+    slower, so the steps never look slow against the new baseline, and only a periodic re-timing finds out that
+    the other process has gone (seen: a demo phase kept 1 thread for its whole length after a 20 s install)."""
 
     slowdown: float = 1.5
     patience: int = 3
     min_gap: int = 10
+    every: int | None = 50
     dtype: torch.dtype = torch.float32
     rechecks: int = 0
     changes: int = 0
@@ -173,14 +177,16 @@ class ThreadWatch:
         self._since += 1
         self._best = min(self._best, elapsed)
         self._slow = self._slow + 1 if elapsed > self.slowdown * self._best else 0
-        if self._slow >= self.patience and self._since >= self.min_gap:
+        slowed = self._slow >= self.patience and self._since >= self.min_gap
+        if slowed or (self.every is not None and self._since >= self.every):
             before = torch.get_num_threads()
             after = pick_threads(dtype=self.dtype)
             self.rechecks += 1
             if after != before:
                 self.changes += 1
                 if say is not None:
-                    say(f"[threads] steps slowed to {elapsed:.2f} s (best {self._best:.2f} s): {before} -> {after} "
-                        f"threads")
+                    why = (f"steps slowed to {elapsed:.2f} s (best {self._best:.2f} s)" if slowed else
+                           f"periodic re-check after {self._since} steps")
+                    say(f"[threads] {why}: {before} -> {after} threads")
             self._best, self._slow, self._since = float("inf"), 0, 0
             self._last = time.perf_counter()

@@ -107,7 +107,7 @@ def load_examples(config: dict, split: str):
 
 def vision_spec(config: dict) -> dict:
     spec = dict(config.get("vision") or {"type": "efficientnet-lite0"})
-    if spec.get("type") == "hf" and "path" in spec:
+    if spec.get("type") in ("hf", "blip2-qformer") and "path" in spec:
         spec["path"] = relative_path(config, spec["path"])
     return spec
 

@@ -197,9 +197,86 @@ class HFVisionEncoder:
         return torch.cat(outs)
 
 
-def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder:
+class Blip2QFormerEncoder:
+    """BLIP-2's frozen image path up to the Q-Former, from a local BLIP-2 checkpoint directory (safetensors, e.g.
+    Salesforce/blip2-flan-t5-xxl): the ViT-g with its final layernorm (LAVIS's ``ln_vision``), then the Q-Former's
+    learned queries cross-attending to the patches. Features [N, num_query_tokens, qformer width]: 32 x 768 for
+    BLIP-2, the input PILL's projector expects. Only ``vision_model.*``, ``qformer.*`` and ``query_tokens`` are
+    read; the language model is never built or loaded (for FlanT5-XXL that is most of the file)."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = 32, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from safetensors import safe_open
+        from transformers import Blip2Config
+        from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"vision encoder: {path} is not a Hugging Face checkpoint directory "
+                                    f"(no config.json)")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"vision encoder: no *.safetensors weights in {path}; only safetensors is loaded")
+        config = Blip2Config.from_pretrained(str(path))
+        if getattr(config, "model_type", None) != "blip-2":
+            raise ValueError(f"vision encoder {path}: type blip2-qformer needs a BLIP-2 checkpoint, got model_type "
+                             f"{getattr(config, 'model_type', None)!r}")
+        self.vision = Blip2VisionModel(config.vision_config)
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.query_tokens = torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
+        parts = {"vision_model.": self.vision, "qformer.": self.qformer}
+        states: dict[str, dict] = {prefix: {} for prefix in parts}
+        found_queries = False
+        for file in weights:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key == "query_tokens":
+                        self.query_tokens = f.get_tensor(key)
+                        found_queries = True
+                    for prefix in parts:
+                        if key.startswith(prefix):
+                            states[prefix][key[len(prefix):]] = f.get_tensor(key)
+        missing = [] if found_queries else ["query_tokens"]
+        for prefix, module in parts.items():
+            result = module.load_state_dict(states[prefix], strict=False)
+            missing += [prefix + k for k in result.missing_keys]
+        if missing:
+            raise ValueError(f"vision encoder {path}: the BLIP-2 checkpoint lacks {len(missing)} tensor(s) of the "
+                             f"vision model and Q-Former, e.g. {missing[:4]}")
+        for module in parts.values():
+            module.to(device, dtype).eval().requires_grad_(False)
+        self.query_tokens = self.query_tokens.to(device, dtype)
+        self.processor = _image_processor(path)
+        self.feature_dim = config.qformer_config.hidden_size
+        self.num_tokens = config.num_query_tokens
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        ident = json.dumps([str(path.resolve()), [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]])
+        self.key = f"blip2-qformer-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
+        return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.vision(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
+        queries = self.query_tokens.expand(patches.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=patches,
+                           encoder_attention_mask=torch.ones(patches.shape[:-1], dtype=torch.long,
+                                                             device=patches.device))
+        return out.last_hidden_state.float().contiguous()
+
+    def encode(self, images: Sequence) -> torch.Tensor:
+        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
+                for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs)
+
+
+def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder | Blip2QFormerEncoder:
     """An encoder from a config mapping: {"type": "efficientnet-lite0", "image_size", "grid"} or
-    {"type": "hf", "path", "feature_layer", "drop_cls", "projected"}."""
+    {"type": "hf", "path", "feature_layer", "drop_cls", "projected"} or {"type": "blip2-qformer", "path"}."""
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "efficientnet-lite0":
@@ -209,7 +286,11 @@ def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder:
             raise ValueError("vision: type 'hf' needs path (a local Hugging Face vision model directory)")
         return HFVisionEncoder(**_only(spec, {"path", "feature_layer", "drop_cls", "batch_size", "projected"},
                                        "vision"))
-    raise ValueError(f"vision.type must be 'efficientnet-lite0' or 'hf', got {kind!r}")
+    if kind == "blip2-qformer":
+        if "path" not in spec:
+            raise ValueError("vision: type 'blip2-qformer' needs path (a local BLIP-2 checkpoint directory)")
+        return Blip2QFormerEncoder(**_only(spec, {"path", "batch_size"}, "vision"))
+    raise ValueError(f"vision.type must be 'efficientnet-lite0', 'hf' or 'blip2-qformer', got {kind!r}")
 
 
 def _only(spec: dict, allowed: set, where: str) -> dict:

@@ -354,3 +354,72 @@ def test_llama_adapter_v2_clip_path_is_the_seeds(tmp_path):
     torch.testing.assert_close(encoder.encode(images), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="feature_layer must be -1"):
         build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "projected": True, "feature_layer": -2})
+
+
+@pytest.mark.parametrize("name", ["pill_stage1_cc595k", "pill_stage2_scienceqa", "lavin_7b_scienceqa",
+                                  "llama_adapter_v2_scienceqa"])
+def test_the_reproduction_recipes_are_valid_run_configs(name):
+    """examples/reproduce/*.yaml pass the run config's key checks, their train sections and method configs build,
+    and the learning rate the seed's rule gives is the seed's (blr x effective batch / 256)."""
+    from pathlib import Path
+
+    from pill.recipe import load_run_config
+    from pill.trainer import TrainConfig
+
+    config = load_run_config(Path(__file__).resolve().parents[1] / "examples" / "reproduce" / f"{name}.yaml")
+    method = pill.methods.get_method(config["method"])
+    method.config_class.from_dict(config.get("method_config") or {})
+    train = TrainConfig.from_dict(config["train"])
+    seed_lr = {"pill_stage1_cc595k": 5e-4, "pill_stage2_scienceqa": 2.5e-4, "lavin_7b_scienceqa": 1.125e-3,
+               "llama_adapter_v2_scienceqa": 1.25e-4}[name]
+    assert train.blr * train.batch_size * train.grad_accum / 256 == pytest.approx(seed_lr)
+
+
+def test_a_meta_format_base_is_answered_with_the_command_to_run(base, tmp_path):
+    """--base pointing at Meta's params.json + consolidated.00.pth says exactly which converter to run, for which
+    size and version, and writes nothing."""
+    path, model, _ = base
+    meta_dir = tmp_path / "llama-2-7b"
+    meta_dir.mkdir()
+    (meta_dir / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32,
+                                                      "norm_eps": 1e-5, "vocab_size": -1}))
+    (meta_dir / "consolidated.00.pth").write_bytes(b"")
+    checkpoint = save_seed(tmp_path, pill_checkpoint(model.config, VISION_DIM))
+    with pytest.raises(SeedCheckpointError, match=r"convert_llama_weights_to_hf\.py --input_dir .*llama-2-7b "
+                                                  r"--model_size 7B --llama_version 2 --output_dir"):
+        convert_seed_checkpoint("pill", checkpoint, meta_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pill_vision_side_blip2_qformer_gives_the_query_tokens(tmp_path):
+    """`vision: {type: blip2-qformer}` on a local BLIP-2 checkpoint gives transformers' own Q-Former output (the
+    full Blip2Model's get_qformer_features, language model included) while reading only the vision model, the
+    Q-Former and the queries: [N, num_query_tokens, qformer width], PILL's projector input."""
+    import numpy as np
+    from transformers import BlipImageProcessor, Blip2Config, Blip2Model
+
+    from pill.vision import build_encoder
+
+    torch.manual_seed(0)
+    config = Blip2Config(vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                        "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+                         qformer_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+                                         "num_attention_heads": 2, "cross_attention_frequency": 2},
+                         text_config={"model_type": "opt", "hidden_size": 8, "ffn_dim": 16, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "vocab_size": 50, "word_embed_proj_dim": 8},
+                         num_query_tokens=6)
+    blip2 = Blip2Model(config).eval()
+    with torch.no_grad():
+        blip2.query_tokens.normal_()  # transformers may initialise them to zero, which would hide a loading bug
+    blip2.save_pretrained(tmp_path / "blip2", safe_serialization=True)
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "blip2")
+    encoder = build_encoder({"type": "blip2-qformer", "path": str(tmp_path / "blip2")})
+    assert encoder.feature_dim == 24 and encoder.num_tokens == 6
+    images = [np.random.rand(40, 30, 3).astype(np.float32) for _ in range(3)]
+    reference = Blip2Model.from_pretrained(tmp_path / "blip2").eval()
+    with torch.no_grad():
+        expected = reference.get_qformer_features(pixel_values=encoder.preprocess(images))
+    expected = getattr(expected, "last_hidden_state", expected)
+    got = encoder.encode(images)
+    assert got.shape == (3, 6, 24)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -107,12 +107,38 @@ def test_a_resumed_run_keeps_the_dtype_it_started_with(tmp_path, monkeypatch):
     assert pill.compute_dtype(resumed) == torch.bfloat16 and "resumed" in trainer.dtype_reason
 
 
+def test_the_thread_watch_also_rechecks_periodically_so_a_choice_made_under_load_does_not_stick(monkeypatch):
+    """A phase re-timed to 1 thread while another process was busy runs uniformly slower afterwards: no step
+    looks slow against the new baseline, so only the periodic re-check (every `every` steps) brings the second
+    core back once the load has gone."""
+    clock = [0.0]
+    threads = iter([1, 2])  # the re-check under load picks 1; the periodic one, after the load, picks 2
+    picks = []
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(machine, "pick_threads", lambda dtype=None: picks.append(clock[0]) or next(threads))
+    monkeypatch.setattr(machine.torch, "get_num_threads", lambda: 2 if len(picks) != 1 else 1)
+    watch = machine.ThreadWatch(slowdown=1.5, patience=3, min_gap=5, every=20)
+    said = []
+
+    def steps(seconds):
+        for s in seconds:
+            clock[0] += s
+            watch.step(say=said.append)
+
+    steps([0.0] + [1.0] * 6 + [4.0] * 3)  # load arrives: three slow steps -> re-timed, 1 thread chosen
+    assert len(picks) == 1 and watch.changes == 1
+    steps([1.6] * 19)  # 1 thread on a quiet machine: steady, nothing looks slow
+    assert len(picks) == 1
+    steps([1.6])  # the 20th step since the last choice: re-timed, back to 2 threads
+    assert len(picks) == 2 and watch.changes == 2 and "periodic re-check after 20 steps" in said[-1]
+
+
 def test_the_thread_watch_repicks_only_after_sustained_slow_steps(monkeypatch):
     clock = [0.0]
     picks = []
     monkeypatch.setattr(machine.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(machine, "pick_threads", lambda dtype=None: picks.append(clock[0]) or 1)
-    watch = machine.ThreadWatch(slowdown=1.5, patience=3, min_gap=5)
+    watch = machine.ThreadWatch(slowdown=1.5, patience=3, min_gap=5, every=None)
 
     def steps(seconds):
         for s in seconds:
