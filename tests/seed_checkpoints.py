@@ -114,7 +114,7 @@ def _randn(*shape, scale=0.2):
     return (torch.randn(*shape) * scale).float().double()
 
 
-LORA = {"attention.lora_wq": ("d", "d"), "attention.lora_wk": ("d", "d"), "attention.lora_wv": ("d", "d"),
+LORA = {"attention.lora_wq": ("d", "d"), "attention.lora_wk": ("d", "kv"), "attention.lora_wv": ("d", "kv"),
         "attention.lora_wo": ("d", "d"), "feed_forward.lora_w1": ("d", "ffn"), "feed_forward.lora_w2": ("ffn", "d"),
         "feed_forward.lora_w3": ("d", "ffn")}  # (in, out) widths
 
@@ -147,7 +147,8 @@ def llama_adapter_v2_checkpoint(config: LlamaConfig, vision_dim=16, prompt_len=3
                    p + "attention.wo.bias": _randn(d), p + "feed_forward.w1.bias": _randn(ffn),
                    p + "feed_forward.w3.bias": _randn(ffn), p + "feed_forward.w2.bias": _randn(d),
                    p + "attention_norm.weight": 1 + _randn(d), p + "ffn_norm.weight": 1 + _randn(d)})
-        widths = {"d": d, "ffn": ffn}
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        widths = {"d": d, "ffn": ffn, "kv": kv_heads * (d // heads)}
         for name, (fan_in, fan_out) in LORA.items() if lora_rank else ():
             sd[p + name + "_l1.weight"] = _randn(lora_rank, widths[fan_in])
             sd[p + name + "_l2.weight"] = _randn(widths[fan_out], lora_rank)

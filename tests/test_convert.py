@@ -423,3 +423,71 @@ def test_pill_vision_side_blip2_qformer_gives_the_query_tokens(tmp_path):
     got = encoder.encode(images)
     assert got.shape == (3, 6, 24)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+CLI_VARIANTS = {
+    "pill": ("pill", lambda c, v: pill_checkpoint(c, v), {"feature_layer": -1}, {}),
+    "lavin": ("lavin", lambda c, v: lavin_checkpoint(c, v), {"feature_layer": -1}, {"temperature": 5.0}),
+    "BIAS-7B": ("llama_adapter_v2", lambda c, v: llama_adapter_v2_checkpoint(c, v), {"projected": True},
+                {"visual_heads": 4}),
+    "LORA-BIAS-7B-v21": ("llama_adapter_v2", lambda c, v: llama_adapter_v2_checkpoint(c, v, lora_rank=2,
+                                                                                      new_gate=True),
+                         {"projected": True}, {"visual_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("variant", list(CLI_VARIANTS))
+def test_convert_then_pill_eval_and_pill_generate_on_image_files(tmp_path, capsys, variant):
+    """What a user of a released model runs: `pill convert` (with the vision encoder and prompt to record),
+    then `pill eval` on a config that names only the data, and `pill generate` on a PNG, whose answer is the
+    greedy full-recompute loop's. A tiny LLaMA with GQA and a tokenizer, a tiny CLIP checkpoint."""
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, LlamaConfig
+
+    from test_cli import _greedy_answer_of_saved_adapter
+    from trainer_testing import save_tiny_llm
+
+    method, make_checkpoint, vision_options, method_config = CLI_VARIANTS[variant]
+    save_tiny_llm(tmp_path / "llm")
+    clip_config = CLIPConfig(text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                                          "num_attention_heads": 2},
+                             vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                            "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+                             projection_dim=12)
+    CLIPModel(clip_config).save_pretrained(tmp_path / "clip", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    vision = {"type": "hf", "path": str(tmp_path / "clip"), **vision_options}
+    vision_dim = 12 if vision_options.get("projected") else 16
+    torch.manual_seed(4)
+    state = make_checkpoint(LlamaConfig.from_pretrained(tmp_path / "llm"), vision_dim)
+    checkpoint = save_seed(tmp_path, {k: v.float() for k, v in state.items()},
+                           wrapper="llama_adapter" if method == "llama_adapter_v2" else "training")
+    adapter = tmp_path / "adapter"
+    assert pill_main(["convert", "--method", method, "--checkpoint", str(checkpoint), "--base",
+                      str(tmp_path / "llm"), "--output", str(adapter), "--vision", json.dumps(vision),
+                      "--prompt", json.dumps({"format": "chat", "max_length": 128}),
+                      "--method-config", json.dumps(method_config)]) == 0, capsys.readouterr().err
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (name, rgb) in enumerate({"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220),
+                                     "white": (250, 250, 250)}.items()):
+        Image.new("RGB", (20, 20), rgb).save(tmp_path / "img" / f"{name}.png")
+        lines.append(json.dumps({"id": i, "image": f"img/{name}.png", "choices": ["red", "green"], "answer": "A",
+                                 "conversations": [{"from": "human", "value": "<image>\nColour? (A) red (B) green"},
+                                                   {"from": "gpt", "value": "The answer is A."}]}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "data": {"eval": {"type": "conversations", "path": "data.jsonl"}}, "eval": {"batch_size": 4,
+                                                                                  "max_new_tokens": 6},
+        "cache_dir": "cache"}))
+    capsys.readouterr()
+    assert pill_main(["eval", str(tmp_path / "eval.json"), "--adapter", str(adapter), "--output",
+                      str(tmp_path / "result.json"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "result.json").read_text())["total"] == 4
+    capsys.readouterr()
+    image = tmp_path / "img" / "blue.png"
+    assert pill_main(["generate", "--adapter", str(adapter), "--image", str(image), "--question", "Colour?",
+                      "--max-new-tokens", "6"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed[:-1] == _greedy_answer_of_saved_adapter(adapter, image, "Colour?", 6)

@@ -297,6 +297,9 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
     given."""
     hidden, layers, heads = base.hidden_size, base.num_hidden_layers, base.num_attention_heads
     ffn = base.intermediate_size
+    # The seeds' LLaMA-1/2-7B have as many key/value heads as query heads; a GQA base narrows k and v.
+    kv_heads = getattr(base, "num_key_value_heads", None) or heads
+    kv_width = kv_heads * (getattr(base, "head_dim", None) or hidden // heads)
     lora = keys.shape("llama.layers.0.attention.lora_wq_l1.weight")
     new_gate = bool(keys.matching(r"llama\.layers\.\d+\.attention\.new_gate"))
     queries = keys.shape("visual_query.weight")
@@ -363,11 +366,11 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
             r = config.lora_rank
             for name, seed_name in LORA_TARGETS.items():
                 in_width = ffn if name == "down_proj" else hidden
-                out_width = ffn if name in ("gate_proj", "up_proj") else hidden
+                out_width = {"gate_proj": ffn, "up_proj": ffn, "k_proj": kv_width, "v_proj": kv_width}.get(name, hidden)
                 put(f"{ours}.pill_lora.{name}.lora_a", keys.take(f"{layer}.{seed_name}_l1.weight", (r, in_width)))
                 up = keys.take(f"{layer}.{seed_name}_l2.weight", (out_width, r))
                 if up is not None and name in _SEED_LORA_ROPE_ROWS:
-                    up = rope_rows_to_hf(up, heads)
+                    up = rope_rows_to_hf(up, heads if name == "q_proj" else kv_heads)
                 put(f"{ours}.pill_lora.{name}.lora_b", up)
         for seed_name, name in _SEED_LAYER_BIASES.items():
             width = ffn if seed_name in ("feed_forward.w1.bias", "feed_forward.w3.bias") else hidden
