@@ -95,6 +95,14 @@ def _causal_attention(q, k, v, valid_keys=None, extra_blocked=None):
     return (probs @ v).transpose(1, 2)
 
 
+def _meta_qkv(meta, i, x, heads, positions, config):
+    """Layer i's q, k (Meta's rotary embedding applied) and v [B, S, H, hd] from the frozen Meta weights."""
+    bsz, s, d = x.shape
+    q, k, v = (_linear(x, meta[f"layers.{i}.attention.{w}.weight"]).view(bsz, s, heads, d // heads)
+               for w in ("wq", "wk", "wv"))
+    return _meta_rope(q, positions, _theta(config)), _meta_rope(k, positions, _theta(config)), v
+
+
 def _ffn(meta, i, x, biases=None):
     b = biases or {}
     w1 = _linear(x, meta[f"layers.{i}.feed_forward.w1.weight"], b.get("w1"))
@@ -273,18 +281,14 @@ def pill_meta_logits(meta, sd, config, ids, valid, image_token_id, q_features=No
         projected = _linear(q_features, sd["vis_adapter_proj.weight"]).reshape(-1, h.shape[-1])
         h = h.masked_scatter(image[..., None], projected)
     bsz, s, d = h.shape
-    hd = d // heads
     positions = _positions(valid)
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
         xn = _rms(h, meta[p + "attention_norm.weight"])
         a = xn + _pill_glu(sd, p + "adapter_attn.", xn)
-        q = _linear(a, meta[p + "attention.wq.weight"]).view(bsz, s, heads, hd)
-        k = _linear(a, meta[p + "attention.wk.weight"]).view(bsz, s, heads, hd)
-        v = _linear(a, meta[p + "attention.wv.weight"]).view(bsz, s, heads, hd)
+        q, k, v = _meta_qkv(meta, i, a, heads, positions, config)
         g = torch.tanh(_linear(a, sd[p + "attention.vis_adapter_gate.weight"]))  # [B, S, H]
         v = torch.where(image[..., None, None], g[..., None] * v, v)
-        q, k = _meta_rope(q, positions, _theta(config)), _meta_rope(k, positions, _theta(config))
         out = _causal_attention(q, k, v, valid)
         h = h + _linear(out.reshape(bsz, s, d), meta[p + "attention.wo.weight"])
         hn = _rms(h, meta[p + "ffn_norm.weight"])
@@ -329,7 +333,6 @@ def lavin_meta_logits(meta, sd, config, ids, valid, image_token_id, features=Non
     h = torch.cat([sd["adapter_modality_embedding.weight"][indicator][:, None], h], 1)
     valid = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
     bsz, s, d = h.shape
-    hd = d // heads
     positions = _positions(valid)
     blocked = torch.zeros(s, s, dtype=torch.bool)
     blocked[1:, 0] = True
@@ -342,10 +345,7 @@ def lavin_meta_logits(meta, sd, config, ids, valid, image_token_id, features=Non
         up_b = F.conv1d(z, sd[ap + "conv_B.weight"], sd[ap + "conv_B.bias"], groups=groups)
         up_d = F.conv1d(z, sd[ap + "conv_D.weight"], sd[ap + "conv_D.bias"], groups=groups)
         a = xn + (w[:, 0, None, None] * up_b + w[:, 1, None, None] * up_d).transpose(1, 2)
-        q = _linear(a, meta[p + "attention.wq.weight"]).view(bsz, s, heads, hd)
-        k = _linear(a, meta[p + "attention.wk.weight"]).view(bsz, s, heads, hd)
-        v = _linear(a, meta[p + "attention.wv.weight"]).view(bsz, s, heads, hd)
-        q, k = _meta_rope(q, positions, _theta(config)), _meta_rope(k, positions, _theta(config))
+        q, k, v = _meta_qkv(meta, i, a, heads, positions, config)
         out = _causal_attention(q, k, v, valid, blocked[None, None])
         h = h + _linear(out.reshape(bsz, s, d), meta[p + "attention.wo.weight"])
         h = h + _ffn(meta, i, _rms(h, meta[p + "ffn_norm.weight"]))
@@ -357,15 +357,10 @@ def meta_logits(meta, config, ids, valid):
     heads = config.num_attention_heads
     h = meta["tok_embeddings.weight"][ids]
     bsz, s, d = h.shape
-    hd = d // heads
     positions = _positions(valid)
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
-        x = _rms(h, meta[p + "attention_norm.weight"])
-        q = _linear(x, meta[p + "attention.wq.weight"]).view(bsz, s, heads, hd)
-        k = _linear(x, meta[p + "attention.wk.weight"]).view(bsz, s, heads, hd)
-        v = _linear(x, meta[p + "attention.wv.weight"]).view(bsz, s, heads, hd)
-        q, k = _meta_rope(q, positions, _theta(config)), _meta_rope(k, positions, _theta(config))
+        q, k, v = _meta_qkv(meta, i, _rms(h, meta[p + "attention_norm.weight"]), heads, positions, config)
         h = h + _linear(_causal_attention(q, k, v, valid).reshape(bsz, s, d), meta[p + "attention.wo.weight"])
         h = h + _ffn(meta, i, _rms(h, meta[p + "ffn_norm.weight"]))
     return _linear(_rms(h, meta["norm.weight"]), meta["output.weight"])

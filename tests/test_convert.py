@@ -303,6 +303,20 @@ def test_every_method_has_a_seed_converter():
     assert all(m.convert_seed is not None for m in pill.methods.METHODS.values())
 
 
+def save_tiny_clip(path):
+    """A CLIP checkpoint (vision tower 16 wide, 2 layers, 32 px images in 16 px patches, projection to 12) with
+    its image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    config = CLIPConfig(text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+                        projection_dim=12)
+    CLIPModel(config).save_pretrained(path, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+
+
 def _openai_clip_tokens(clip, pixels):
     """The seed's `clip_encode_image` (OpenAI CLIP's VisionTransformer with ln_post and proj on every token),
     written from its equations over a transformers CLIPModel's weights: patch convolution, class token and
@@ -332,19 +346,12 @@ def test_llama_adapter_v2_clip_path_is_the_seeds(tmp_path):
     """`vision: {type: hf, projected: true}` gives LLaMA-Adapter V2's image features: every token (CLS
     included) after the post-layernorm and the projection, equal to the seed's CLIP path written out here."""
     import numpy as np
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPModel
 
     from pill.vision import build_encoder
 
     torch.manual_seed(0)
-    config = CLIPConfig(text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-                                     "num_attention_heads": 2},
-                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-                        projection_dim=12)
-    CLIPModel(config).save_pretrained(tmp_path / "clip", safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tmp_path / "clip")
+    save_tiny_clip(tmp_path / "clip")
     encoder = build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "projected": True})
     assert encoder.feature_dim == 12 and encoder.num_tokens == 5  # (32/16)^2 patches and CLS, as 16^2 + 1 = 257
     images = [np.random.rand(40, 30, 3).astype(np.float32) for _ in range(2)]
@@ -442,21 +449,14 @@ def test_convert_then_pill_eval_and_pill_generate_on_image_files(tmp_path, capsy
     then `pill eval` on a config that names only the data, and `pill generate` on a PNG, whose answer is the
     greedy full-recompute loop's. A tiny LLaMA with GQA and a tokenizer, a tiny CLIP checkpoint."""
     from PIL import Image
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, LlamaConfig
+    from transformers import LlamaConfig
 
     from test_cli import _greedy_answer_of_saved_adapter
     from trainer_testing import save_tiny_llm
 
     method, make_checkpoint, vision_options, method_config = CLI_VARIANTS[variant]
     save_tiny_llm(tmp_path / "llm")
-    clip_config = CLIPConfig(text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-                                          "num_attention_heads": 2},
-                             vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                                            "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-                             projection_dim=12)
-    CLIPModel(clip_config).save_pretrained(tmp_path / "clip", safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tmp_path / "clip")
+    save_tiny_clip(tmp_path / "clip")
     vision = {"type": "hf", "path": str(tmp_path / "clip"), **vision_options}
     vision_dim = 12 if vision_options.get("projected") else 16
     torch.manual_seed(4)
