@@ -140,6 +140,15 @@ class SeedKeys:
             raise SeedCheckpointError(f"{self.where}: cannot convert:\n  " + "\n  ".join(problems))
 
 
+def build_method_config(config_class, inferred: dict, overrides: dict, where: str):
+    """The method config from what the checkpoint tells (`inferred`) and what the user gives (`overrides`, which
+    win); a bad field is an error naming it."""
+    try:
+        return config_class.from_dict({**inferred, **overrides})
+    except (ValueError, TypeError) as e:
+        raise SeedCheckpointError(f"{where}: method config (inferred {inferred}, given {overrides}): {e}") from None
+
+
 def _listing(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")

@@ -382,6 +382,15 @@ def test_the_reproduction_recipes_are_valid_run_configs(name):
     assert train.blr * train.batch_size * train.grad_accum / 256 == pytest.approx(seed_lr)
 
 
+def test_a_bad_method_config_field_is_named(base, tmp_path, capsys):
+    path, model, _ = base
+    checkpoint = save_seed(tmp_path, pill_checkpoint(model.config, VISION_DIM))
+    code = pill_main(["convert", "--method", "pill", "--checkpoint", str(checkpoint), "--base", str(path),
+                      "--output", str(tmp_path / "out"), "--method-config", '{"bottleneck": 8}'])
+    assert code == 2 and "unknown keys ['bottleneck']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_meta_format_base_is_answered_with_the_command_to_run(base, tmp_path):
     """--base pointing at Meta's params.json + consolidated.00.pth says exactly which converter to run, for which
     size and version, and writes nothing."""

@@ -15,7 +15,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
-from ..seed_format import SeedCheckpointError, SeedConversion, SeedKeys
+from ..seed_format import SeedCheckpointError, SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    parameters_where, pop_multimodal, rms_norm_args, swap_layers)
 
@@ -245,7 +245,7 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
                                       f"(width 4096 / 5120); this base is {hidden} wide: give the temperature")
         settings["temperature"] = _SEED_TEMPERATURE[hidden]
         notes.append(f"router temperature {settings['temperature']:g} (the seed's for width {hidden})")
-    config = LavinConfig(**{**settings, **overrides})
+    config = build_method_config(LavinConfig, settings, overrides, keys.where)
     tensors: dict[str, torch.Tensor] = {}
 
     def put(name, tensor, fn=lambda t: t):

@@ -15,7 +15,8 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
-from ..seed_format import SeedCheckpointError, SeedConversion, SeedKeys, layer_indices, rope_rows_to_hf
+from ..seed_format import (SeedCheckpointError, SeedConversion, SeedKeys, build_method_config, layer_indices,
+                           rope_rows_to_hf)
 from .base import (Method, MethodConfig, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    key_padding_from_attention_mask, parameters_where, pop_multimodal, swap_layers)
 
@@ -314,7 +315,7 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
     settings = {"prompt_len": prompt_len, "visual_blocks": blocks, "visual_heads": 16, "bias_tuning": True,
                 "norm_tuning": True, "prompt_layers": None if prompt_layers == layers - 1 else prompt_layers,
                 "lora_rank": lora[0] if lora else 0, "new_gate": new_gate}
-    config = LlamaAdapterV2Config(**{**settings, **overrides})
+    config = build_method_config(LlamaAdapterV2Config, settings, overrides, keys.where)
     tensors: dict[str, torch.Tensor] = {}
 
     def put(name, tensor):

@@ -14,7 +14,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
-from ..seed_format import SeedConversion, SeedKeys
+from ..seed_format import SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    image_mask, key_padding_from_attention_mask, parameters_where, pop_multimodal, rms_norm_args,
                    swap_layers)
@@ -262,7 +262,8 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
     gate_heads = gate[0] if gate else base.num_key_value_heads
     kv_heads = getattr(base, "num_key_value_heads", None) or base.num_attention_heads
     gate_per = "kv_head" if gate_heads == kv_heads else "query_head"
-    config = PillConfig(**{"adapter_dim": rank, "gate_per": gate_per, "projector": "linear", **overrides})
+    config = build_method_config(PillConfig, {"adapter_dim": rank, "gate_per": gate_per, "projector": "linear"},
+                                 overrides, keys.where)
     tensors: dict[str, torch.Tensor] = {}
 
     def put(name, tensor, transpose=False):
