@@ -55,9 +55,12 @@ def load_seed_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False)
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"the class {found.group(1)}" if found else "an object that is not a tensor or a container"
+        if not found:  # not a class outside the allow-list: a damaged or foreign file
+            reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(e), re.S)
+            raise SeedCheckpointError(f"{path}: not a readable torch checkpoint (the unpickler stopped: "
+                                      f"{reason.group(1).strip() if reason else e})") from None
         raise SeedCheckpointError(
-            f"{path}: refused to unpickle {what}: only tensors, containers and "
+            f"{path}: refused to unpickle the class {found.group(1)}: only tensors, containers and "
             f"{', '.join(c.__module__ + '.' + c.__qualname__ for c in ALLOWED_PICKLE_CLASSES)} are loaded from a "
             f"seed checkpoint. If you trust where this file comes from, pass --trust-pickle (trust_pickle=True): "
             f"unpickling can run code from the file") from None

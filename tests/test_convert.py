@@ -253,6 +253,21 @@ def test_a_pickle_with_a_class_outside_the_allow_list_is_refused_by_name(base, t
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x00garbage" * 50, r"not a readable torch checkpoint \(the unpickler stopped: Unsupported operand"),
+    ("truncated", r"not a readable torch checkpoint \(RuntimeError"),
+])
+def test_a_damaged_pickle_is_named_as_unreadable_not_as_a_refused_class(tmp_path, content, message):
+    path = tmp_path / "seed.pth"
+    if content == "truncated":
+        torch.save({"model": {"w": torch.ones(64)}}, path)
+        content = path.read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(SeedCheckpointError, match=message) as error:
+        load_seed_checkpoint(path)
+    assert "--trust-pickle" not in str(error.value)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("missing", r"missing key\(s\): layers\.1\.txt_adapter_ffn\.up_sampler\.weight"),
     ("misshapen", r"unexpected shape\(s\): layers\.0\.attention\.vis_adapter_gate\.weight: expected \(4, 32\), "
