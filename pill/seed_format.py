@@ -86,6 +86,16 @@ def seed_state_dict(data: dict, where: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class AdapterTensors(dict):
+    """The converted adapter's tensors by this project's parameter name."""
+
+    def put(self, name: str, tensor: torch.Tensor | None, fn=None) -> None:
+        """`tensor` (through `fn`, e.g. a transpose) as parameter `name`; None, a key `SeedKeys.take` already
+        recorded as missing or misshapen, is skipped so that every problem is reported together."""
+        if tensor is not None:
+            self[name] = (fn(tensor) if fn is not None else tensor).contiguous()
+
+
 class SeedKeys:
     """The tensors of a seed checkpoint, taken by name. `take` checks the shape; `finish` raises one error that
     lists every missing key, every shape mismatch and every key that no rule took."""

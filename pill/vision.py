@@ -128,7 +128,40 @@ def _image_processor(path: Path):
         raise ImportError(f"vision encoder {path}: cannot load its image processor ({exc})") from exc
 
 
-class HFVisionEncoder:
+class _LocalCheckpointEncoder:
+    """What the encoders read from a local Hugging Face checkpoint directory share: the directory's checks, the
+    image processor's preprocessing, batched encoding and a cache key naming the weights files and settings."""
+
+    batch_size: int
+    processor: object
+
+    @staticmethod
+    def _checkpoint_weights(path: Path) -> list[Path]:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"vision encoder: {path} is not a Hugging Face checkpoint directory "
+                                    f"(no config.json)")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"vision encoder: no *.safetensors weights in {path}; only safetensors is loaded")
+        return weights
+
+    @staticmethod
+    def _cache_key(prefix: str, path: Path, weights: list[Path], *settings) -> str:
+        ident = json.dumps([str(path.resolve()), [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights],
+                            *settings])
+        return f"{prefix}-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
+        return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
+
+    def encode(self, images: Sequence) -> torch.Tensor:
+        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
+                for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs)
+
+
+class HFVisionEncoder(_LocalCheckpointEncoder):
     """A local Hugging Face vision tower (CLIP / SigLIP / any AutoModel with a vision part) and its image
     processor. feature_layer: which hidden state (-1 last, -2 penultimate as LLaVA); drop_cls: drop the first
     token (CLIP's CLS; SigLIP has none). projected: every token of the last layer through the tower's
@@ -141,11 +174,7 @@ class HFVisionEncoder:
         from transformers import AutoConfig, AutoModel
 
         path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"vision encoder: {path} is not a Hugging Face checkpoint directory "
-                                    f"(no config.json)")
-        if not list(path.glob("*.safetensors")):
-            raise FileNotFoundError(f"vision encoder: no *.safetensors weights in {path}; only safetensors is loaded")
+        weights = self._checkpoint_weights(path)
         config = AutoConfig.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
         self.model = getattr(model, "vision_model", model).to(device).eval().requires_grad_(False)
@@ -169,35 +198,24 @@ class HFVisionEncoder:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
-        weights = sorted(path.glob("*.safetensors"))
-        ident = json.dumps([str(path.resolve()), [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights],
-                            feature_layer, drop_cls] + (["projected"] if projected else []))
-        self.key = f"hf-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+        self.key = self._cache_key("hf", path, weights, feature_layer, drop_cls, *(["projected"] if projected else []))
         with torch.no_grad():
             probe = self(self.preprocess([np.zeros((32, 32, 3), dtype=np.float32)]))
         self.num_tokens = probe.shape[1]
 
-    def preprocess(self, images: Sequence) -> torch.Tensor:
-        arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
-        return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
-
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
-        features = out.hidden_states[self.feature_layer]
-        if self.projection is not None:
-            features = self.projection(self.model.post_layernorm(out.last_hidden_state))
+        pixels = pixels.to(self.device, self.dtype)
+        if self.projection is not None:  # the last layer only: no need to keep every hidden state
+            features = self.projection(self.model.post_layernorm(self.model(pixel_values=pixels).last_hidden_state))
+        else:
+            features = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.feature_layer]
         if self.drop_cls:
             features = features[:, 1:]
         return features.float().contiguous()
 
-    def encode(self, images: Sequence) -> torch.Tensor:
-        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
-                for i in range(0, len(images), self.batch_size)]
-        return torch.cat(outs)
 
-
-class Blip2QFormerEncoder:
+class Blip2QFormerEncoder(_LocalCheckpointEncoder):
     """BLIP-2's frozen image path up to the Q-Former, from a local BLIP-2 checkpoint directory (safetensors, e.g.
     Salesforce/blip2-flan-t5-xxl): the ViT-g with its final layernorm (LAVIS's ``ln_vision``), then the Q-Former's
     learned queries cross-attending to the patches. Features [N, num_query_tokens, qformer width]: 32 x 768 for
@@ -211,12 +229,7 @@ class Blip2QFormerEncoder:
         from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 
         path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"vision encoder: {path} is not a Hugging Face checkpoint directory "
-                                    f"(no config.json)")
-        weights = sorted(path.glob("*.safetensors"))
-        if not weights:
-            raise FileNotFoundError(f"vision encoder: no *.safetensors weights in {path}; only safetensors is loaded")
+        weights = self._checkpoint_weights(path)
         config = Blip2Config.from_pretrained(str(path))
         if getattr(config, "model_type", None) != "blip-2":
             raise ValueError(f"vision encoder {path}: type blip2-qformer needs a BLIP-2 checkpoint, got model_type "
@@ -252,12 +265,7 @@ class Blip2QFormerEncoder:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
-        ident = json.dumps([str(path.resolve()), [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]])
-        self.key = f"blip2-qformer-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
-
-    def preprocess(self, images: Sequence) -> torch.Tensor:
-        arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
-        return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
+        self.key = self._cache_key("blip2-qformer", path, weights)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -267,11 +275,6 @@ class Blip2QFormerEncoder:
                            encoder_attention_mask=torch.ones(patches.shape[:-1], dtype=torch.long,
                                                              device=patches.device))
         return out.last_hidden_state.float().contiguous()
-
-    def encode(self, images: Sequence) -> torch.Tensor:
-        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
-                for i in range(0, len(images), self.batch_size)]
-        return torch.cat(outs)
 
 
 def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder | Blip2QFormerEncoder:

@@ -148,12 +148,18 @@ class MultimodalDecoderLayer(LlamaDecoderLayer):
         with torch.autocast(like.device.type, enabled=False):
             yield lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t
 
+    def _project(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One frozen projection of the block (`name`: transformers' name, e.g. "q_proj"); a method that adapts
+        the projections themselves (LLaMA-Adapter V2.1's LoRA) overrides this."""
+        return module(x)
+
     def _qkv(self, attn_input: torch.Tensor):
         attn = self.self_attn
         batch, seq = attn_input.shape[:2]
-        q = attn.q_proj(attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(attn_input).view(batch, seq, -1, attn.head_dim)  # [B, S, Hkv, hd] for the value gate
+        q = self._project("q_proj", attn.q_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        k = self._project("k_proj", attn.k_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        # [B, S, Hkv, hd] for the value gate
+        v = self._project("v_proj", attn.v_proj, attn_input).view(batch, seq, -1, attn.head_dim)
         return q, k, v
 
     def _standard_attention(self, q, k, v, attention_mask, kwargs) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
-from ..seed_format import SeedCheckpointError, SeedConversion, SeedKeys, build_method_config
+from ..seed_format import AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    parameters_where, pop_multimodal, rms_norm_args, swap_layers)
 
@@ -246,11 +246,8 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
         settings["temperature"] = _SEED_TEMPERATURE[hidden]
         notes.append(f"router temperature {settings['temperature']:g} (the seed's for width {hidden})")
     config = build_method_config(LavinConfig, settings, overrides, keys.where)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def put(name, tensor, fn=lambda t: t):
-        if tensor is not None:
-            tensors[name] = fn(tensor).contiguous()
+    tensors = AdapterTensors()
+    put = tensors.put
 
     for i in range(layers):
         seed, ours = f"layers.{i}.adapter_attn", f"model.layers.{i}.pill_router_adapter"

@@ -15,8 +15,8 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
-from ..seed_format import (SeedCheckpointError, SeedConversion, SeedKeys, build_method_config, layer_indices,
-                           rope_rows_to_hf)
+from ..seed_format import (AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config,
+                           layer_indices, rope_rows_to_hf)
 from .base import (Method, MethodConfig, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    key_padding_from_attention_mask, parameters_where, pop_multimodal, swap_layers)
 
@@ -132,30 +132,20 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
                 name: LowRankDelta(p.in_features, p.out_features, adapter_config.lora_rank)
                 for name, p in projections.items()})
 
-    def _adapted(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A frozen projection plus its LoRA delta (V2.1), or the projection alone."""
         out = module(x)
         if self.pill_lora is not None:
             out = out + self.pill_lora[name](x).to(out.dtype)
         return out
 
-    def _qkv(self, attn_input: torch.Tensor):
-        if self.pill_lora is None:
-            return super()._qkv(attn_input)
-        attn = self.self_attn
-        batch, seq = attn_input.shape[:2]
-        q = self._adapted("q_proj", attn.q_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        k = self._adapted("k_proj", attn.k_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        v = self._adapted("v_proj", attn.v_proj, attn_input).view(batch, seq, -1, attn.head_dim)
-        return q, k, v
-
     def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.pill_lora is None:
             return super()._feed_forward(hidden_states)
         mlp = self.mlp
         x = self.post_attention_layernorm(hidden_states)
-        product = mlp.act_fn(self._adapted("gate_proj", mlp.gate_proj, x)) * self._adapted("up_proj", mlp.up_proj, x)
-        return hidden_states + self._adapted("down_proj", mlp.down_proj, product)
+        product = mlp.act_fn(self._project("gate_proj", mlp.gate_proj, x)) * self._project("up_proj", mlp.up_proj, x)
+        return hidden_states + self._project("down_proj", mlp.down_proj, product)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -189,7 +179,7 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:
             attn_out = self._standard_attention(q, k, v, attention_mask, kwargs)
-        h = residual + self._adapted("o_proj", self.self_attn.o_proj, attn_out)
+        h = residual + self._project("o_proj", self.self_attn.o_proj, attn_out)
         return self._feed_forward(h)
 
 
@@ -316,11 +306,8 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
                 "norm_tuning": True, "prompt_layers": None if prompt_layers == layers - 1 else prompt_layers,
                 "lora_rank": lora[0] if lora else 0, "new_gate": new_gate}
     config = build_method_config(LlamaAdapterV2Config, settings, overrides, keys.where)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def put(name, tensor):
-        if tensor is not None:
-            tensors[name] = tensor.contiguous()
+    tensors = AdapterTensors()
+    put = tensors.put
 
     projector = "multimodal.projector"
     for seed_name, ours in (("clip_proj", "clip_proj"), ("clip_proj_norm", "clip_norm")):

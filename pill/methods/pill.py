@@ -14,7 +14,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
-from ..seed_format import SeedConversion, SeedKeys, build_method_config
+from ..seed_format import AdapterTensors, SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    image_mask, key_padding_from_attention_mask, parameters_where, pop_multimodal, rms_norm_args,
                    swap_layers)
@@ -264,21 +264,18 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
     gate_per = "kv_head" if gate_heads == kv_heads else "query_head"
     config = build_method_config(PillConfig, {"adapter_dim": rank, "gate_per": gate_per, "projector": "linear"},
                                  overrides, keys.where)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def put(name, tensor, transpose=False):
-        if tensor is not None:
-            tensors[name] = (tensor.t() if transpose else tensor).contiguous()
+    tensors = AdapterTensors()
+    put = tensors.put
 
     for i in range(layers):
         for seed_name, (module, expert) in _SEED_GLU.items():
             prefix = f"layers.{i}.{seed_name}"
             ours = f"model.layers.{i}.{module}.experts.{expert}"
-            put(f"{ours}.w_down", keys.take(f"{prefix}.down_sampler.weight", (rank, hidden)), transpose=True)
-            put(f"{ours}.w_gate", keys.take(f"{prefix}.down_sampler_gate.weight", (rank, hidden)), transpose=True)
-            put(f"{ours}.w_up", keys.take(f"{prefix}.up_sampler.weight", (hidden, rank)), transpose=True)
+            put(f"{ours}.w_down", keys.take(f"{prefix}.down_sampler.weight", (rank, hidden)), torch.t)
+            put(f"{ours}.w_gate", keys.take(f"{prefix}.down_sampler_gate.weight", (rank, hidden)), torch.t)
+            put(f"{ours}.w_up", keys.take(f"{prefix}.up_sampler.weight", (hidden, rank)), torch.t)
         put(f"model.layers.{i}.pill_value_gate.weight",
-            keys.take(f"layers.{i}.attention.vis_adapter_gate.weight", (gate_heads, hidden)), transpose=True)
+            keys.take(f"layers.{i}.attention.vis_adapter_gate.weight", (gate_heads, hidden)), torch.t)
     put("multimodal.projector.proj.weight", keys.take("vis_adapter_proj.weight", (hidden, vision_dim)))
     keys.finish()
     notes = [f"adapter_dim {rank}, MAG gates per {'key/value' if gate_per == 'kv_head' else 'query'} head "
