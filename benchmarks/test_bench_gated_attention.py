@@ -7,7 +7,10 @@ a quarter of the keys image tokens. Variants:
 - gate: PILL's value gate on image keys (logits from a D x H projection of the attention input): `triton`
   (projection + one fused launch) vs `two_launch` (the modality-gate op on V, then sdpa) vs `eager` (the eager
   op: gate applied to V in PyTorch, then sdpa), all against `sdpa` without a gate;
-- prompt: LLaMA-Adapter V2's branch over 10 prompts: `triton` vs `eager`, against `sdpa` without it.
+- prompt: LLaMA-Adapter V2's branch over 10 prompts: `triton` vs `eager`, against `sdpa` without it;
+- gate+packed, prompt+packed: the same on packed rows of 4 examples each (`segment_ids`; 10 prompts per example
+  with `prompt_segment_ids`): the Triton kernel skips the key blocks of other examples, eager masks them; both
+  against `sdpa` causal over the whole row.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HEADS, HEAD_DIM, HIDDEN, PROMPTS = (32, 128, 4096, 10) if FULL else (2, 16, 24, 3)
 SHAPES = [(4, 512), (4, 1024), (2, 2048), (1, 8192)] if FULL else [(1, 19)]
 BACKENDS = {"plain": ["sdpa", "eager", "triton"], "gate": ["sdpa", "eager", "two_launch", "triton"],
-            "prompt": ["sdpa", "eager", "triton"]}
+            "prompt": ["sdpa", "eager", "triton"], "gate+packed": ["sdpa", "eager", "triton"],
+            "prompt+packed": ["sdpa", "eager", "triton"]}
 CASES = [(variant, backend) for variant, backends in BACKENDS.items() for backend in backends]
 
 
@@ -43,10 +47,14 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
     attn_input = torch.randn(batch, seq, HIDDEN, **kw)
     w_gate = 0.02 * torch.randn(HIDDEN, HEADS, **kw)
     image = (torch.arange(seq, device=DEVICE) < seq // 4)[None].expand(batch, seq).contiguous()
-    prompt_k, prompt_v = (torch.randn(batch, HEADS, PROMPTS, HEAD_DIM, **kw) for _ in range(2))
+    examples = 4 if variant.endswith("+packed") else 1  # per row
+    segments = (torch.arange(seq, device=DEVICE) * examples // seq)[None].expand(batch, seq).contiguous()
+    prompt_k, prompt_v = (torch.randn(batch, HEADS, PROMPTS * examples, HEAD_DIM, **kw) for _ in range(2))
+    prompt_segments = (torch.arange(PROMPTS * examples, device=DEVICE) // PROMPTS)[None].expand(batch, -1)
     prompt_gate = torch.randn(HEADS, **kw)
-    leaves = [q, k, v] + ([attn_input, w_gate] if variant == "gate" and backend != "sdpa" else []) + \
-        ([prompt_k, prompt_v, prompt_gate] if variant == "prompt" and backend != "sdpa" else [])
+    gate, prompt = variant.startswith("gate"), variant.startswith("prompt")
+    leaves = [q, k, v] + ([attn_input, w_gate] if gate and backend != "sdpa" else []) + \
+        ([prompt_k, prompt_v, prompt_gate] if prompt and backend != "sdpa" else [])
     for t in leaves:
         t.requires_grad_(backward)
     grad = torch.randn_like(q)
@@ -61,10 +69,14 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
             return F.scaled_dot_product_attention(q, k, gated.view(batch, seq, HEADS, HEAD_DIM).transpose(1, 2),
                                                   is_causal=True)
         extra = {}
-        if variant == "gate":
+        if gate:
             extra = dict(gate_logits=(attn_input @ w_gate).transpose(1, 2), image_mask=image)
-        if variant == "prompt":
+        if prompt:
             extra = dict(prompt_k=prompt_k, prompt_v=prompt_v, prompt_gate=prompt_gate)
+        if examples > 1:
+            extra["segment_ids"] = segments
+            if prompt:
+                extra["prompt_segment_ids"] = prompt_segments
         return pk.gated_attention(q, k, v, **extra, backend=backend)
 
     def step():

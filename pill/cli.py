@@ -188,6 +188,8 @@ def cmd_demo(args) -> int:
             values[name] = getattr(args, name)
     if args.no_base_eval:
         values["base_eval"] = False
+    if args.packing:
+        values["packing"] = True
     result = run_demo(DemoSettings(**values), llm=args.llm, cache=args.cache_dir, output_dir=args.output_dir,
                       progress=not args.no_progress)
     if args.json:
@@ -223,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="auto", choices=["auto", "fastest", "float32", "bfloat16"],
                       help="the frozen base's compute dtype (auto: bf16 on a GPU, fp32 on a CPU; fastest: bf16 "
                            "where this CPU runs it faster, at lower accuracy)")
+    demo.add_argument("--packing", action="store_true",
+                      help="pack each batch's examples into rows instead of padding them (train.packing)")
     demo.add_argument("--no-base-eval", action="store_true", help="skip the base model's evaluation")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")

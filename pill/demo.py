@@ -65,6 +65,9 @@ class DemoSettings:
     base_eval: bool = True
     backend: str | None = None  # kernel backend of the fused ops; None: pill_kernels' default
     dtype: str = "auto"         # the frozen base's: auto | fastest | float32 | bfloat16 (pill.machine)
+    # Off: the demo's examples differ by a few tokens, so a padded batch wastes little and packed rows (wider,
+    # attention over more keys) are not faster (benchmarks/RESULTS.md, "Packing").
+    packing: bool = False
 
 
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:
@@ -192,7 +195,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         data = [ex for _ in range(repeats) for ex in digit_examples(train_idx, digits.images, digits.target, rng, kind)]
         config = TrainConfig(stage=stage, output_dir=str(out_dir / f"phase{phase}"), lr=lr, max_steps=steps,
                              batch_size=settings.batch_size, warmup_steps=max(1, steps // 10), seed=settings.seed,
-                             progress=progress, dtype=dtype_name(dtype))
+                             progress=progress, dtype=dtype_name(dtype), packing=settings.packing)
         _clear_run(Path(config.output_dir))
         threads = settings.threads or pick_threads(dtype=dtype)
         torch.set_num_threads(threads)

@@ -61,7 +61,8 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, image_features=None,
-                mm_token_type_ids=None, sequence_modality=None, visual_prompts=None, images=None, **kwargs):
+                mm_token_type_ids=None, sequence_modality=None, visual_prompts=None, images=None, sequence_ids=None,
+                **kwargs):
         """LlamaForCausalLM.forward plus ``image_features``, ``mm_token_type_ids`` [B, S] (derived from the
         placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted),
         precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2), and ``images`` for the attached frozen
@@ -72,15 +73,22 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         whose next token is supervised, wherever they are in the row, as one contiguous [N, D] x [D, V] GEMM,
         and returns a `SupervisedCausalLMOutput`: on a small model the LM head over every kept position is a
         large share of the step, and a [B, K, D] slice makes it a batched matmul that copies the weight per
-        row (measured on CPU)."""
+        row (measured on CPU).
+
+        Packed rows (several examples per row, for training and scoring; `pill.packing`): ``sequence_ids``
+        [B, S] gives each token's example (numbered over the batch, -1 for the padding at a row's end) and
+        replaces ``attention_mask``: each token attends causally within its own example only, positions restart
+        at 0 per example (unless ``position_ids`` are given), no label crosses from one example to the next,
+        and the per-example inputs (``sequence_modality`` [N], LLaMA-Adapter V2's ``image_features`` [N, ...])
+        are indexed by example."""
         with compute_autocast(self):
             return self._forward(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
                                  use_cache, logits_to_keep, image_features, mm_token_type_ids, sequence_modality,
-                                 visual_prompts, images, **kwargs)
+                                 visual_prompts, images, sequence_ids, **kwargs)
 
     def _forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache,
                  logits_to_keep, image_features, mm_token_type_ids, sequence_modality, visual_prompts, images,
-                 **kwargs):
+                 sequence_ids, **kwargs):
         cache = take_cache(kwargs, past_key_values)
         mm = self.multimodal
         image_features = _features(mm, images, image_features)
@@ -113,13 +121,23 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
             # the vocabulary.
             labels = labels.masked_fill(labels == mm.image_token_id, -100)
         extra = {"sequence_modality": sequence_modality, "visual_prompts": visual_prompts,
-                 "batch": inputs_embeds.shape[0]}
+                 "batch": inputs_embeds.shape[0], "sequence_ids": None}
+        if sequence_ids is not None:
+            from .packing import packed_model_inputs
+
+            attention_mask, position_ids, labels = packed_model_inputs(
+                self.config, sequence_ids, inputs_embeds, attention_mask, position_ids, labels, cache, use_cache)
+            sequence_ids = sequence_ids.to(inputs_embeds.device).long()
+            extra["sequence_ids"] = sequence_ids
+            use_cache = False
         if getattr(mm, "compute_dtype", None) is not None:
             # A half-precision base keeps its residual stream in fp32, as autocast over fp32 weights (the seeds'
             # recipe) does: the matmuls run in half precision, the residual sums, the norms and the adapters in
             # fp32.
             inputs_embeds = inputs_embeds.float()
         layer_kwargs = mm.layer_kwargs(self, mm_token_type_ids, image_features, extra, cache)
+        if sequence_ids is not None:
+            layer_kwargs["mm_sequence_ids"] = sequence_ids
         if isinstance(logits_to_keep, str):
             return self._supervised_forward(logits_to_keep, labels, cache, use_cache, dict(
                 attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,

@@ -37,6 +37,7 @@ from .files import read_json, read_safetensors, replace_directory
 from .data import IGNORE, Collator, Example, PromptFormatter
 from .machine import DTYPE_CHOICES, choose_attention_dtype, choose_compute_dtype, dtype_name
 from .methods import get_method
+from .packing import PackedCollator, real_tokens
 from .model import adapter_parameters, compute_dtype, multimodal_of, set_compute_dtype, set_stage, upcast_half
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -46,7 +47,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 class TrainConfig:
     """One training stage. lr: absolute learning rate; when None, lr = blr * batch_size * grad_accum * world / 256
     (the seed's rule). warmup_steps, when None, is warmup_ratio of the steps. epochs sets the length unless
-    max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). dtype: the frozen
+    max_steps is given. save_every: checkpoint every N optimiser steps (0: only at the end). packing: each
+    micro-batch's examples packed into rows of at most the prompt's max_length tokens instead of padded to the
+    longest (`pill.packing`): the same examples and loss per step, less padding. dtype: the frozen
     base's compute dtype, "float32", "bfloat16", "auto" (bf16 on a GPU, fp32 on a CPU) or "fastest" (bf16 also on
     a CPU whose bf16 GEMMs measure enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the adapters stay fp32 either way
     (`pill.set_compute_dtype`). bf16 is its earlier name (true / false / "auto"). distributed: how several processes (torchrun) share the
@@ -75,6 +78,7 @@ class TrainConfig:
     bf16: str | bool | None = None
     progress: bool = True
     distributed: str = "ddp"
+    packing: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -96,6 +100,8 @@ class TrainConfig:
             self.dtype = legacy
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"train.dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"train.packing must be true or false, got {self.packing!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         self.betas = tuple(self.betas)
@@ -143,8 +149,10 @@ class Trainer:
         mm = multimodal_of(model)
         if features is None and any(ex.images or ex.image_ids for ex in examples):
             raise ValueError("Trainer: the examples have images but no features lookup was given")
-        self.collator = Collator(formatter.tokenizer.pad_token_id, features,
-                                 per_sequence_images=mm.image_token_id is None)
+        per_sequence = mm.image_token_id is None
+        self.collator = (PackedCollator(formatter.tokenizer.pad_token_id, features, per_sequence,
+                                        max_length=formatter.max_length) if config.packing
+                         else Collator(formatter.tokenizer.pad_token_id, features, per_sequence_images=per_sequence))
         # Tokenise everything up front: bad examples fail before any step or checkpoint, and label counts per
         # optimiser step are known before its micro-batches run.
         self.encoded = [formatter.encode(ex) for ex in examples]
@@ -257,7 +265,7 @@ class Trainer:
         seen_tokens = 0
         for j, indices in enumerate(micro):
             batch = self._batch(indices)
-            seen_tokens += int(batch["attention_mask"].sum())
+            seen_tokens += real_tokens(batch)
             # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimiser step, after the last
             # micro-batch.
             last = j == len(micro) - 1

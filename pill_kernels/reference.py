@@ -124,16 +124,36 @@ def _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask):
     return k, v
 
 
-def _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, device):
-    """[B, 1, S, Skv] True where a query may attend to a key: causal (query i at key position Skv - S + i) and
-    real keys only."""
+def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] run number of each position: consecutive positions with the same id form one segment (a packed
+    example), so ids may repeat in other runs without joining them."""
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return change.long().cumsum(-1)
+
+
+def _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, device, segment_ids=None):
+    """[B, 1, S, Skv] True where a query may attend to a key: causal (query i at key position Skv - S + i), real
+    keys only, and keys of the query's own segment."""
     allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=device)
     if causal:
         rows = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
         allowed = allowed & (torch.arange(seq_k, device=device)[None, :] <= rows)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
+    if segment_ids is not None:
+        runs = segment_runs(segment_ids)
+        allowed = allowed & (runs[:, seq_k - seq_q:, None] == runs[:, None, :])[:, None]
     return allowed
+
+
+def _allowed_prompts(seq_q, segment_ids, prompt_segment_ids):
+    """[B, 1, S, K] True where a query may attend to a prompt: the prompt's segment id is the query's (packed rows
+    hold one example's prompts per segment); None without segments (every prompt)."""
+    if prompt_segment_ids is None:
+        return None
+    query_ids = segment_ids[:, segment_ids.shape[1] - seq_q:]
+    return (query_ids[:, :, None] == prompt_segment_ids[:, None, :])[:, None]
 
 
 def gated_attention(
@@ -148,6 +168,8 @@ def gated_attention(
     prompt_gate: torch.Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+    prompt_segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention with PILL's per-query-head value gate and LLaMA-Adapter V2's prompt branch.
 
@@ -156,7 +178,11 @@ def gated_attention(
     the value seen by query head h is scaled by tanh(gate_logits[b, h, j]). key_padding_mask [B, Skv]: True
     for real keys. Prompt branch: ``+ tanh(prompt_gate[h]) * softmax(q prompt_k^T * scale) prompt_v`` with
     prompt_k, prompt_v [B, Hkv, K, hd] (no causal mask, its own softmax). A query that may attend to no key
-    (a padding row) outputs zeros from the token branch. Returns [B, H, S, hd].
+    (a padding row) outputs zeros from the token branch.
+
+    Packed rows: segment_ids [B, Skv] (integers): a query sees only keys of its own segment, a maximal run of
+    equal ids; prompt_segment_ids [B, K]: a query sees only the prompts whose id equals its segment's id (none:
+    zeros from the prompt branch). Returns [B, H, S, hd].
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
@@ -164,20 +190,27 @@ def gated_attention(
     scale = head_dim ** -0.5 if scale is None else scale
     k, v = _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask)
     scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device)
+    allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device, segment_ids)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
     out = probs @ v
     if prompt_k is not None:
         pk = prompt_k.repeat_interleave(group, dim=1)
         pv = prompt_v.repeat_interleave(group, dim=1)
-        prompt_probs = torch.softmax((q @ pk.transpose(-1, -2)) * scale, dim=-1)
+        prompt_scores = (q @ pk.transpose(-1, -2)) * scale
+        visible = _allowed_prompts(seq_q, segment_ids, prompt_segment_ids)
+        if visible is not None:
+            prompt_scores = prompt_scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        prompt_probs = torch.softmax(prompt_scores, dim=-1)
+        if visible is not None:
+            prompt_probs = prompt_probs * visible.any(dim=-1, keepdim=True)
         out = out + torch.tanh(prompt_gate)[None, :, None, None] * (prompt_probs @ pv)
     return out
 
 
 def gated_attention_sdpa(q, k, v, gate_logits=None, image_mask=None, key_padding_mask=None, prompt_k=None,
-                         prompt_v=None, prompt_gate=None, causal: bool = True, scale: float | None = None):
+                         prompt_v=None, prompt_gate=None, causal: bool = True, scale: float | None = None,
+                         segment_ids=None, prompt_segment_ids=None):
     """`gated_attention` through ``F.scaled_dot_product_attention``: the gate applied to the values, the masks
     as one boolean mask, the prompt branch as a second sdpa call. Same arguments and result."""
     batch, heads, seq_q, head_dim = q.shape
@@ -186,18 +219,20 @@ def gated_attention_sdpa(q, k, v, gate_logits=None, image_mask=None, key_padding
     scale = head_dim ** -0.5 if scale is None else scale
     k, v = _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask)
     allowed = None
-    if causal and seq_q > 1 or key_padding_mask is not None:
-        allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device)
-    if allowed is not None:
-        # A padding query that sees no key would give NaN; let it see everything, then zero its output.
-        has_key = allowed.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scale)
-        out = out * has_key
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if causal and seq_q > 1 or key_padding_mask is not None or segment_ids is not None:
+        allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device, segment_ids)
+    out = _masked_sdpa(q, k, v, allowed, scale)
     if prompt_k is not None:
         pk = prompt_k.repeat_interleave(group, dim=1)
         pv = prompt_v.repeat_interleave(group, dim=1)
-        prompt_out = F.scaled_dot_product_attention(q, pk, pv, scale=scale)
+        prompt_out = _masked_sdpa(q, pk, pv, _allowed_prompts(seq_q, segment_ids, prompt_segment_ids), scale)
         out = out + torch.tanh(prompt_gate)[None, :, None, None] * prompt_out
     return out
+
+
+def _masked_sdpa(q, k, v, allowed, scale):
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # A query that sees no key would give NaN; let it see everything, then zero its output.
+    has_key = allowed.any(dim=-1, keepdim=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scale) * has_key

@@ -195,9 +195,10 @@ def _torchrun(config_path, *extra):
 
 
 @needs_efficientnet
-@pytest.mark.parametrize("distributed,method", [("ddp", "pill"), ("fsdp", "pill"), ("fsdp", "lavin"),
-                                                ("fsdp", "llama_adapter_v2")])
-def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed, method):
+@pytest.mark.parametrize("distributed,method,packing", [
+    ("ddp", "pill", False), ("fsdp", "pill", False), ("fsdp", "lavin", False), ("fsdp", "llama_adapter_v2", False),
+    ("ddp", "lavin", True), ("fsdp", "llama_adapter_v2", True)])
+def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed, method, packing):
     """`torchrun --nproc_per_node 2 -m pill.cli train` (gloo): 2 ranks x batch 2 reach the parameters of one
     process with batch 4 (same examples per step, mean over all answer tokens), and only rank 0 writes. With
     FSDP each rank holds half of every parameter, the frozen base included, and the checkpoints (adapter and
@@ -215,7 +216,7 @@ def test_torchrun_on_two_cpu_processes_matches_one_process(project, distributed,
     if method != "pill":
         config["train"]["stage"] = 1  # LaVIN has only stage 1; LLaMA-Adapter V2's trains prompts and projector
     # Clipping needs the norm over every rank's gradients (FSDP: over every shard).
-    config["train"].update(batch_size=4, save_every=0, max_grad_norm=0.05)
+    config["train"].update(batch_size=4, save_every=0, max_grad_norm=0.05, packing=packing)
     (root / "single.yaml").write_text(yaml.safe_dump(config))
     config["train"].update(batch_size=2, output_dir="run_dist", distributed=distributed, save_every=2)
     (root / "dist.yaml").write_text(yaml.safe_dump(config))

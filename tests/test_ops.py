@@ -277,7 +277,48 @@ def test_gated_attention_gradcheck_and_opcheck(backend):
     assert torch.autograd.gradcheck(fn, [a[n] for n in names])
     opcheck(torch.ops.pill_kernels.gated_attention.default,
             (a["q"], a["k"], a["v"], a["gate_logits"], a["image_mask"], a["key_padding_mask"], a["prompt_k"],
-             a["prompt_v"], a["prompt_gate"], True, 0.5, backend))
+             a["prompt_v"], a["prompt_gate"], None, None, True, 0.5, backend))
+    segments, prompt_segments = torch.tensor([[0, 0, 1]], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32)
+    opcheck(torch.ops.pill_kernels.gated_attention.default,
+            (a["q"], a["k"], a["v"], a["gate_logits"], a["image_mask"], None, a["prompt_k"], a["prompt_v"],
+             a["prompt_gate"], segments, prompt_segments, True, 0.5, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gated_attention_on_packed_rows_equals_each_segment_alone(backend):
+    """Packed rows (segment_ids; prompts assigned to segments): the output and every gradient equal the
+    definition run on each segment alone, with that segment's prompts (none: no prompt branch). Segments span
+    several of the interpreter's 16-key blocks, start mid-block and end a row with padding (id -1)."""
+    require_backend("gated_attention", backend)
+    batch, heads, kv_heads, seq, head_dim, prompts = 2, 4, 2, 45, 8, 6
+    a = attention_inputs(batch=batch, heads=heads, kv_heads=kv_heads, seq_q=seq, seq_k=seq, head_dim=head_dim,
+                         prompts=prompts, padding=False)
+    segments = torch.tensor([[0] * 10 + [1] * 23 + [2] * 7 + [-1] * 5, [5] + [6] * 17 + [7] * 27])
+    prompt_segments = torch.tensor([[0, 0, 1, 1, 2, 2], [5, 5, 7, 7, 9, 9]])  # example 6 has none
+    names = ["q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
+    grad = torch.randn_like(a["q"])
+    leaves = {n: a[n].clone().requires_grad_() for n in names}
+    out = pk.gated_attention(**dict(a, **leaves), segment_ids=segments, prompt_segment_ids=prompt_segments,
+                             backend=backend)
+    got = [out] + list(torch.autograd.grad(out, list(leaves.values()), grad))
+
+    ref_leaves = {n: a[n].clone().requires_grad_() for n in names}
+    expected_out = torch.zeros_like(a["q"])
+    for b in range(batch):
+        for segment in segments[b].unique():
+            keys = (segments[b] == segment).nonzero().flatten()
+            lo, hi = int(keys.min()), int(keys.max()) + 1
+            own = prompt_segments[b] == segment
+            kw = dict(gate_logits=ref_leaves["gate_logits"][b:b + 1, :, lo:hi], image_mask=a["image_mask"][b:b + 1, lo:hi])
+            if own.any():
+                kw.update(prompt_k=ref_leaves["prompt_k"][b:b + 1, :, own], prompt_v=ref_leaves["prompt_v"][b:b + 1, :, own],
+                          prompt_gate=ref_leaves["prompt_gate"])
+            expected_out[b, :, lo:hi] = gated_attention_definition(
+                ref_leaves["q"][b:b + 1, :, lo:hi], ref_leaves["k"][b:b + 1, :, lo:hi], ref_leaves["v"][b:b + 1, :, lo:hi],
+                **kw)[0]
+    expected = [expected_out] + list(torch.autograd.grad(expected_out, list(ref_leaves.values()), grad))
+    for name, g, e in zip(["o"] + names, got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -502,5 +543,5 @@ def test_custom_ops_eager_kernels_gradcheck():
     names = ["q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
     assert torch.autograd.gradcheck(
         lambda q, k, v, g, pk_, pv, pg: ops.gated_attention.default(
-            q, k, v, g, a["image_mask"], a["key_padding_mask"], pk_, pv, pg, True, 0.5, "eager")[0],
+            q, k, v, g, a["image_mask"], a["key_padding_mask"], pk_, pv, pg, None, None, True, 0.5, "eager")[0],
         [a[n].requires_grad_() for n in names])

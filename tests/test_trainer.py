@@ -118,11 +118,14 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
-def test_killed_run_resumes_to_the_same_parameters(method, tmp_path):
+def test_killed_run_resumes_to_the_same_parameters(method, packing, tmp_path):
     """Stop after 3 of 7 steps (checkpoints every 2), resume from step 2: the final adapter, optimiser moments
     and step must equal an uninterrupted run's. LaVIN's dropout checks that the RNG state is restored."""
     examples, lookup = mc_examples(12, with_images=True)
+    for i, example in enumerate(examples):  # lengths that differ, so that packing has rows to fill
+        example.messages[0]["content"] += " Look." * (i % 4)
     stage = 2 if method != "lavin" else 1
 
     def run(output_dir, crash_at=None, resume=False):
@@ -131,8 +134,9 @@ def test_killed_run_resumes_to_the_same_parameters(method, tmp_path):
             if step == crash_at:
                 raise Crash
         cfg = TrainConfig(stage=stage, output_dir=str(output_dir), lr=3e-3, max_steps=7, batch_size=3,
-                          grad_accum=2, save_every=2, warmup_steps=2, progress=False)
-        trainer = Trainer(model, formatter_for(model), examples, cfg, features=lookup, on_step=on_step)
+                          grad_accum=2, save_every=2, warmup_steps=2, progress=False, packing=packing)
+        trainer = Trainer(model, formatter_for(model, max_length=200), examples, cfg, features=lookup,
+                          on_step=on_step)
         trainer.train(resume=resume)
         return model, trainer
 

@@ -89,9 +89,12 @@ class Method:
 # ----------------------------------------------------------------------------------------------------------
 
 # Per-call multimodal inputs reach the decoder layers as keyword arguments, which transformers passes to every
-# layer: ``mm_token_type_ids`` [B, S] (1 for image tokens), ``mm_routing_weights`` [B, L, E] (LaVIN) and
-# ``mm_visual_prompts`` [B, K, D] (LLaMA-Adapter V2).
-MULTIMODAL_LAYER_KWARGS = ("mm_token_type_ids", "mm_routing_weights", "mm_visual_prompts")
+# layer: ``mm_token_type_ids`` [B, S] (1 for image tokens), ``mm_routing_weights`` [B, L, E] (LaVIN; per token
+# [B, S, L, E] in packed rows), ``mm_visual_prompts`` [B, K, D] (LLaMA-Adapter V2; [B, G, K, D] in packed rows,
+# one slot per example of the row, with ``mm_prompt_sequence_ids`` [B, G] naming the slots' examples) and
+# ``mm_sequence_ids`` [B, S] (packed rows: each token's example, `pill.packing`).
+MULTIMODAL_LAYER_KWARGS = ("mm_token_type_ids", "mm_routing_weights", "mm_visual_prompts", "mm_prompt_sequence_ids",
+                           "mm_sequence_ids")
 
 
 def pop_multimodal(kwargs: dict) -> dict:
@@ -121,6 +124,16 @@ def key_padding_from_attention_mask(attention_mask: torch.Tensor | None, batch: 
         row = attention_mask[:, 0, -1, :]
         valid = row if row.dtype == torch.bool else row == 0
     return valid[:, :seq_k].expand(batch, seq_k)
+
+
+def attention_structure(attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None, batch: int,
+                        seq_k: int) -> dict:
+    """The gated-attention op's view of which keys a query sees: the packed rows' segments when there are any
+    (the 4D mask then is block-diagonal and its last row says nothing about other examples' keys), else the
+    padding read off the mask."""
+    if sequence_ids is not None:
+        return {"segment_ids": sequence_ids}
+    return {"key_padding_mask": key_padding_from_attention_mask(attention_mask, batch, seq_k)}
 
 
 class MultimodalDecoderLayer(LlamaDecoderLayer):

@@ -15,6 +15,7 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..packing import number_of_examples, per_example_any
 from ..seed_format import AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    parameters_where, pop_multimodal, rms_norm_args, swap_layers)
@@ -90,10 +91,11 @@ class SoftRoutedAdapter(nn.Module):
         return torch.softmax(logits / self.temperature, dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor, norm: nn.Module | None = None):
-        """x [B, S, D] (or [B, D]); routing_weights [B, E], one row per sequence."""
+        """x [B, S, D] (or [B, D]); routing_weights [B, E], one row per sequence, or [B, S, E], one per token
+        (packed rows, whose tokens belong to several examples)."""
         dtype = x.dtype
         token_weights = routing_weights.to(dtype).unsqueeze(-2).expand(*x.shape[:-1], routing_weights.shape[-1]) \
-            if x.dim() == 3 else routing_weights.to(dtype)
+            if x.dim() == 3 and routing_weights.dim() == 2 else routing_weights.to(dtype)
         dropout_mask = None
         if self.training and self.dropout > 0:
             keep = torch.rand(*x.shape[:-1], self.w_down.shape[1], device=x.device) >= self.dropout
@@ -125,8 +127,10 @@ class LavinDecoderLayer(MultimodalDecoderLayer):
         if routing is None:
             raise ValueError("LaVIN layers need mm_routing_weights; call the injected model, not its layers")
         residual = hidden_states
-        a = self.pill_router_adapter(hidden_states, routing[:, self.self_attn.layer_idx],
-                                     norm=self.input_layernorm)
+        # [B, L, E] per sequence, or [B, S, L, E] per token in packed rows
+        layer_routing = routing[:, self.self_attn.layer_idx] if routing.dim() == 3 else \
+            routing[:, :, self.self_attn.layer_idx]
+        a = self.pill_router_adapter(hidden_states, layer_routing, norm=self.input_layernorm)
         q, k, v = self._qkv(a)
         q, k, v = self._rope_and_cache(q, k, v.transpose(1, 2), position_embeddings, cache)
         h = residual + self.self_attn.o_proj(self._standard_attention(q, k, v, attention_mask, kwargs))
@@ -162,6 +166,16 @@ class LavinMultimodal(MultimodalAdapter):
 
     def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
         sequence_modality = extra.get("sequence_modality")
+        sequence_ids = extra.get("sequence_ids")
+        if sequence_ids is not None:  # packed rows: route each example by its own modality, token by token
+            count = number_of_examples(sequence_ids)
+            if sequence_modality is None:
+                sequence_modality = per_example_any(sequence_ids, mm_token_type_ids, count)
+            elif tuple(sequence_modality.shape) != (count,):
+                raise ValueError(f"with sequence_ids, sequence_modality holds one entry per example: shape "
+                                 f"[{count}], got {tuple(sequence_modality.shape)}")
+            weights = self.routing_weights(model, sequence_modality.to(sequence_ids.device))
+            return {"mm_routing_weights": weights[sequence_ids.clamp(min=0)]}
         if sequence_modality is None:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("LaVIN routes per sequence from the prompt's modality: when decoding with a cache, "

@@ -15,10 +15,11 @@ import pill_kernels as pk
 
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..packing import number_of_examples, row_examples
 from ..seed_format import (AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config,
                            layer_indices, rope_rows_to_hf)
-from .base import (Method, MethodConfig, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
-                   key_padding_from_attention_mask, parameters_where, pop_multimodal, swap_layers)
+from .base import (Method, MethodConfig, MultimodalAdapter, MultimodalDecoderLayer, attention_structure,
+                   check_vision_dim, parameters_where, pop_multimodal, swap_layers)
 
 
 @dataclass
@@ -158,9 +159,7 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
         if self.pill_has_prompt:
             attn = self.self_attn
             batch = q.shape[0]
-            prompt = self.pill_prompt.to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
-            if mm["mm_visual_prompts"] is not None:
-                prompt = prompt + mm["mm_visual_prompts"].to(x.dtype)
+            prompt, prompt_segment_ids = self._prompts(x.dtype, batch, mm)
             # Under the autocast of a half-precision base (pill.set_compute_dtype) the tuned fp32 norm gives fp32 x
             # while the projections give half precision: the attention inputs all follow q.
             # The prompts' keys and values come from the frozen projections alone (no LoRA, no RoPE), as the seed.
@@ -168,19 +167,34 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
             prompt_v = attn.v_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
             if hasattr(self, "pill_new_gate"):  # V2.1 scales the whole prompt branch, which is linear in V_p
                 prompt_v = prompt_v * self.pill_new_gate.to(prompt_v.dtype)
+            structure = attention_structure(attention_mask, mm["mm_sequence_ids"], batch, k.shape[2])
+            if prompt_segment_ids is not None:
+                structure["prompt_segment_ids"] = prompt_segment_ids
             with self._attention_precision(q) as cast:
                 attn_out = pk.gated_attention(
-                    cast(q), cast(k), cast(v),
-                    key_padding_mask=key_padding_from_attention_mask(attention_mask, batch, k.shape[2]),
-                    prompt_k=cast(prompt_k), prompt_v=cast(prompt_v),
+                    cast(q), cast(k), cast(v), prompt_k=cast(prompt_k), prompt_v=cast(prompt_v),
                     prompt_gate=cast(self.pill_prompt_gate.to(q.dtype)),
-                    scale=attn.scaling, backend=self.kernel_backend)
+                    scale=attn.scaling, backend=self.kernel_backend, **structure)
             attn_out = attn_out.to(q.dtype).transpose(1, 2)
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:
             attn_out = self._standard_attention(q, k, v, attention_mask, kwargs)
         h = residual + self._project("o_proj", self.self_attn.o_proj, attn_out)
         return self._feed_forward(h)
+
+    def _prompts(self, dtype, batch: int, mm: dict):
+        """The layer's prompts plus the visual prompts: [B, K, D] (one example per row), or in packed rows
+        [B, G*K, D], one block of K per example of the row, with the example of each prompt [B, G*K]."""
+        visual = mm["mm_visual_prompts"]
+        slots = mm["mm_prompt_sequence_ids"]
+        if slots is None:
+            prompt = self.pill_prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+            return (prompt if visual is None else prompt + visual.to(dtype)), None
+        num_prompts = self.pill_prompt.shape[0]
+        prompt = self.pill_prompt.to(dtype)[None, None].expand(batch, slots.shape[1], -1, -1)
+        if visual is not None:
+            prompt = prompt + visual.to(dtype)
+        return prompt.reshape(batch, -1, prompt.shape[-1]), slots.repeat_interleave(num_prompts, dim=1)
 
 
 class LlamaAdapterV2Multimodal(MultimodalAdapter):
@@ -199,7 +213,18 @@ class LlamaAdapterV2Multimodal(MultimodalAdapter):
         prompts = extra.get("visual_prompts")
         if prompts is None and image_features is not None:
             prompts = self.visual_prompts(image_features, extra.get("sequence_modality"))
-        return {"mm_visual_prompts": prompts}
+        sequence_ids = extra.get("sequence_ids")
+        if sequence_ids is None:
+            return {"mm_visual_prompts": prompts}
+        # Packed rows: each example of a row gets its own block of prompts, which only its tokens see.
+        slots = row_examples(sequence_ids)
+        if prompts is not None:
+            count = number_of_examples(sequence_ids)
+            if prompts.shape[0] != count:
+                raise ValueError(f"with sequence_ids, LLaMA-Adapter V2 takes one image (or visual prompt) per "
+                                 f"example: {count} examples, got {prompts.shape[0]}")
+            prompts = prompts[slots.clamp(min=0)]
+        return {"mm_visual_prompts": prompts, "mm_prompt_sequence_ids": slots}
 
     def generate_inputs(self, model, input_ids, image_features, kwargs: dict) -> dict:
         """The visual prompts [B, K, D], computed once from the image and used by every decoding step."""

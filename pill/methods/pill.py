@@ -16,8 +16,7 @@ from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
 from ..seed_format import AdapterTensors, SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
-                   image_mask, key_padding_from_attention_mask, parameters_where, pop_multimodal, rms_norm_args,
-                   swap_layers)
+                   attention_structure, image_mask, parameters_where, pop_multimodal, rms_norm_args, swap_layers)
 
 
 @dataclass
@@ -169,8 +168,8 @@ class PillDecoderLayer(MultimodalDecoderLayer):
             with self._attention_precision(q) as cast:
                 attn_out = pk.gated_attention(
                     cast(q), cast(k), cast(v), gate_logits=cast(gate_logits), image_mask=key_image,
-                    key_padding_mask=key_padding_from_attention_mask(attention_mask, q.shape[0], k.shape[2]),
-                    scale=self.self_attn.scaling, backend=self.kernel_backend)
+                    scale=self.self_attn.scaling, backend=self.kernel_backend,
+                    **attention_structure(attention_mask, mm["mm_sequence_ids"], q.shape[0], k.shape[2]))
             attn_out = attn_out.to(q.dtype).transpose(1, 2)
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:

@@ -5,7 +5,9 @@ scaled by PILL's modality gate per query head, plus LLaMA-Adapter V2's gated pro
     mult[b, h, j] = tanh(gate_logits[b, h, j]) for image keys, 1 otherwise
 
 Query i sits at key position Skv - S + i (KV-cache decoding); key_padding_mask drops keys; a query that may
-attend to no key gets zeros from the token branch. Online softmax over key blocks: no S x Skv matrix in memory.
+attend to no key gets zeros from the token branch. Packed rows (segment_ids): a query sees the keys of its own
+segment only, and the key loops skip the blocks outside it (varlen) rather than masking them; the prompt branch
+sees the prompts whose id is the query's segment id. Online softmax over key blocks: no S x Skv matrix in memory.
 The gate multiplies the probabilities (p * mult) rather than the value tile, so a GQA model gets a gate per
 query head while its K/V tiles stay shared; the softmax denominator is that of the ungated scores.
 
@@ -37,14 +39,36 @@ def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr):
+def _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
+              CAUSAL: tl.constexpr):
     allowed = (offs_n < SKV)[None, :] & (offs_m < S)[:, None]
     if CAUSAL:
         allowed = allowed & (offs_n[None, :] <= (offs_m + SKV - S)[:, None])
     if HAS_PAD:
         real = tl.load(kpm_ptr + b * SKV + offs_n, mask=offs_n < SKV, other=0) != 0
         allowed = allowed & real[None, :]
+    if HAS_SEG:
+        k_run = tl.load(run_ptr + b * SKV + offs_n, mask=offs_n < SKV, other=-1)
+        allowed = allowed & (k_run[None, :] == q_run[:, None])
     return allowed
+
+
+@triton.jit
+def _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG: tl.constexpr):
+    # The segment (run) number of each query, and the first key of the block's first query's segment: keys
+    # before it belong to other examples for every query of the block, so the key loop starts there.
+    if HAS_SEG:
+        q_run = tl.load(run_ptr + b * SKV + offs_m + SKV - S, mask=offs_m < S, other=-2)
+        return q_run
+    return offs_m
+
+
+@triton.jit
+def _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr):
+    if HAS_SEG:
+        first = tl.minimum(pid_m * BLOCK_M, S - 1) + SKV - S
+        return (tl.load(start_ptr + b * SKV + first) // BLOCK_N) * BLOCK_N
+    return 0
 
 
 @triton.jit
@@ -64,21 +88,37 @@ def _key_end(pid_m, S, SKV, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _prompt_probs(q, pk_ptr, b, hkv, HKV, NP, HD, scale, dd, d_ok, ACC: tl.constexpr, UPCAST: tl.constexpr,
-                  IEEE: tl.constexpr, BLOCK_P: tl.constexpr):
+def _prompt_probs(q, pk_ptr, pseg_ptr, q_ids, b, hkv, HKV, NP, HD, scale, dd, d_ok, ACC: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_P: tl.constexpr, HAS_PSEG: tl.constexpr):
     pp = tl.arange(0, BLOCK_P)
     p_ok = pp < NP
     pk = tl.load(pk_ptr + ((b * HKV + hkv) * NP + pp[:, None]) * HD + dd[None, :], mask=p_ok[:, None] & d_ok[None, :],
                  other=0.)
-    scores = tl.where(p_ok[None, :], dot(q, tl.trans(pk), UPCAST, IEEE) * scale, float("-inf"))
-    e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None], pk
+    visible = p_ok[None, :] & (q_ids[:, None] == q_ids[:, None])  # [M, P]: every real prompt
+    if HAS_PSEG:
+        # Packed rows: a query sees the prompts of its own example only, and none (zeros) if it has none.
+        p_ids = tl.load(pseg_ptr + b * NP + pp, mask=p_ok, other=0)
+        visible = visible & (p_ids[None, :] == q_ids[:, None])
+    scores = tl.where(visible, dot(q, tl.trans(pk), UPCAST, IEEE) * scale, float("-inf"))
+    top = tl.max(scores, axis=1)
+    e = tl.where(visible, tl.exp(scores - tl.where(top == float("-inf"), 0.0, top)[:, None]), 0.)
+    total = tl.sum(e, axis=1)
+    return e / tl.where(total > 0, total, 1.0)[:, None], pk
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, pk_ptr, pv_ptr, pg_ptr, o_ptr, lse_ptr,
-                    H, HKV, S, SKV, NP, HD, scale,
-                    HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_PROMPT: tl.constexpr, CAUSAL: tl.constexpr,
+def _query_ids(seg_ptr, b, S, SKV, offs_m, HAS_PSEG: tl.constexpr):
+    # The segment id of each query, matched against the prompts' ids.
+    if HAS_PSEG:
+        return tl.load(seg_ptr + b * SKV + offs_m + SKV - S, mask=offs_m < S, other=0)
+    return offs_m
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, start_ptr, seg_ptr, pseg_ptr, pk_ptr,
+                    pv_ptr, pg_ptr, o_ptr, lse_ptr, H, HKV, S, SKV, NP, HD, scale,
+                    HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, HAS_PSEG: tl.constexpr,
+                    HAS_PROMPT: tl.constexpr, CAUSAL: tl.constexpr,
                     ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -97,12 +137,14 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, pk_ptr, pv_pt
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     kv_base = (b * HKV + hkv) * SKV * HD
-    for n0 in range(0, _key_end(pid_m, S, SKV, BLOCK_M, CAUSAL), BLOCK_N):
+    q_run = _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG)
+    n_begin = _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M, BLOCK_N, HAS_SEG)
+    for n0 in range(n_begin, _key_end(pid_m, S, SKV, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_off = kv_base + offs_n[:, None] * HD + dd[None, :]
         kv_ok = (offs_n < SKV)[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.)
-        allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, HAS_PAD, CAUSAL)
+        allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG, CAUSAL)
         s = tl.where(allowed, dot(q, tl.trans(k), UPCAST, IEEE) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no allowed key so far keeps m = -inf; subtracting 0 instead keeps exp() at 0, not NaN.
@@ -122,7 +164,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, pk_ptr, pv_pt
                    float("inf"))
     tl.store(lse_ptr + bh * S + offs_m, lse, mask=m_ok)
     if HAS_PROMPT:
-        probs, _ = _prompt_probs(q, pk_ptr, b, hkv, HKV, NP, HD, scale, dd, d_ok, ACC, UPCAST, IEEE, BLOCK_P)
+        q_ids = _query_ids(seg_ptr, b, S, SKV, offs_m, HAS_PSEG)
+        probs, _ = _prompt_probs(q, pk_ptr, pseg_ptr, q_ids, b, hkv, HKV, NP, HD, scale, dd, d_ok, ACC, UPCAST,
+                                 IEEE, BLOCK_P, HAS_PSEG)
         pp = tl.arange(0, BLOCK_P)
         pv = tl.load(pv_ptr + ((b * HKV + hkv) * NP + pp[:, None]) * HD + dd[None, :],
                      mask=(pp < NP)[:, None] & d_ok[None, :], other=0.)
@@ -132,8 +176,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, pk_ptr, pv_pt
 
 
 @triton.jit
-def _backward_prompt_kernel(q_ptr, o_ptr, do_ptr, pk_ptr, pv_ptr, pg_ptr, delta_ptr, dq_ptr, dpk_ptr, dpv_ptr,
-                            dpg_ptr, H, HKV, S, NP, HD, scale, HAS_PROMPT: tl.constexpr, ACC: tl.constexpr,
+def _backward_prompt_kernel(q_ptr, o_ptr, do_ptr, seg_ptr, pseg_ptr, pk_ptr, pv_ptr, pg_ptr, delta_ptr, dq_ptr,
+                            dpk_ptr, dpv_ptr, dpg_ptr, H, HKV, S, SKV, NP, HD, scale, HAS_PROMPT: tl.constexpr,
+                            HAS_PSEG: tl.constexpr, ACC: tl.constexpr,
                             UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_P: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -152,7 +197,9 @@ def _backward_prompt_kernel(q_ptr, o_ptr, do_ptr, pk_ptr, pv_ptr, pg_ptr, delta_
     o_token = tl.load(o_ptr + off, mask=ok, other=0.).to(ACC)
     if HAS_PROMPT:
         q = tl.load(q_ptr + off, mask=ok, other=0.)
-        probs, pk = _prompt_probs(q, pk_ptr, b, hkv, HKV, NP, HD, scale, dd, d_ok, ACC, UPCAST, IEEE, BLOCK_P)
+        q_ids = _query_ids(seg_ptr, b, S, SKV, offs_m, HAS_PSEG)
+        probs, pk = _prompt_probs(q, pk_ptr, pseg_ptr, q_ids, b, hkv, HKV, NP, HD, scale, dd, d_ok, ACC, UPCAST,
+                                  IEEE, BLOCK_P, HAS_PSEG)
         probs = tl.where(m_ok[:, None], probs, 0.)
         pp = tl.arange(0, BLOCK_P)
         pv = tl.load(pv_ptr + ((b * HKV + hkv) * NP + pp[:, None]) * HD + dd[None, :],
@@ -176,9 +223,10 @@ def _backward_prompt_kernel(q_ptr, o_ptr, do_ptr, pk_ptr, pv_ptr, pg_ptr, delta_
 
 
 @triton.jit
-def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
+def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, end_ptr, do_ptr, lse_ptr, delta_ptr,
                         dk_ptr, dv_ptr, dgl_ptr, H, HKV, S, SKV, HD, scale,
-                        HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+                        HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
+                        ACC: tl.constexpr,
                         UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -201,22 +249,28 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, do_ptr, l
     m_start = 0
     if CAUSAL:
         m_start = (tl.maximum(pid_n * BLOCK_N - (SKV - S), 0) // BLOCK_M) * BLOCK_M
+    m_end = S
+    if HAS_SEG:
+        # Queries past the segment of this block's last key belong to other examples: don't visit them.
+        last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, SKV) - 1
+        m_end = tl.minimum(S, tl.load(end_ptr + b * SKV + last) - (SKV - S))
     for g in range(group):
         h = hkv * group + g
         bh = b * H + h
         if HAS_GATE:
             mult, image = _key_multiplier(gl_ptr, img_ptr, b, h, H, SKV, offs_n, ACC)
             d_mult = tl.zeros([BLOCK_N], ACC)
-        for m0 in range(m_start, S, BLOCK_M):
+        for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < S
+            q_run = _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG)
             q_off = (bh * S + offs_m[:, None]) * HD + dd[None, :]
             q_ok = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr + q_off, mask=q_ok, other=0.)
             do = tl.load(do_ptr + q_off, mask=q_ok, other=0.)
             lse = tl.load(lse_ptr + bh * S + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(delta_ptr + bh * S + offs_m, mask=m_ok, other=0.)
-            allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, HAS_PAD, CAUSAL)
+            allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG, CAUSAL)
             s = dot(q, tl.trans(k), UPCAST, IEEE) * scale
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.)
             do_v = dot(do, tl.trans(v), UPCAST, IEEE)
@@ -238,9 +292,9 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, do_ptr, l
 
 
 @triton.jit
-def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_prompt_ptr,
-                       dq_ptr, H, HKV, S, SKV, HD, scale,
-                       HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_PROMPT: tl.constexpr,
+def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, start_ptr, do_ptr, lse_ptr,
+                       delta_ptr, dq_prompt_ptr, dq_ptr, H, HKV, S, SKV, HD, scale,
+                       HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, HAS_PROMPT: tl.constexpr,
                        CAUSAL: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -261,13 +315,15 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, do_ptr, ls
     delta = tl.load(delta_ptr + bh * S + offs_m, mask=m_ok, other=0.)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     kv_base = (b * HKV + hkv) * SKV * HD
-    for n0 in range(0, _key_end(pid_m, S, SKV, BLOCK_M, CAUSAL), BLOCK_N):
+    q_run = _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG)
+    n_begin = _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M, BLOCK_N, HAS_SEG)
+    for n0 in range(n_begin, _key_end(pid_m, S, SKV, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_off = kv_base + offs_n[:, None] * HD + dd[None, :]
         kv_ok = (offs_n < SKV)[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.)
         v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.)
-        allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, HAS_PAD, CAUSAL)
+        allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG, CAUSAL)
         p = tl.where(allowed, tl.exp(dot(q, tl.trans(k), UPCAST, IEEE) * scale - lse[:, None]), 0.)
         dp = dot(do, tl.trans(v), UPCAST, IEEE)
         if HAS_GATE:
@@ -281,14 +337,33 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, do_ptr, ls
     tl.store(dq_ptr + q_off, cast(dq, dtype), mask=q_ok)
 
 
-def _launch_args(q, k, gate_logits, key_padding_mask, prompt_k, causal):
+def _launch_args(q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids):
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     num_prompts = prompt_k.shape[2] if prompt_k is not None else 0
-    flags = dict(HAS_GATE=gate_logits is not None, HAS_PAD=key_padding_mask is not None, CAUSAL=bool(causal),
+    flags = dict(HAS_GATE=gate_logits is not None, HAS_PAD=key_padding_mask is not None,
+                 HAS_SEG=segment_ids is not None, CAUSAL=bool(causal),
                  ACC=accumulator_dtype(q.dtype), UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
                  IEEE=mma_precision(q.dtype), BLOCK_D=pow2_at_least_16(head_dim))
     return batch, heads, kv_heads, seq_q, seq_k, head_dim, num_prompts, flags
+
+
+def _segment_tables(segment_ids, like):
+    """(run number, first key of the run, one past its last key) per key position [B, Skv] as int32, computed on
+    the device without a host sync; placeholders without segments."""
+    if segment_ids is None:
+        return like, like, like
+    seq = segment_ids.shape[1]
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    runs = change.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    positions = torch.arange(seq, device=segment_ids.device, dtype=torch.int32).expand_as(runs)
+    starts = torch.where(change, positions, 0).cummax(-1).values.to(torch.int32)
+    last = torch.ones_like(change)
+    last[:, :-1] = change[:, 1:]
+    # Each position's run ends at the first run end at or after it: a minimum scanned from the right.
+    ends = torch.where(last, positions + 1, seq + 1).flip(-1).cummin(-1).values.flip(-1).to(torch.int32)
+    return runs.contiguous(), starts.contiguous(), ends.contiguous()
 
 
 def _placeholder(t, like):
@@ -296,34 +371,39 @@ def _placeholder(t, like):
     return t if t is not None else like
 
 
-def forward(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, causal, scale):
+def forward(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, segment_ids,
+            prompt_segment_ids, causal, scale):
     check_dtype("gated_attention", q.dtype, q.device)
     check_index_range("gated_attention", q, k)
     batch, heads, kv_heads, seq_q, seq_k, head_dim, num_prompts, flags = _launch_args(
-        q, k, gate_logits, key_padding_mask, prompt_k, causal)
+        q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
     if out.numel() == 0:
         return out, lse
+    runs, starts, _ = _segment_tables(segment_ids, q)
     block_m, block_n, warps = _blocks(head_dim, q.dtype)
     _forward_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
         q, k, v, _placeholder(gate_logits, q), _placeholder(image_mask, q), _placeholder(key_padding_mask, q),
+        runs, starts, _placeholder(segment_ids, q), _placeholder(prompt_segment_ids, q),
         _placeholder(prompt_k, q), _placeholder(prompt_v, q), _placeholder(prompt_gate, q), out, lse,
         heads, kv_heads, seq_q, seq_k, num_prompts, head_dim, scale, HAS_PROMPT=prompt_k is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=pow2_at_least_16(num_prompts), num_warps=warps, **flags)
+        HAS_PSEG=prompt_segment_ids is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_P=pow2_at_least_16(num_prompts), num_warps=warps, **flags)
     return out, lse
 
 
 def backward(grad_o, out, lse, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate,
-             causal, scale):
+             segment_ids, prompt_segment_ids, causal, scale):
     check_dtype("gated_attention", q.dtype, q.device)
     check_index_range("gated_attention", q, k)
     batch, heads, kv_heads, seq_q, seq_k, head_dim, num_prompts, flags = _launch_args(
-        q, k, gate_logits, key_padding_mask, prompt_k, causal)
+        q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids)
     has_prompt = prompt_k is not None
     block_m, block_n, warps = _blocks(head_dim, q.dtype)
     q_blocks = triton.cdiv(seq_q, block_m)
-    common = (_placeholder(gate_logits, q), _placeholder(image_mask, q), _placeholder(key_padding_mask, q))
+    runs, starts, ends = _segment_tables(segment_ids, q)
+    masks = (_placeholder(gate_logits, q), _placeholder(image_mask, q), _placeholder(key_padding_mask, q), runs)
     acc = lse.dtype
     delta = torch.empty(batch, heads, seq_q, device=q.device, dtype=acc)
     dq_prompt = torch.empty(q.shape, device=q.device, dtype=acc) if has_prompt else delta
@@ -334,21 +414,22 @@ def backward(grad_o, out, lse, q, k, v, gate_logits, image_mask, key_padding_mas
     prompt_flags = {k: flags[k] for k in ("ACC", "UPCAST", "IEEE", "BLOCK_D")}
     if q.numel():
         _backward_prompt_kernel[(q_blocks, batch * heads)](
-            q, out, grad_o, _placeholder(prompt_k, q), _placeholder(prompt_v, q), _placeholder(prompt_gate, q),
-            delta, dq_prompt, dpk_parts, dpv_parts, dpg_parts, heads, kv_heads, seq_q, num_prompts, head_dim, scale,
-            HAS_PROMPT=has_prompt, BLOCK_M=block_m, BLOCK_P=pow2_at_least_16(num_prompts), num_warps=warps,
-            **prompt_flags)
+            q, out, grad_o, _placeholder(segment_ids, q), _placeholder(prompt_segment_ids, q),
+            _placeholder(prompt_k, q), _placeholder(prompt_v, q), _placeholder(prompt_gate, q),
+            delta, dq_prompt, dpk_parts, dpv_parts, dpg_parts, heads, kv_heads, seq_q, seq_k, num_prompts, head_dim,
+            scale, HAS_PROMPT=has_prompt, HAS_PSEG=prompt_segment_ids is not None, BLOCK_M=block_m,
+            BLOCK_P=pow2_at_least_16(num_prompts), num_warps=warps, **prompt_flags)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dgl = torch.empty_like(gate_logits) if gate_logits is not None else None
     if k.numel():
         _backward_kv_kernel[(triton.cdiv(seq_k, block_n), batch * kv_heads)](
-            q, k, v, *common, grad_o, lse, delta, dk, dv, _placeholder(dgl, q), heads, kv_heads, seq_q, seq_k,
+            q, k, v, *masks, ends, grad_o, lse, delta, dk, dv, _placeholder(dgl, q), heads, kv_heads, seq_q, seq_k,
             head_dim, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
     dq = torch.empty_like(q)
     if q.numel():
         _backward_q_kernel[(q_blocks, batch * heads)](
-            q, k, v, *common, grad_o, lse, delta, dq_prompt, dq, heads, kv_heads, seq_q, seq_k, head_dim, scale,
-            HAS_PROMPT=has_prompt, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
+            q, k, v, *masks, starts, grad_o, lse, delta, dq_prompt, dq, heads, kv_heads, seq_q, seq_k, head_dim,
+            scale, HAS_PROMPT=has_prompt, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
     if not has_prompt:
         return dq, dk, dv, dgl, None, None, None
     group = heads // kv_heads
