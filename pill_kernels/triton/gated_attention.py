@@ -55,8 +55,7 @@ def _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD: tl.co
 
 @triton.jit
 def _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG: tl.constexpr):
-    # The segment (run) number of each query, and the first key of the block's first query's segment: keys
-    # before it belong to other examples for every query of the block, so the key loop starts there.
+    # The segment (run) number of each query (unused without segments).
     if HAS_SEG:
         q_run = tl.load(run_ptr + b * SKV + offs_m + SKV - S, mask=offs_m < S, other=-2)
         return q_run
@@ -65,6 +64,8 @@ def _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG: tl.constexpr):
 
 @triton.jit
 def _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr):
+    # The key block holding the first key of the block's first query's segment: every key before it belongs to
+    # earlier examples, which no query of the block sees, so the key loop starts there.
     if HAS_SEG:
         first = tl.minimum(pid_m * BLOCK_M, S - 1) + SKV - S
         return (tl.load(start_ptr + b * SKV + first) // BLOCK_N) * BLOCK_N
