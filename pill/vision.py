@@ -166,11 +166,13 @@ class HFVisionEncoder(_LocalCheckpointEncoder):
     processor. feature_layer: which hidden state (-1 last, -2 penultimate as LLaVA); drop_cls: drop the first
     token (CLIP's CLS; SigLIP has none). projected: every token of the last layer through the tower's
     post-layernorm and the model's visual projection (a CLIP checkpoint), as LLaMA-Adapter V2 encodes images
-    (all 257 tokens of ViT-L/14, 768 wide); feature_layer must then be -1."""
+    (all 257 tokens of ViT-L/14, 768 wide); feature_layer must then be -1. cls_layers: instead of one layer's
+    tokens, the first (CLS) token after each listed block (1-based; no post-layernorm), one token per block, as
+    LaVIN encodes images ([4, 8, 12, 16, 20, 24] of ViT-L/14: 6 tokens, 1024 wide)."""
 
     def __init__(self, path: str | os.PathLike, feature_layer: int = -1, drop_cls: bool = False,
                  batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 projected: bool = False):
+                 projected: bool = False, cls_layers: Sequence[int] | None = None):
         from transformers import AutoConfig, AutoModel
 
         path = Path(path).expanduser()
@@ -193,12 +195,24 @@ class HFVisionEncoder(_LocalCheckpointEncoder):
                                  f"be -1, got {feature_layer}")
             self.projection = projection.to(device).eval().requires_grad_(False)
             self.feature_dim = projection.out_features
+        self.cls_layers = None
+        if cls_layers is not None:
+            blocks = vision_config.num_hidden_layers
+            if projected or drop_cls or feature_layer != -1:
+                raise ValueError(f"vision encoder {path}: cls_layers takes the CLS token of the listed blocks; it "
+                                 f"excludes projected, drop_cls and feature_layer")
+            if not isinstance(cls_layers, (list, tuple)) or not cls_layers or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= blocks for i in cls_layers):
+                raise ValueError(f"vision encoder {path}: cls_layers must be a non-empty list of block numbers in "
+                                 f"1..{blocks}, got {cls_layers!r}")
+            self.cls_layers = list(cls_layers)
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
-        self.key = self._cache_key("hf", path, weights, feature_layer, drop_cls, *(["projected"] if projected else []))
+        self.key = self._cache_key("hf", path, weights, feature_layer, drop_cls, *(["projected"] if projected else []),
+                                   *([f"cls{self.cls_layers}"] if self.cls_layers else []))
         with torch.no_grad():
             probe = self(self.preprocess([np.zeros((32, 32, 3), dtype=np.float32)]))
         self.num_tokens = probe.shape[1]
@@ -208,6 +222,10 @@ class HFVisionEncoder(_LocalCheckpointEncoder):
         pixels = pixels.to(self.device, self.dtype)
         if self.projection is not None:  # the last layer only: no need to keep every hidden state
             features = self.projection(self.model.post_layernorm(self.model(pixel_values=pixels).last_hidden_state))
+        elif self.cls_layers is not None:
+            # hidden_states[i] is the output of block i (hidden_states[0]: the embeddings after the pre-layernorm)
+            hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+            features = torch.stack([hidden[i][:, 0] for i in self.cls_layers], dim=1)
         else:
             features = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.feature_layer]
         if self.drop_cls:
@@ -279,7 +297,8 @@ class Blip2QFormerEncoder(_LocalCheckpointEncoder):
 
 def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder | Blip2QFormerEncoder:
     """An encoder from a config mapping: {"type": "efficientnet-lite0", "image_size", "grid"} or
-    {"type": "hf", "path", "feature_layer", "drop_cls", "projected"} or {"type": "blip2-qformer", "path"}."""
+    {"type": "hf", "path", "feature_layer", "drop_cls", "projected", "cls_layers"} or {"type": "blip2-qformer",
+    "path"}."""
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "efficientnet-lite0":
@@ -287,8 +306,8 @@ def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder | Bl
     if kind == "hf":
         if "path" not in spec:
             raise ValueError("vision: type 'hf' needs path (a local Hugging Face vision model directory)")
-        return HFVisionEncoder(**_only(spec, {"path", "feature_layer", "drop_cls", "batch_size", "projected"},
-                                       "vision"))
+        return HFVisionEncoder(**_only(spec, {"path", "feature_layer", "drop_cls", "batch_size", "projected",
+                                              "cls_layers"}, "vision"))
     if kind == "blip2-qformer":
         if "path" not in spec:
             raise ValueError("vision: type 'blip2-qformer' needs path (a local BLIP-2 checkpoint directory)")

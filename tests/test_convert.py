@@ -332,10 +332,12 @@ def save_tiny_clip(path):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
 
 
-def _openai_clip_tokens(clip, pixels):
+def _openai_clip_tokens(clip, pixels, cls_after=None):
     """The seed's `clip_encode_image` (OpenAI CLIP's VisionTransformer with ln_post and proj on every token),
     written from its equations over a transformers CLIPModel's weights: patch convolution, class token and
-    positions, ln_pre, residual blocks (multi-head attention, QuickGELU MLP), ln_post, then ``@ proj``."""
+    positions, ln_pre, residual blocks (multi-head attention, QuickGELU MLP), ln_post, then ``@ proj``. With
+    `cls_after` (1-based block numbers): LaVIN's encoding instead, the class token after each of those blocks,
+    before ln_post."""
     v = clip.vision_model
     emb = v.embeddings
     patch = emb.patch_embedding.weight.shape[-1]
@@ -343,7 +345,8 @@ def _openai_clip_tokens(clip, pixels):
     x = torch.cat([emb.class_embedding.expand(x.shape[0], 1, -1), x], 1) + emb.position_embedding.weight
     ln = lambda t, m: F.layer_norm(t, t.shape[-1:], m.weight, m.bias, m.eps)  # noqa: E731
     x = ln(x, v.pre_layrnorm)
-    for block in v.encoder.layers:
+    collected = []
+    for number, block in enumerate(v.encoder.layers, 1):
         a = block.self_attn
         h = ln(x, block.layer_norm1)
         b, n, c = h.shape
@@ -354,7 +357,38 @@ def _openai_clip_tokens(clip, pixels):
         x = x + F.linear(o.transpose(1, 2).reshape(b, n, c), a.out_proj.weight, a.out_proj.bias)
         h = F.linear(ln(x, block.layer_norm2), block.mlp.fc1.weight, block.mlp.fc1.bias)
         x = x + F.linear(h * torch.sigmoid(1.702 * h), block.mlp.fc2.weight, block.mlp.fc2.bias)
+        if cls_after is not None and number in cls_after:
+            collected.append(x[:, 0])
+    if cls_after is not None:
+        return torch.stack(collected, dim=1)
     return ln(x, v.post_layernorm) @ clip.visual_projection.weight.t()
+
+
+def test_lavin_clip_path_is_the_seeds(tmp_path):
+    """`vision: {type: hf, cls_layers: [...]}` gives LaVIN's image features: the class token after each listed
+    block, before the post-layernorm (the seed: after blocks 4, 8, ..., 24 of ViT-L/14), equal to the seed's CLIP
+    forward written out here; the cache tells the encodings apart."""
+    import numpy as np
+    from transformers import CLIPModel
+
+    from pill.vision import build_encoder
+
+    torch.manual_seed(0)
+    save_tiny_clip(tmp_path / "clip")
+    encoder = build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "cls_layers": [1, 2]})
+    assert encoder.feature_dim == 16 and encoder.num_tokens == 2
+    images = [np.random.rand(40, 30, 3).astype(np.float32) for _ in range(2)]
+    clip = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    with torch.no_grad():
+        expected = _openai_clip_tokens(clip, encoder.preprocess(images), cls_after=(1, 2))
+    torch.testing.assert_close(encoder.encode(images), expected, rtol=1e-5, atol=1e-5)
+    last_only = build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "cls_layers": [2]})
+    assert last_only.key != encoder.key != build_encoder({"type": "hf", "path": str(tmp_path / "clip")}).key
+    for bad in ([0, 2], [3], [], "4"):
+        with pytest.raises(ValueError, match=r"cls_layers must be a non-empty list of block numbers in 1\.\.2"):
+            build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "cls_layers": bad})
+    with pytest.raises(ValueError, match="cls_layers takes the CLS token of the listed blocks"):
+        build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "cls_layers": [2], "drop_cls": True})
 
 
 def test_llama_adapter_v2_clip_path_is_the_seeds(tmp_path):
