@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--method-config", default=None,
                       help='JSON of config fields the file cannot tell, e.g. \'{"visual_heads": 16}\'')
     conv.add_argument("--skip-vision-routers", action="store_true",
-                      help="LaVIN: drop the vision-side routers (not supported yet) and keep the LLM side")
+                      help="LaVIN: drop the vision-side routers (inside the CLIP blocks) and keep the LLM side")
     conv.add_argument("--vision", default=None, help="JSON vision encoder spec for the run record (pill.recipe)")
     conv.add_argument("--prompt", default=None, help="JSON prompt spec for the run record (pill.recipe)")
     conv.set_defaults(func=cmd_convert)

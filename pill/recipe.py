@@ -186,5 +186,6 @@ def load_for_inference(adapter: str, config: dict | None, *, backend: str | None
     model = pill.load_pretrained_adapter(model, adapter_dir, backend=backend)
     if torch.cuda.is_available():
         model.cuda()
+    encoder = model.multimodal.feature_encoder(encoder)  # e.g. with LaVIN's vision routers inside the tower
     formatter = build_formatter(tokenizer, model, encoder, prompt)
     return model, formatter, encoder, cache

@@ -147,6 +147,8 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         mm = multimodal_of(model)
+        if mm.training_unsupported():
+            raise ValueError(f"Trainer: {mm.training_unsupported()}")
         if features is None and any(ex.images or ex.image_ids for ex in examples):
             raise ValueError("Trainer: the examples have images but no features lookup was given")
         per_sequence = mm.image_token_id is None

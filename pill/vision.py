@@ -219,7 +219,24 @@ class HFVisionEncoder(_LocalCheckpointEncoder):
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, self.dtype)
+        return self.run_with_block_adapters(pixels, ())
+
+    def run_with_block_adapters(self, pixels: torch.Tensor, adapters: Sequence) -> torch.Tensor:
+        """The features with `adapters[i]` (a callable on [N, tokens, C]) applied to the attention input of block
+        i, after its first layer norm (LaVIN's vision routers, `x + Attn(adapter(LN(x)))`); gradients flow to
+        the adapters when grad mode is on."""
+        layers = self.model.encoder.layers
+        if len(adapters) > len(layers):
+            raise ValueError(f"{len(adapters)} block adapters for a vision tower of {len(layers)} blocks")
+        hooks = [layers[i].layer_norm1.register_forward_hook(lambda module, args, out, a=adapter: a(out))
+                 for i, adapter in enumerate(adapters)]
+        try:
+            return self._features(pixels.to(self.device, self.dtype))
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.projection is not None:  # the last layer only: no need to keep every hidden state
             features = self.projection(self.model.post_layernorm(self.model(pixel_values=pixels).last_hidden_state))
         elif self.cls_layers is not None:

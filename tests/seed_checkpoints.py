@@ -302,7 +302,8 @@ def pill_meta_logits(meta, sd, config, ids, valid, image_token_id, q_features=No
 # LaVIN
 # ----------------------------------------------------------------------------------------------------------
 
-def lavin_checkpoint(config: LlamaConfig, vision_dim=16, rank=4, groups=2, mlp_hidden=8, vision_routers=False):
+def lavin_checkpoint(config: LlamaConfig, vision_dim=16, rank=4, groups=2, mlp_hidden=8, vision_routers=0):
+    """LaVIN's adapter keys; `vision_routers`: that many CLIP blocks with a router at the vision width."""
     d = config.hidden_size
     sd = {"adapter_proj.conv_A.weight": _randn(mlp_hidden, vision_dim), "adapter_proj.conv_A.bias": _randn(mlp_hidden),
           "adapter_proj.conv_B.weight": _randn(d, mlp_hidden), "adapter_proj.conv_B.bias": _randn(d),
@@ -313,10 +314,30 @@ def lavin_checkpoint(config: LlamaConfig, vision_dim=16, rank=4, groups=2, mlp_h
                    p + "conv_B.weight": _randn(d, rank // groups, 1), p + "conv_B.bias": _randn(d),
                    p + "conv_D.weight": _randn(d, rank // groups, 1), p + "conv_D.bias": _randn(d),
                    p + "expert_weights.weight": _randn(2, d, scale=1.0), p + "expert_weights.bias": _randn(2)})
-    if vision_routers:
-        p = "backbone.visual.transformer.resblocks.0.adapter_attn."
-        sd.update({p + "conv_A.weight": _randn(rank, vision_dim, 1), p + "conv_A.bias": _randn(rank)})
+    for i in range(vision_routers):
+        p = f"backbone.visual.transformer.resblocks.{i}.adapter_attn."
+        sd.update({p + "conv_A.weight": _randn(rank, vision_dim, 1), p + "conv_A.bias": _randn(rank),
+                   p + "conv_B.weight": _randn(vision_dim, rank // groups, 1), p + "conv_B.bias": _randn(vision_dim),
+                   p + "conv_D.weight": _randn(vision_dim, rank // groups, 1), p + "conv_D.bias": _randn(vision_dim),
+                   p + "expert_weights.weight": _randn(2, vision_dim, scale=1.0),
+                   p + "expert_weights.bias": _randn(2)})
     return sd
+
+
+def lavin_seed_router(sd, prefix, x, temperature, groups=2, scale=1.0):
+    """The seed's RepAdapter_Router on x [..., d] from its checkpoint tensors, for one image (its batch-1
+    behaviour: each token's own routing weights): softmax((x W_r + b_r) / T), the shared conv_A, the grouped
+    conv_B / conv_D (each group of output channels reads its own slice of the bottleneck), x + s * mix."""
+    w = torch.softmax(_linear(x, sd[prefix + "expert_weights.weight"], sd[prefix + "expert_weights.bias"])
+                      / temperature, -1)
+    z = _linear(x, sd[prefix + "conv_A.weight"][:, :, 0], sd[prefix + "conv_A.bias"])
+
+    def grouped(name):
+        weight, bias = sd[prefix + name + ".weight"][:, :, 0], sd[prefix + name + ".bias"]
+        out_per, in_per = weight.shape[0] // groups, weight.shape[1]
+        return torch.cat([z[..., g * in_per:(g + 1) * in_per] @ weight[g * out_per:(g + 1) * out_per].t()
+                          for g in range(groups)], -1) + bias
+    return x + scale * (w[..., :1] * grouped("conv_B") + w[..., 1:] * grouped("conv_D"))
 
 
 def lavin_meta_logits(meta, sd, config, ids, valid, image_token_id, features=None, temperature=10.0, groups=2):

@@ -219,17 +219,68 @@ def test_lavin_checkpoint_converts_to_the_seed_model(base, tmp_path):
     assert torch.equal(generated, _greedy_loop(seed, ids, valid, 4))
 
 
-def test_lavin_vision_routers_are_refused_unless_skipped(base, tmp_path):
+def test_lavin_vision_routers_convert_and_run_inside_the_vision_tower(base, tmp_path):
+    """LaVIN's checkpoint with routers in the CLIP blocks converts (`vision_router_blocks`), and the features
+    the loaded model encodes through a transformers CLIP tower equal the seed's CLIP forward with its routers
+    written out from the checkpoint's own tensors (one image at a time, the seed's batch-1 routing), for a batch
+    of images; the cache key follows the routers; the trainer refuses to train them; `skip_vision_routers`
+    still drops them."""
+    import numpy as np
+    from transformers import CLIPModel
+
+    from pill.data import PromptFormatter
+    from pill.methods.lavin import RoutedVisionEncoder
+    from pill.trainer import TrainConfig, Trainer
+    from trainer_testing import char_tokenizer, mc_examples
+    from pill.vision import build_encoder
+    from seed_checkpoints import lavin_seed_router
+
     path, model, _ = base
-    checkpoint = save_seed(tmp_path, lavin_checkpoint(model.config, VISION_DIM, vision_routers=True))
+    torch.manual_seed(2)
+    state = lavin_checkpoint(model.config, VISION_DIM, vision_routers=2)
+    checkpoint = save_seed(tmp_path, state)
     out = tmp_path / "converted"
-    with pytest.raises(SeedCheckpointError, match=r"backbone\.visual.*vision-side routers"):
-        convert_seed_checkpoint("lavin", checkpoint, path, out, image_token_id=IMAGE_TOKEN,
-                                method_config={"temperature": 5.0})
-    assert not out.exists()
     summary = convert_seed_checkpoint("lavin", checkpoint, path, out, image_token_id=IMAGE_TOKEN,
+                                      method_config={"temperature": 5.0})
+    assert any("vision routers in CLIP blocks 0..1" in note for note in summary["notes"])
+    converted = pill.load_pretrained_adapter(tiny_base(), out)
+    assert converted.multimodal.config.vision_router_blocks == 2
+
+    save_tiny_clip(tmp_path / "clip")
+    plain = build_encoder({"type": "hf", "path": str(tmp_path / "clip"), "cls_layers": [1, 2]})
+    encoder = converted.multimodal.feature_encoder(plain)
+    assert isinstance(encoder, RoutedVisionEncoder) and encoder.key != plain.key
+    images = [np.random.rand(40, 30, 3).astype(np.float32) for _ in range(3)]
+    clip = CLIPModel.from_pretrained(tmp_path / "clip").eval().double()
+    pixels = encoder.preprocess(images).double()
+    expected = []
+    with torch.no_grad():
+        for image in range(3):  # the seed's routing is per token at batch 1
+            hooks = [layer.layer_norm1.register_forward_hook(
+                lambda m, a, o, i=i: lavin_seed_router(
+                    state, f"backbone.visual.transformer.resblocks.{i}.adapter_attn.", o, 5.0).to(o.dtype))
+                for i, layer in enumerate(clip.vision_model.encoder.layers)]
+            hidden = clip.vision_model(pixel_values=pixels[image:image + 1], output_hidden_states=True).hidden_states
+            for hook in hooks:
+                hook.remove()
+            expected.append(torch.stack([hidden[1][:, 0], hidden[2][:, 0]], 1))
+    expected = torch.cat(expected)
+    got = encoder.encode(images)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert (got - plain.encode(images)).abs().max() > 1e-3  # the routers change the features
+    key = encoder.key
+    with torch.no_grad():  # other router weights, another cache key
+        converted.multimodal.vision_routers[1].b_down.add_(0.1)
+    assert encoder.key != key
+    examples, lookup = mc_examples(2, dim=VISION_DIM)
+    with pytest.raises(ValueError, match="vision_router_blocks > 0 cannot be trained yet"):
+        Trainer(converted, PromptFormatter(char_tokenizer(), image_token_id=IMAGE_TOKEN, image_tokens=2), examples,
+                TrainConfig(output_dir=str(tmp_path / "run"), progress=False), features=lookup)
+    skipped = tmp_path / "skipped"
+    summary = convert_seed_checkpoint("lavin", checkpoint, path, skipped, image_token_id=IMAGE_TOKEN,
                                       method_config={"temperature": 5.0, "skip_vision_routers": True})
-    assert any("dropped 2 vision-side" in note for note in summary["notes"])
+    assert any("dropped 16 vision-side" in note for note in summary["notes"])
+    assert pill.load_pretrained_adapter(tiny_base(), skipped).multimodal.config.vision_router_blocks == 0
 
 
 class Unexpected:
@@ -493,6 +544,9 @@ def test_pill_vision_side_blip2_qformer_gives_the_query_tokens(tmp_path):
 CLI_VARIANTS = {
     "pill": ("pill", lambda c, v: pill_checkpoint(c, v), {"feature_layer": -1}, {}),
     "lavin": ("lavin", lambda c, v: lavin_checkpoint(c, v), {"feature_layer": -1}, {"temperature": 5.0}),
+    # with routers in both CLIP blocks, encoded as the seed does (the CLS token after each block)
+    "lavin-vision-routers": ("lavin", lambda c, v: lavin_checkpoint(c, v, vision_routers=2), {"cls_layers": [1, 2]},
+                             {"temperature": 5.0}),
     "BIAS-7B": ("llama_adapter_v2", lambda c, v: llama_adapter_v2_checkpoint(c, v), {"projected": True},
                 {"visual_heads": 4}),
     "LORA-BIAS-7B-v21": ("llama_adapter_v2", lambda c, v: llama_adapter_v2_checkpoint(c, v, lora_rank=2,
@@ -543,6 +597,9 @@ def test_convert_then_pill_eval_and_pill_generate_on_image_files(tmp_path, capsy
     assert pill_main(["eval", str(tmp_path / "eval.json"), "--adapter", str(adapter), "--output",
                       str(tmp_path / "result.json"), "--no-progress"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "result.json").read_text())["total"] == 4
+    if variant == "lavin-vision-routers":  # pill eval encoded through the routed tower
+        names = [p.name for p in (tmp_path / "cache" / "features").iterdir()]
+        assert len(names) == 1 and "-lavin-routers-" in names[0], names
     capsys.readouterr()
     image = tmp_path / "img" / "blue.png"
     assert pill_main(["generate", "--adapter", str(adapter), "--image", str(image), "--question", "Colour?",

@@ -234,7 +234,13 @@ class MultimodalAdapter(nn.Module):
         if encoder is not None and not callable(encoder):
             raise TypeError(f"vision_encoder must be callable (images -> [N, tokens, C]), got "
                             f"{type(encoder).__name__}")
-        object.__setattr__(self, "vision_encoder", encoder)
+        object.__setattr__(self, "vision_encoder", None if encoder is None else self.feature_encoder(encoder))
+
+    def feature_encoder(self, encoder):
+        """The encoder whose features this model takes: `encoder` itself, or, for a method with adapters inside
+        the vision tower (LaVIN's vision routers), a view of it that runs them (and whose cache key names their
+        weights). `pill eval` / `pill generate` encode through it."""
+        return encoder
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
@@ -300,6 +306,10 @@ class MultimodalAdapter(nn.Module):
             raise ValueError(f"mm_token_type_ids must have the prompt's shape [batch, seq] = "
                              f"{tuple(input_ids.shape)}, got {tuple(prompt_types.shape)}")
         return {"prompt_embeds": inputs_embeds, "prompt_mm_token_type_ids": prompt_types.long()}
+
+    def training_unsupported(self) -> str | None:
+        """Why the trainer cannot train this configuration (None: it can)."""
+        return None
 
     # -- training stages -----------------------------------------------------------------------------------
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:

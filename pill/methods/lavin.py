@@ -16,7 +16,8 @@ import pill_kernels as pk
 from ..hf_compat import take_cache
 from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
 from ..packing import number_of_examples, per_example_any
-from ..seed_format import AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config
+from ..seed_format import (AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config,
+                           layer_indices)
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
                    parameters_where, pop_multimodal, rms_norm_args, swap_layers)
 
@@ -28,8 +29,12 @@ class LavinConfig(MethodConfig):
     adapter_dim: bottleneck (seed: 8); groups: groups of the up-projection 1x1 convolutions (seed: 2);
     num_experts: up-projection experts (seed: 2); scale: s (seed: 1); temperature: router softmax
     temperature (seed: 10 for 7B, 5 for 13B); dropout: on the bottleneck in training (seed: 0.1);
-    projector_hidden: width of the image-feature MLP (seed: 128); backend: kernel backend of the fused ops at
-    injection (run-time only; see `MethodConfig`).
+    projector_hidden: width of the image-feature MLP (seed: 128); vision_router_blocks: the first N blocks of a
+    transformers vision tower (`vision: {type: hf}`) get a soft-routed adapter on their attention input, with
+    the LLM side's bottleneck, groups, scale and temperature (the seed: all 24 blocks of CLIP ViT-L/14), routed
+    per token (the seed's batch-1 behaviour; docs/methods.md, LaVIN); for now in evaluation and generation only
+    (converted seed checkpoints): training them needs the tower inside the training graph, and the trainer
+    refuses; backend: kernel backend of the fused ops at injection (run-time only; see `MethodConfig`).
     """
 
     method: ClassVar[str] = "lavin"
@@ -42,11 +47,16 @@ class LavinConfig(MethodConfig):
     temperature: float = 10.0
     dropout: float = 0.1
     projector_hidden: int = 128
+    vision_router_blocks: int = 0
     backend: str | None = None
 
     def __post_init__(self) -> None:
         self._positive(adapter_dim=self.adapter_dim, groups=self.groups, num_experts=self.num_experts,
                        projector_hidden=self.projector_hidden)
+        if not isinstance(self.vision_router_blocks, int) or isinstance(self.vision_router_blocks, bool) or \
+                self.vision_router_blocks < 0:
+            raise ValueError(f"LavinConfig.vision_router_blocks must be a non-negative integer, got "
+                             f"{self.vision_router_blocks!r}")
         if self.adapter_dim % self.groups:
             raise ValueError(f"LavinConfig.adapter_dim ({self.adapter_dim}) must be a multiple of groups "
                              f"({self.groups})")
@@ -163,6 +173,15 @@ class LavinMultimodal(MultimodalAdapter):
         self.projector = MLPProjector(vision_dim, config.projector_hidden, hidden_size)
         # The seed's adapter_modality_embedding: nn.Embedding(2, D), N(0, 1).
         self.modality_embedding = nn.Parameter(torch.randn(2, hidden_size))
+        # Inside the vision tower, at its width (the features' width, one CLS token per block).
+        self.vision_routers = nn.ModuleList([
+            SoftRoutedAdapter(vision_dim, config.adapter_dim, config.groups, config.num_experts, config.scale,
+                              config.temperature, config.dropout) for _ in range(config.vision_router_blocks)])
+
+    def feature_encoder(self, encoder):
+        if not len(self.vision_routers):
+            return encoder
+        return RoutedVisionEncoder(encoder, self.vision_routers)
 
     def layer_kwargs(self, model, mm_token_type_ids, image_features, extra, cache) -> dict:
         sequence_modality = extra.get("sequence_modality")
@@ -204,6 +223,63 @@ class LavinMultimodal(MultimodalAdapter):
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
         return parameters_where(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
 
+    def training_unsupported(self) -> str | None:
+        if len(self.vision_routers):
+            return ("LaVIN with vision_router_blocks > 0 cannot be trained yet: its routers live inside the vision "
+                    "tower, which would have to run in the training graph (the trainer takes cached features); "
+                    "evaluate and generate with it, or train with vision_router_blocks: 0")
+        return None
+
+
+class RoutedVisionEncoder:
+    """A transformers vision encoder (`pill.vision.HFVisionEncoder`) with LaVIN's routers in its first blocks:
+    ``x + Attn(R(LN(x)))``, ``R(n) = n + s * sum_e w_e(n) (z W_up_e + b_e)``, ``z = n W_down + b``, the weights
+    ``w(n) = softmax((n W_r + b_r) / T)`` per token. The seed computes them from ``n[:, 0]`` in CLIP's
+    sequence-first layout, which is each token's own state for a batch of one image and image 0's for every
+    image of a larger batch; per token is the batch-1 behaviour, which does not depend on the batch.
+    Its cache key names the routers' weights, so cached features follow the adapter."""
+
+    def __init__(self, encoder, routers: nn.ModuleList):
+        if not hasattr(encoder, "run_with_block_adapters"):
+            raise TypeError(f"LaVIN's vision routers run inside a transformers vision tower (vision: {{type: hf, "
+                            f"...}}); got a {type(encoder).__name__}")
+        self.encoder, self.routers = encoder, routers
+        for name in ("feature_dim", "num_tokens", "batch_size", "preprocess"):
+            if hasattr(encoder, name):
+                setattr(self, name, getattr(encoder, name))
+
+    @property
+    def key(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha1()
+        for p in self.routers.parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        return f"{self.encoder.key}-lavin-routers-{digest.hexdigest()[:12]}"
+
+    def _route(self, index: int):
+        router = self.routers[index]
+
+        def apply(normed: torch.Tensor) -> torch.Tensor:
+            weights = router.routing_weights(normed.to(router.w_down.dtype))
+            return router(normed.to(router.w_down.dtype), weights).to(normed.dtype)
+        return apply
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        modes = [m.training for m in self.routers]
+        self.routers.eval()  # encoding for evaluation: no bottleneck dropout
+        try:
+            with torch.no_grad():
+                return self.encoder.run_with_block_adapters(pixels, [self._route(i) for i in range(len(self.routers))])
+        finally:
+            for module, mode in zip(self.routers, modes):
+                module.train(mode)
+
+    def encode(self, images) -> torch.Tensor:
+        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
+                for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs)
+
 
 def inject_lavin(model, config: LavinConfig | None = None, *, vision_dim: int, image_token_id: int,
                  vision_encoder=None) -> MultimodalLlamaForCausalLM:
@@ -225,10 +301,26 @@ def inject_lavin(model, config: LavinConfig | None = None, *, vision_dim: int, i
 # The seed's released checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-_SEED_VISION_ROUTERS = {r"backbone\.visual\..*adapter.*": (
-    "LaVIN's vision-side routers (inside the CLIP ViT-L/14 blocks) are not supported by this version; "
-    "convert with skip_vision_routers (pill convert --skip-vision-routers) to keep the LLM side only, knowing "
-    "that the image features then differ from the seed's")}
+_SEED_VISION_ROUTER_KEYS = r"backbone\.visual\..*adapter.*"
+_SEED_VISION_ROUTER_BLOCK = r"backbone\.visual\.transformer\.resblocks\.(\d+)\.adapter_attn\..*"
+
+
+def _put_router(put, keys: SeedKeys, seed: str, ours: str, width: int, rank: int, groups: int, experts: int) -> None:
+    """One RepAdapter_Router (``conv_A`` [r, d, 1] the shared down-projection, transposed; ``conv_B`` /
+    ``conv_D`` [d, r / groups, 1] experts 0 and 1, kept grouped; ``expert_weights`` the router) as a
+    `SoftRoutedAdapter`'s parameters."""
+    put(f"{ours}.w_down", keys.take(f"{seed}.conv_A.weight", (rank, width, 1)), lambda t: t[:, :, 0].t())
+    put(f"{ours}.b_down", keys.take(f"{seed}.conv_A.bias", (rank,)))
+    ups = [keys.take(f"{seed}.{conv}.weight", (width, rank // groups, 1)) for conv in ("conv_B", "conv_D")]
+    biases = [keys.take(f"{seed}.{conv}.bias", (width,)) for conv in ("conv_B", "conv_D")]
+    if all(t is not None for t in ups):
+        put(f"{ours}.w_up_grouped", torch.stack([t[:, :, 0] for t in ups]))
+    if all(t is not None for t in biases):
+        put(f"{ours}.b_up", torch.stack(biases))
+    put(f"{ours}.router.weight", keys.take(f"{seed}.expert_weights.weight", (experts, width)))
+    put(f"{ours}.router.bias", keys.take(f"{seed}.expert_weights.bias", (experts,)))
+
+
 # The seed's router temperature by LLM width: 10 for LLaMA-7B, 5 for 13B (its model-building code).
 _SEED_TEMPERATURE = {4096: 10.0, 5120: 5.0}
 
@@ -240,7 +332,9 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
     are experts 0 and 1 of the grouped up-projection, kept grouped; expert_weights is the router. All of it
     acts on the RMSNorm output, so nothing is permuted. The bottleneck and groups are read off the shapes; the
     temperature is the seed's for the LLM's width (10 for 7B, 5 for 13B) unless given. The vision-side routers
-    are refused (see `_SEED_VISION_ROUTERS`) unless ``skip_vision_routers`` is in `overrides`."""
+    are converted too (``backbone.visual.transformer.resblocks.{i}.adapter_attn``, the same layout at the CLIP
+    width, into ``multimodal.vision_routers.{i}``, `vision_router_blocks` set to their count), or dropped with
+    ``skip_vision_routers`` in `overrides`."""
     overrides = dict(overrides)
     skip_vision = bool(overrides.pop("skip_vision_routers", False))
     hidden, layers = base.hidden_size, base.num_hidden_layers
@@ -264,28 +358,31 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
     put = tensors.put
 
     for i in range(layers):
-        seed, ours = f"layers.{i}.adapter_attn", f"model.layers.{i}.pill_router_adapter"
-        put(f"{ours}.w_down", keys.take(f"{seed}.conv_A.weight", (rank, hidden, 1)), lambda t: t[:, :, 0].t())
-        put(f"{ours}.b_down", keys.take(f"{seed}.conv_A.bias", (rank,)))
-        ups = [keys.take(f"{seed}.{conv}.weight", (hidden, rank // groups, 1)) for conv in ("conv_B", "conv_D")]
-        biases = [keys.take(f"{seed}.{conv}.bias", (hidden,)) for conv in ("conv_B", "conv_D")]
-        if all(t is not None for t in ups):
-            put(f"{ours}.w_up_grouped", torch.stack([t[:, :, 0] for t in ups]))
-        if all(t is not None for t in biases):
-            put(f"{ours}.b_up", torch.stack(biases))
-        put(f"{ours}.router.weight", keys.take(f"{seed}.expert_weights.weight", (experts, hidden)))
-        put(f"{ours}.router.bias", keys.take(f"{seed}.expert_weights.bias", (experts,)))
+        _put_router(put, keys, f"layers.{i}.adapter_attn", f"model.layers.{i}.pill_router_adapter", hidden, rank,
+                    groups, experts)
     put("multimodal.projector.fc1.weight", keys.take("adapter_proj.conv_A.weight", (projector_hidden, vision_dim)))
     put("multimodal.projector.fc1.bias", keys.take("adapter_proj.conv_A.bias", (projector_hidden,)))
     put("multimodal.projector.fc2.weight", keys.take("adapter_proj.conv_B.weight", (hidden, projector_hidden)))
     put("multimodal.projector.fc2.bias", keys.take("adapter_proj.conv_B.bias", (hidden,)))
     put("multimodal.modality_embedding", keys.take("adapter_modality_embedding.weight", (2, hidden)))
-    vision_routers = keys.matching(next(iter(_SEED_VISION_ROUTERS)))
+    vision_routers = keys.matching(_SEED_VISION_ROUTER_KEYS)
+    blocks = layer_indices(keys, _SEED_VISION_ROUTER_BLOCK)
     if skip_vision and vision_routers:
         for key in vision_routers:
             keys.skip(key)
         notes.append(f"dropped {len(vision_routers)} vision-side router tensors (skip_vision_routers)")
-    keys.finish(refused=_SEED_VISION_ROUTERS)
+    elif blocks:
+        if blocks != list(range(len(blocks))):
+            raise SeedCheckpointError(f"{keys.where}: vision routers in CLIP blocks {blocks}; expected blocks "
+                                      f"0..{len(blocks) - 1}")
+        config = build_method_config(LavinConfig, {**settings, "vision_router_blocks": len(blocks)}, overrides,
+                                     keys.where)
+        for i in blocks:
+            seed, ours = f"backbone.visual.transformer.resblocks.{i}.adapter_attn", f"multimodal.vision_routers.{i}"
+            _put_router(put, keys, seed, ours, vision_dim, rank, groups, experts)
+        notes.append(f"vision routers in CLIP blocks 0..{len(blocks) - 1}, routed per token (the seed's batch-1 "
+                     f"behaviour); encode with vision: {{type: hf, cls_layers: [4, 8, 12, 16, 20, 24]}}")
+    keys.finish()
     return SeedConversion(config, vision_dim, image_token_id if image_token_id is not None else base.vocab_size,
                           tensors, notes)
 
