@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .recipe import (ConfigError, build_formatter, feature_lookup, load_examples, load_for_inference,
-                     load_run_config, record_run, relative_path, vision_spec)
+                     load_run_config, pixel_lookup, record_run, relative_path, vision_spec)
 
 
 def _say(*args, end="\n"):
@@ -74,10 +74,13 @@ def cmd_train(args) -> int:
     examples = load_examples(config, "train")
     cache = cache_dir(relative_path(config, config.get("cache_dir")))
     encoder = build_encoder(vision_spec(config))
-    lookup = feature_lookup(encoder, examples, cache)
     model, tokenizer = load_llm(relative_path(config, config.get("llm")), cache=cache)
     image_token_id = max(model.config.vocab_size, len(tokenizer)) if method.image_placeholders else None
-    model = method.inject(model, method_config, vision_dim=encoder.feature_dim, image_token_id=image_token_id)
+    model = method.inject(model, method_config, vision_dim=encoder.feature_dim, image_token_id=image_token_id,
+                          vision_encoder=encoder)
+    # Features are encoded once and cached, unless the method trains inside the vision tower.
+    lookup = (pixel_lookup(encoder, examples) if model.multimodal.takes_pixels
+              else feature_lookup(encoder, examples, cache))
     if args.backend is not None:
         pill.set_kernel_backend(model, args.backend)
     if config.get("init_adapter"):

@@ -342,11 +342,13 @@ class Collator:
     LLaMA-Adapter V2 takes them; otherwise [N_images, tokens, C] in placeholder order."""
 
     def __init__(self, pad_token_id: int, features: Callable[[list[str]], torch.Tensor] | None,
-                 per_sequence_images: bool = False, feature_shape: tuple[int, int] | None = None):
+                 per_sequence_images: bool = False, feature_shape: tuple[int, int] | None = None,
+                 feature_key: str = "image_features"):
         self.pad_token_id = pad_token_id
         self.features = features
         self.per_sequence_images = per_sequence_images
         self.feature_shape = feature_shape
+        self.feature_key = feature_key  # "images" when the lookup gives preprocessed images for the model to encode
 
     def __call__(self, encoded: list[tuple[list[int], list[int]]], examples: list[Example]) -> dict:
         width = max(len(ids) for ids, _ in encoded)
@@ -381,4 +383,4 @@ class Collator:
             modality[rows] = 1
             return {"image_features": full, "sequence_modality": modality}
         ids = [i for ex in examples for i in ex.image_ids]
-        return {"image_features": self.features(ids)} if ids else {}
+        return {self.feature_key: self.features(ids)} if ids else {}

@@ -59,8 +59,8 @@ class PackedCollator(Collator):
     `max_length`. ``order`` of the last call: the batch's example indices in packed (row-major) order."""
 
     def __init__(self, pad_token_id: int, features: Callable[[list[str]], torch.Tensor] | None,
-                 per_sequence_images: bool = False, *, max_length: int):
-        super().__init__(pad_token_id, features, per_sequence_images)
+                 per_sequence_images: bool = False, *, max_length: int, feature_key: str = "image_features"):
+        super().__init__(pad_token_id, features, per_sequence_images, feature_key=feature_key)
         self.max_length = max_length
         self.order: list[int] = []
 

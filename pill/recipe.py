@@ -122,6 +122,29 @@ def build_formatter(tokenizer, model, encoder, prompt: dict):
                            max_length=prompt.get("max_length", 512))
 
 
+def pixel_lookup(encoder, examples):
+    """The lookup for a method that trains inside the vision tower (`MultimodalAdapter.takes_pixels`): image
+    identity -> the encoder's preprocessed images, read from their files on each call (features cannot be
+    cached while the tower's adapters train)."""
+    from .vision import image_identity, load_image
+
+    sources: dict[str, object] = {}
+    for ex in examples:
+        if not ex.image_ids:
+            ex.image_ids = [image_identity(p) for p in ex.images]
+        sources.update(zip(ex.image_ids, ex.images))
+
+    def lookup(keys):
+        images = []
+        for key in keys:
+            try:
+                images.append(load_image(sources[key]))
+            except Exception as e:
+                raise ValueError(f"cannot read image {sources[key]}: {e}") from None
+        return encoder.preprocess(images)
+    return lookup
+
+
 def feature_lookup(encoder, examples, cache, say=print):
     """Encode every image of the examples once (cached on disk) and return the lookup the trainer uses."""
     from .vision import FeatureCache, image_identity, load_image

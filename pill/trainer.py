@@ -132,9 +132,11 @@ def _world() -> tuple[int, int]:
 class Trainer:
     """Trains `model` (an injected MultimodalLlamaForCausalLM) on `examples` for `config.stage`.
 
-    features: image identity -> stacked features (e.g. a `pill.vision.FeatureCache` lookup); every example's
-    image_ids must be resolvable before training starts. on_step(step, metrics) is called after each optimiser
-    step (a hook for callers; raising in it stops the run like a crash would)."""
+    features: image identity -> stacked features (e.g. a `pill.vision.FeatureCache` lookup), or preprocessed
+    images when the method trains inside the vision tower (`MultimodalAdapter.takes_pixels`,
+    `pill.recipe.pixel_lookup`); every example's image_ids must be resolvable before training starts.
+    on_step(step, metrics) is called after each optimiser step (a hook for callers; raising in it stops the run
+    like a crash would)."""
 
     def __init__(self, model, formatter: PromptFormatter, examples: list[Example], config: TrainConfig,
                  features: Callable[[list[str]], torch.Tensor] | None = None,
@@ -147,14 +149,15 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         mm = multimodal_of(model)
-        if mm.training_unsupported():
-            raise ValueError(f"Trainer: {mm.training_unsupported()}")
         if features is None and any(ex.images or ex.image_ids for ex in examples):
             raise ValueError("Trainer: the examples have images but no features lookup was given")
         per_sequence = mm.image_token_id is None
+        # A method that trains inside the vision tower gets preprocessed images, encoded in the training graph.
+        key = "images" if mm.takes_pixels else "image_features"
         self.collator = (PackedCollator(formatter.tokenizer.pad_token_id, features, per_sequence,
-                                        max_length=formatter.max_length) if config.packing
-                         else Collator(formatter.tokenizer.pad_token_id, features, per_sequence_images=per_sequence))
+                                        max_length=formatter.max_length, feature_key=key) if config.packing
+                         else Collator(formatter.tokenizer.pad_token_id, features, per_sequence_images=per_sequence,
+                                       feature_key=key))
         # Tokenise everything up front: bad examples fail before any step or checkpoint, and label counts per
         # optimiser step are known before its micro-batches run.
         self.encoded = [formatter.encode(ex) for ex in examples]

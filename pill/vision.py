@@ -247,7 +247,8 @@ class HFVisionEncoder(_LocalCheckpointEncoder):
             features = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.feature_layer]
         if self.drop_cls:
             features = features[:, 1:]
-        return features.float().contiguous()
+        # fp32 for half-precision towers; a float64 tower (ground-truth tests) stays float64
+        return (features if features.dtype == torch.float64 else features.float()).contiguous()
 
 
 class Blip2QFormerEncoder(_LocalCheckpointEncoder):

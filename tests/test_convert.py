@@ -223,15 +223,11 @@ def test_lavin_vision_routers_convert_and_run_inside_the_vision_tower(base, tmp_
     """LaVIN's checkpoint with routers in the CLIP blocks converts (`vision_router_blocks`), and the features
     the loaded model encodes through a transformers CLIP tower equal the seed's CLIP forward with its routers
     written out from the checkpoint's own tensors (one image at a time, the seed's batch-1 routing), for a batch
-    of images; the cache key follows the routers; the trainer refuses to train them; `skip_vision_routers`
-    still drops them."""
+    of images; the cache key follows the routers; `skip_vision_routers` still drops them."""
     import numpy as np
     from transformers import CLIPModel
 
-    from pill.data import PromptFormatter
     from pill.methods.lavin import RoutedVisionEncoder
-    from pill.trainer import TrainConfig, Trainer
-    from trainer_testing import char_tokenizer, mc_examples
     from pill.vision import build_encoder
     from seed_checkpoints import lavin_seed_router
 
@@ -272,15 +268,67 @@ def test_lavin_vision_routers_convert_and_run_inside_the_vision_tower(base, tmp_
     with torch.no_grad():  # other router weights, another cache key
         converted.multimodal.vision_routers[1].b_down.add_(0.1)
     assert encoder.key != key
-    examples, lookup = mc_examples(2, dim=VISION_DIM)
-    with pytest.raises(ValueError, match="vision_router_blocks > 0 cannot be trained yet"):
-        Trainer(converted, PromptFormatter(char_tokenizer(), image_token_id=IMAGE_TOKEN, image_tokens=2), examples,
-                TrainConfig(output_dir=str(tmp_path / "run"), progress=False), features=lookup)
     skipped = tmp_path / "skipped"
     summary = convert_seed_checkpoint("lavin", checkpoint, path, skipped, image_token_id=IMAGE_TOKEN,
                                       method_config={"temperature": 5.0, "skip_vision_routers": True})
     assert any("dropped 16 vision-side" in note for note in summary["notes"])
     assert pill.load_pretrained_adapter(tiny_base(), skipped).multimodal.config.vision_router_blocks == 0
+
+
+def test_lavin_vision_routers_train_inside_the_graph(tmp_path):
+    """With vision routers the model encodes the images itself: the gradients of its image features with
+    respect to the routers' parameters equal finite differences (float64 tower; the LLM is left out because
+    transformers computes its RMSNorm in fp32), and the trainer, given preprocessed images, moves every router
+    parameter through the loss (packed batches too)."""
+    import numpy as np
+
+    from pill.data import PromptFormatter
+    from pill.trainer import TrainConfig, Trainer
+    from pill.vision import HFVisionEncoder
+    from trainer_testing import char_tokenizer, mc_examples, tiny_llm
+
+    torch.manual_seed(3)
+    save_tiny_clip(tmp_path / "clip")
+    encoder = HFVisionEncoder(tmp_path / "clip", cls_layers=[1, 2], dtype=torch.float64)
+    model = pill.inject_lavin(tiny_llm(dtype=torch.float64), pill.LavinConfig(adapter_dim=4, dropout=0.0,
+                                                                              vision_router_blocks=2),
+                              vision_dim=16, image_token_id=IMAGE_TOKEN, vision_encoder=encoder).double()
+    assert model.multimodal.takes_pixels
+    with torch.no_grad():
+        for name, p in pill.adapter_parameters(model).items():
+            p.normal_(0.0, 0.3)
+    pixels = encoder.preprocess([np.random.rand(30, 30, 3).astype(np.float32) for _ in range(2)]).double()
+    names = ["vision_routers.0.w_down", "vision_routers.0.b_up", "vision_routers.1.router.weight",
+             "vision_routers.1.w_up_grouped"]
+    params = dict(model.multimodal.named_parameters())
+
+    class Encode(torch.nn.Module):
+        def __init__(self, mm):
+            super().__init__()
+            self.mm = mm
+
+        def forward(self, images):
+            return self.mm.encode_images(images)
+
+    def features(*tensors):
+        return torch.func.functional_call(Encode(model.multimodal), {f"mm.{n}": t for n, t in zip(names, tensors)},
+                                          (pixels,))
+
+    assert torch.autograd.gradcheck(features, [params[n].detach().clone().requires_grad_() for n in names])
+
+    examples, _ = mc_examples(4, tokens=2, dim=16)
+    store = {key: torch.rand(3, 32, 32, dtype=torch.float64) for ex in examples for key in ex.image_ids}
+    formatter = PromptFormatter(char_tokenizer(), image_token_id=IMAGE_TOKEN, image_tokens=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".vision_routers." in n}
+    for packing in (False, True):
+        trainer = Trainer(model, formatter, examples,
+                          TrainConfig(output_dir=str(tmp_path / f"run{packing}"), lr=1e-2, max_steps=1,
+                                      batch_size=4, progress=False, packing=packing, dtype="float32"),
+                          features=lambda keys: torch.stack([store[k] for k in keys]))
+        assert "images" in trainer._batch([0, 1])
+        trainer.train()
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert len(moved) == len(before) > 0
 
 
 class Unexpected:
@@ -606,3 +654,19 @@ def test_convert_then_pill_eval_and_pill_generate_on_image_files(tmp_path, capsy
                       "--max-new-tokens", "6"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert printed[:-1] == _greedy_answer_of_saved_adapter(adapter, image, "Colour?", 6)
+    if variant == "lavin-vision-routers":  # `pill train` goes on from the converted model, routers included
+        from safetensors.torch import load_file
+
+        (tmp_path / "train.json").write_text(json.dumps({
+            "llm": "llm", "vision": vision, "method": "lavin", "init_adapter": "adapter",
+            "method_config": pill.read_adapter_config(adapter)["config"],
+            "prompt": {"format": "chat", "max_length": 128},
+            "data": {"train": {"type": "conversations", "path": "data.jsonl"}},
+            "train": {"stage": 1, "output_dir": "run", "max_steps": 2, "batch_size": 2, "lr": 1e-2, "progress": False,
+                      "packing": True},
+            "cache_dir": "cache"}))
+        assert pill_main(["train", str(tmp_path / "train.json")]) == 0, capsys.readouterr().err
+        start = load_file(adapter / "adapter_model.safetensors")
+        trained = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+        routers = [n for n in start if n.startswith("multimodal.vision_routers.")]
+        assert routers and all(not torch.equal(start[n], trained[n]) for n in routers)

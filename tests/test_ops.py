@@ -309,13 +309,12 @@ def test_gated_attention_on_packed_rows_equals_each_segment_alone(backend):
             keys = (segments[b] == segment).nonzero().flatten()
             lo, hi = int(keys.min()), int(keys.max()) + 1
             own = prompt_segments[b] == segment
-            kw = dict(gate_logits=ref_leaves["gate_logits"][b:b + 1, :, lo:hi], image_mask=a["image_mask"][b:b + 1, lo:hi])
+            cut = lambda name: ref_leaves[name][b:b + 1, :, lo:hi]  # noqa: E731
+            kw = dict(gate_logits=cut("gate_logits"), image_mask=a["image_mask"][b:b + 1, lo:hi])
             if own.any():
-                kw.update(prompt_k=ref_leaves["prompt_k"][b:b + 1, :, own], prompt_v=ref_leaves["prompt_v"][b:b + 1, :, own],
-                          prompt_gate=ref_leaves["prompt_gate"])
-            expected_out[b, :, lo:hi] = gated_attention_definition(
-                ref_leaves["q"][b:b + 1, :, lo:hi], ref_leaves["k"][b:b + 1, :, lo:hi], ref_leaves["v"][b:b + 1, :, lo:hi],
-                **kw)[0]
+                kw.update(prompt_k=ref_leaves["prompt_k"][b:b + 1, :, own],
+                          prompt_v=ref_leaves["prompt_v"][b:b + 1, :, own], prompt_gate=ref_leaves["prompt_gate"])
+            expected_out[b, :, lo:hi] = gated_attention_definition(cut("q"), cut("k"), cut("v"), **kw)[0]
     expected = [expected_out] + list(torch.autograd.grad(expected_out, list(ref_leaves.values()), grad))
     for name, g, e in zip(["o"] + names, got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")

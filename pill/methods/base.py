@@ -307,9 +307,12 @@ class MultimodalAdapter(nn.Module):
                              f"{tuple(input_ids.shape)}, got {tuple(prompt_types.shape)}")
         return {"prompt_embeds": inputs_embeds, "prompt_mm_token_type_ids": prompt_types.long()}
 
-    def training_unsupported(self) -> str | None:
-        """Why the trainer cannot train this configuration (None: it can)."""
-        return None
+    @property
+    def takes_pixels(self) -> bool:
+        """True when part of the vision tower trains with the method (LaVIN's vision routers): the model must
+        then encode the images itself, inside the training graph, so batches carry preprocessed ``images``
+        instead of cached ``image_features``."""
+        return False
 
     # -- training stages -----------------------------------------------------------------------------------
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:

@@ -32,9 +32,9 @@ class LavinConfig(MethodConfig):
     projector_hidden: width of the image-feature MLP (seed: 128); vision_router_blocks: the first N blocks of a
     transformers vision tower (`vision: {type: hf}`) get a soft-routed adapter on their attention input, with
     the LLM side's bottleneck, groups, scale and temperature (the seed: all 24 blocks of CLIP ViT-L/14), routed
-    per token (the seed's batch-1 behaviour; docs/methods.md, LaVIN); for now in evaluation and generation only
-    (converted seed checkpoints): training them needs the tower inside the training graph, and the trainer
-    refuses; backend: kernel backend of the fused ops at injection (run-time only; see `MethodConfig`).
+    per token (the seed's batch-1 behaviour; docs/methods.md, LaVIN), trained jointly: the model then encodes
+    the images itself, inside the training graph (`takes_pixels`); backend: kernel backend of the fused ops at
+    injection (run-time only; see `MethodConfig`).
     """
 
     method: ClassVar[str] = "lavin"
@@ -223,12 +223,19 @@ class LavinMultimodal(MultimodalAdapter):
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
         return parameters_where(model, lambda n: n.startswith("multimodal.") or ".pill_" in n)
 
-    def training_unsupported(self) -> str | None:
-        if len(self.vision_routers):
-            return ("LaVIN with vision_router_blocks > 0 cannot be trained yet: its routers live inside the vision "
-                    "tower, which would have to run in the training graph (the trainer takes cached features); "
-                    "evaluate and generate with it, or train with vision_router_blocks: 0")
-        return None
+    @property
+    def takes_pixels(self) -> bool:
+        return len(self.vision_routers) > 0
+
+    def encode_images(self, images) -> torch.Tensor:
+        """Without vision routers, the frozen encoder's features (no gradient). With them, the tower runs here,
+        inside the graph: gradients reach the routers, whose bottleneck dropout follows their training mode."""
+        if not self.takes_pixels:
+            return super().encode_images(images)
+        if self.vision_encoder is None:
+            raise ValueError("images given but the model has no vision encoder: LaVIN's vision routers need the "
+                             "vision tower (pass vision_encoder= to inject_lavin or set_vision_encoder)")
+        return self.vision_encoder.run_routed(images)
 
 
 class RoutedVisionEncoder:
@@ -265,12 +272,17 @@ class RoutedVisionEncoder:
             return router(normed.to(router.w_down.dtype), weights).to(normed.dtype)
         return apply
 
+    def run_routed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The features in the current grad mode and the routers' own training mode (training: gradients
+        reach them, dropout on)."""
+        return self.encoder.run_with_block_adapters(pixels, [self._route(i) for i in range(len(self.routers))])
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         modes = [m.training for m in self.routers]
         self.routers.eval()  # encoding for evaluation: no bottleneck dropout
         try:
             with torch.no_grad():
-                return self.encoder.run_with_block_adapters(pixels, [self._route(i) for i in range(len(self.routers))])
+                return self.run_routed(pixels)
         finally:
             for module, mode in zip(self.routers, modes):
                 module.train(mode)
