@@ -41,16 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pill  # noqa: E402
 from pill.data import IGNORE, Collator  # noqa: E402
 from pill.packing import PackedCollator, real_tokens  # noqa: E402
+from step_speed import SMOLLM2, STAGE, TINY  # noqa: E402  (the demo model's shape, each method's longest phase)
 
-SIZES = {
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                    vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
+SIZES = {  # num_hidden_layers comes from --layers
+    "smollm2": SMOLLM2,
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                     vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048),
-    "tiny": dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                 tie_word_embeddings=True, max_position_embeddings=2048),
+    "tiny": dict(TINY, max_position_embeddings=2048),
 }
-STAGE = {"pill": 2, "lavin": 1, "llama_adapter_v2": 1}
 SUPERVISED = 8
 
 

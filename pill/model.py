@@ -125,9 +125,8 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         if sequence_ids is not None:
             from .packing import packed_model_inputs
 
-            attention_mask, position_ids, labels = packed_model_inputs(
+            sequence_ids, attention_mask, position_ids, labels = packed_model_inputs(
                 self.config, sequence_ids, inputs_embeds, attention_mask, position_ids, labels, cache, use_cache)
-            sequence_ids = sequence_ids.to(inputs_embeds.device).long()
             extra["sequence_ids"] = sequence_ids
             use_cache = False
         if getattr(mm, "compute_dtype", None) is not None:

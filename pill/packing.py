@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from pill_kernels.reference import segment_starts
+
 from .data import IGNORE, Collator, Example
 
 
@@ -107,13 +109,6 @@ def real_tokens(batch: dict) -> int:
 # What the model derives from sequence_ids
 # ---------------------------------------------------------------------------------------------------------------
 
-def segment_starts(sequence_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] True at the first token of each run of equal ids (an example, or a row's padding)."""
-    change = torch.ones_like(sequence_ids, dtype=torch.bool)
-    change[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
-    return change
-
-
 def positions_in_segments(sequence_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] each token's position inside its own run, from 0."""
     starts = segment_starts(sequence_ids)
@@ -138,9 +133,10 @@ def number_of_examples(sequence_ids: torch.Tensor) -> int:
 
 
 def packed_model_inputs(config, sequence_ids, inputs_embeds, attention_mask, position_ids, labels, cache, use_cache):
-    """(4D attention mask, position ids, labels) of packed rows: causal within each run of equal sequence ids,
-    in the form the configured attention implementation takes (boolean for sdpa, additive for eager);
-    positions restarting per example unless given; labels never crossing from one example into the next."""
+    """(sequence ids checked and on the inputs' device, 4D attention mask, position ids, labels) of packed rows:
+    causal within each run of equal sequence ids, in the form the configured attention implementation takes
+    (boolean for sdpa, additive for eager); positions restarting per example unless given; labels never
+    crossing from one example into the next."""
     if attention_mask is not None:
         raise ValueError("packed rows take their structure from sequence_ids: pass attention_mask=None with "
                          "sequence_ids")
@@ -151,7 +147,7 @@ def packed_model_inputs(config, sequence_ids, inputs_embeds, attention_mask, pos
     starts = segment_starts(sequence_ids)
     if position_ids is None:
         position_ids = positions_in_segments(sequence_ids)
-    runs = starts.long().cumsum(-1)
+    runs = starts.long().cumsum(-1)  # segment numbers
     seq = sequence_ids.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=sequence_ids.device).tril()
     allowed = (causal & (runs[:, :, None] == runs[:, None, :]))[:, None]
@@ -167,7 +163,7 @@ def packed_model_inputs(config, sequence_ids, inputs_embeds, attention_mask, pos
                          f"model uses {implementation!r}")
     if labels is not None:
         labels = labels.masked_fill(starts.to(labels.device), IGNORE)
-    return mask, position_ids, labels
+    return sequence_ids, mask, position_ids, labels
 
 
 def per_example_any(sequence_ids: torch.Tensor, flags: torch.Tensor | None, count: int) -> torch.Tensor:

@@ -126,42 +126,41 @@ def pixel_lookup(encoder, examples):
     """The lookup for a method that trains inside the vision tower (`MultimodalAdapter.takes_pixels`): image
     identity -> the encoder's preprocessed images, read from their files on each call (features cannot be
     cached while the tower's adapters train)."""
-    from .vision import image_identity, load_image
+    sources = _image_sources(examples)
+    return lambda keys: encoder.preprocess([_read_image(sources[key]) for key in keys])
+
+
+def _image_sources(examples) -> dict[str, object]:
+    """Image identity -> its source (path or in-memory image), naming the examples' images on the way."""
+    from .vision import image_identity
 
     sources: dict[str, object] = {}
     for ex in examples:
         if not ex.image_ids:
             ex.image_ids = [image_identity(p) for p in ex.images]
         sources.update(zip(ex.image_ids, ex.images))
+    return sources
 
-    def lookup(keys):
-        images = []
-        for key in keys:
-            try:
-                images.append(load_image(sources[key]))
-            except Exception as e:
-                raise ValueError(f"cannot read image {sources[key]}: {e}") from None
-        return encoder.preprocess(images)
-    return lookup
+
+def _read_image(source):
+    from .vision import load_image
+
+    try:
+        return load_image(source)
+    except Exception as e:
+        raise ValueError(f"cannot read image {source}: {e}") from None
 
 
 def feature_lookup(encoder, examples, cache, say=print):
     """Encode every image of the examples once (cached on disk) and return the lookup the trainer uses."""
-    from .vision import FeatureCache, image_identity, load_image
+    from .vision import FeatureCache
 
     store = FeatureCache(encoder, cache)
-    sources: dict[str, object] = {}
-    for ex in examples:
-        if not ex.image_ids:
-            ex.image_ids = [image_identity(p) for p in ex.images]
-        sources.update(zip(ex.image_ids, ex.images))
+    sources = _image_sources(examples)
     ids = list(sources)
     if ids:
         def load(i):
-            try:
-                return load_image(sources[ids[i]])
-            except Exception as e:
-                raise ValueError(f"cannot read image {sources[ids[i]]}: {e}") from None
+            return _read_image(sources[ids[i]])
 
         store.features(ids, load, progress=lambda done, total: say(f"  encoded {done}/{total} images", end="\r"))
         say("")

@@ -156,9 +156,14 @@ class _LocalCheckpointEncoder:
         return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
 
     def encode(self, images: Sequence) -> torch.Tensor:
-        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
-                for i in range(0, len(images), self.batch_size)]
-        return torch.cat(outs)
+        return encode_in_batches(self, images)
+
+
+def encode_in_batches(encoder, images: Sequence) -> torch.Tensor:
+    """`encoder` (its `preprocess`, then its call) over `images` in chunks of its `batch_size`, on CPU."""
+    outs = [encoder(encoder.preprocess(images[i:i + encoder.batch_size])).cpu()
+            for i in range(0, len(images), encoder.batch_size)]
+    return torch.cat(outs)
 
 
 class HFVisionEncoder(_LocalCheckpointEncoder):

@@ -124,12 +124,18 @@ def _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask):
     return k, v
 
 
-def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] run number of each position: consecutive positions with the same id form one segment (a packed
-    example), so ids may repeat in other runs without joining them."""
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] True at the first position of each segment: consecutive positions with the same id form one
+    segment (a packed example, or a row's trailing padding), so ids may repeat in other runs without joining
+    them."""
     change = torch.ones_like(segment_ids, dtype=torch.bool)
     change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return change.long().cumsum(-1)
+    return change
+
+
+def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] the segment number of each position (`segment_starts`)."""
+    return segment_starts(segment_ids).long().cumsum(-1)
 
 
 def _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, device, segment_ids=None):

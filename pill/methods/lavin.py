@@ -288,9 +288,9 @@ class RoutedVisionEncoder:
                 module.train(mode)
 
     def encode(self, images) -> torch.Tensor:
-        outs = [self(self.preprocess(images[i:i + self.batch_size])).cpu()
-                for i in range(0, len(images), self.batch_size)]
-        return torch.cat(outs)
+        from ..vision import encode_in_batches
+
+        return encode_in_batches(self, images)
 
 
 def inject_lavin(model, config: LavinConfig | None = None, *, vision_dim: int, image_token_id: int,

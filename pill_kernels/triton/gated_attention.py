@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import segment_starts
 from ._common import (INTERPRET, accumulator_dtype, cast, check_dtype, check_index_range, dot, mma_precision,
                       pow2_at_least_16, tanh)
 
@@ -355,8 +356,7 @@ def _segment_tables(segment_ids, like):
     if segment_ids is None:
         return like, like, like
     seq = segment_ids.shape[1]
-    change = torch.ones_like(segment_ids, dtype=torch.bool)
-    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    change = segment_starts(segment_ids)
     runs = change.to(torch.int32).cumsum(-1, dtype=torch.int32)
     positions = torch.arange(seq, device=segment_ids.device, dtype=torch.int32).expand_as(runs)
     starts = torch.where(change, positions, 0).cummax(-1).values.to(torch.int32)
