@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ class DemoSettings:
     batch_size: int = 16
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
+    # Per phase, TrainConfig.lr_scale: {parameter-name part: learning-rate factor}.
+    stage1_lr_scale: dict = field(default_factory=dict)
+    stage2_lr_scale: dict = field(default_factory=dict)
     threads: int | None = None    # None: time 1 vs all cores before each phase and keep the faster
     image_size: int = 64
     grid: int = 2
@@ -184,9 +187,9 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
                                 image_tokens=encoder.num_tokens if mm.image_token_id is not None else 0,
                                 system="", max_length=256)
     stages = mm.config.stages
-    phases = [("captions", 1, settings.stage1_steps, settings.stage1_lr),
-              ("multiple choice", stages[-1], settings.stage2_steps, settings.stage2_lr)]
-    for phase, (name, stage, steps, lr) in enumerate(phases, 1):
+    phases = [("captions", 1, settings.stage1_steps, settings.stage1_lr, settings.stage1_lr_scale),
+              ("multiple choice", stages[-1], settings.stage2_steps, settings.stage2_lr, settings.stage2_lr_scale)]
+    for phase, (name, stage, steps, lr, lr_scale) in enumerate(phases, 1):
         if steps <= 0:
             continue
         kind = "caption" if phase == 1 else "mc"
@@ -195,7 +198,8 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         data = [ex for _ in range(repeats) for ex in digit_examples(train_idx, digits.images, digits.target, rng, kind)]
         config = TrainConfig(stage=stage, output_dir=str(out_dir / f"phase{phase}"), lr=lr, max_steps=steps,
                              batch_size=settings.batch_size, warmup_steps=max(1, steps // 10), seed=settings.seed,
-                             progress=progress, dtype=dtype_name(dtype), packing=settings.packing)
+                             progress=progress, dtype=dtype_name(dtype), packing=settings.packing,
+                             lr_scale=dict(lr_scale))
         _clear_run(Path(config.output_dir))
         threads = settings.threads or pick_threads(dtype=dtype)
         torch.set_num_threads(threads)

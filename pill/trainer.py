@@ -51,8 +51,11 @@ class TrainConfig:
     micro-batch's examples packed into rows of at most the prompt's max_length tokens instead of padded to the
     longest (`pill.packing`): the same examples and loss per step, less padding. dtype: the frozen
     base's compute dtype, "float32", "bfloat16", "auto" (bf16 on a GPU, fp32 on a CPU) or "fastest" (bf16 also on
-    a CPU whose bf16 GEMMs measure enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the adapters stay fp32 either way
-    (`pill.set_compute_dtype`). bf16 is its earlier name (true / false / "auto"). distributed: how several processes (torchrun) share the
+    a CPU whose bf16 GEMMs measure enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the
+    adapters stay fp32 either way (`pill.set_compute_dtype`). lr_scale: {name part: factor}, the learning rate
+    (and its schedule) multiplied by factor for the trainable parameters whose names contain the part (the
+    largest factor where several match), e.g. ``{"pill_prompt_gate": 20}``: Adam moves a zero-initialised gate
+    by about lr per step, too slowly for a short run. bf16 is its earlier name (true / false / "auto"). distributed: how several processes (torchrun) share the
     work: "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
     included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it."""
 
@@ -79,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     distributed: str = "ddp"
     packing: bool = False
+    lr_scale: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -105,6 +109,11 @@ class TrainConfig:
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         self.betas = tuple(self.betas)
+        if not isinstance(self.lr_scale, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in self.lr_scale.items()):
+            raise ValueError(f"train.lr_scale must map parameter-name parts to positive factors, "
+                             f"e.g. {{pill_prompt_gate: 20}}, got {self.lr_scale!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -121,6 +130,23 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> f
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def parameter_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only, and one group per learning-rate factor of
+    ``config.lr_scale`` (each group's ``lr_scale``; every part must name some trainable parameter)."""
+    unmatched = [part for part in config.lr_scale if not any(part in name for name in params)]
+    if unmatched:
+        raise ValueError(f"train.lr_scale: {unmatched} name(s) no parameter trained in stage {config.stage} "
+                         f"(e.g. {sorted(params)[:3]})")
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in params.items():
+        scale = max((f for part, f in config.lr_scale.items() if part in name), default=1.0)
+        groups.setdefault((p.ndim >= 2, float(scale)), []).append(p)
+    # The plain groups first, in the order this function always gave them (checkpoints name their groups).
+    order = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], key[1]))
+    return [{"params": groups[key], "weight_decay": config.weight_decay if key[0] else 0.0, "lr_scale": key[1]}
+            for key in order]
 
 
 def _world() -> tuple[int, int]:
@@ -198,11 +224,7 @@ class Trainer:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError(f"stage {config.stage} has no trainable parameters")
-        decay = [p for n, p in self.params.items() if p.ndim >= 2]
-        no_decay = [p for n, p in self.params.items() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=config.betas)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.params, config), lr=self.lr, betas=config.betas)
         self.param_names = {id(p): n for n, p in self.params.items()}
         self.ddp_model = None
         if self.world > 1 and not self.fsdp:
@@ -264,7 +286,7 @@ class Trainer:
             n_tokens = int(count.item())
         lr = cosine_lr(self.step, self.total_steps, self.warmup, self.lr, cfg.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         started = time.perf_counter()
         total_loss = 0.0
         seen_tokens = 0
@@ -520,5 +542,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
             index += 1
         restored = {k: (tuple(v) if k == "betas" else v) for k, v in meta.items() if k != "params"}
         restored["params"] = ids
+        restored["lr_scale"] = group["lr_scale"]  # this run's train.lr_scale (checkpoints before it had none)
         new_groups.append(restored)
     optimizer.load_state_dict({"state": state, "param_groups": new_groups})

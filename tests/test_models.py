@@ -283,3 +283,19 @@ def test_supervised_positions_need_labels_and_no_cache():
         model(input_ids=ids, image_features=features, labels=ids, logits_to_keep="supervised", use_cache=True)
     with pytest.raises(ValueError, match="'supervised'"):
         model(input_ids=ids, image_features=features, labels=ids, logits_to_keep="answers")
+
+
+@pytest.mark.parametrize("std", [1.0, 0.02])
+def test_v2_visual_query_std_sets_the_initial_scale_of_the_visual_queries(std):
+    torch.manual_seed(0)
+    config = pill.LlamaAdapterV2Config(prompt_len=8, visual_blocks=1, visual_heads=2, visual_query_std=std)
+    model = pill.inject_llama_adapter_v2(make_llama(), config, vision_dim=64)
+    queries = model.multimodal.projector.queries
+    assert queries.shape == (8, 64)
+    assert abs(float(queries.std()) / std - 1) < 0.15  # 512 draws of N(0, std^2)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, "small", True])
+def test_v2_visual_query_std_must_be_positive(bad):
+    with pytest.raises(ValueError, match="visual_query_std must be a positive number"):
+        pill.LlamaAdapterV2Config(visual_query_std=bad)

@@ -133,8 +133,11 @@ def test_killed_run_resumes_to_the_same_parameters(method, packing, tmp_path):
         def on_step(step, metrics):
             if step == crash_at:
                 raise Crash
+        # V2's biases at another learning rate: the resumed optimiser must keep its groups apart.
+        lr_scale = {"bias": 3.0} if method == "llama_adapter_v2" else {}
         cfg = TrainConfig(stage=stage, output_dir=str(output_dir), lr=3e-3, max_steps=7, batch_size=3,
-                          grad_accum=2, save_every=2, warmup_steps=2, progress=False, packing=packing)
+                          grad_accum=2, save_every=2, warmup_steps=2, progress=False, packing=packing,
+                          lr_scale=lr_scale)
         trainer = Trainer(model, formatter_for(model, max_length=200), examples, cfg, features=lookup,
                           on_step=on_step)
         trainer.train(resume=resume)
@@ -361,6 +364,45 @@ def test_too_long_examples_fail_naming_the_item():
     examples, _ = mc_examples(1)
     with pytest.raises(DataError, match="item 0: .* max_length 20"):
         fmt.encode(examples[0])
+
+
+def test_lr_scale_multiplies_the_step_of_the_parameters_it_names(tmp_path):
+    """Adam's first step moves every element by lr * sign(gradient) (m / sqrt(v) = g / |g|), less the decoupled
+    weight decay on matrices: a gate named in lr_scale moves factor times as far, everything else by lr."""
+    model = inject("llama_adapter_v2", tiny_llm(dtype=torch.float64))
+    examples, lookup = mc_examples(4, with_images=True)
+    lr, factor = 1e-3, 7.0
+    cfg = TrainConfig(stage=1, output_dir=str(tmp_path), lr=lr, max_steps=1, batch_size=4, warmup_steps=0,
+                      weight_decay=0.0, progress=False, lr_scale={"pill_prompt_gate": factor})
+    trainer = Trainer(model, formatter_for(model), examples, cfg, features=lookup)
+    # Zero gates give the prompts no gradient; opened gates let every trained tensor receive one.
+    with torch.no_grad():
+        for name, p in trainer.params.items():
+            if name.endswith("pill_prompt_gate"):
+                p.fill_(0.5)
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    grads = {}
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: (grads.update({n: p.grad.clone() for n, p in trainer.params.items()}), step())
+    trainer.train_step()
+    gates = [n for n in before if n.endswith("pill_prompt_gate")]
+    assert gates and len(gates) < len(before)
+    for name, p in trainer.params.items():
+        # Elements whose gradient is far above Adam's eps (1e-8); e.g. attention key biases get none.
+        moved = (p.detach() - before[name]).abs()[grads[name].abs() > 1e-5]
+        assert moved.numel() > 0, name
+        want = lr * (factor if name in gates else 1.0)
+        torch.testing.assert_close(moved, torch.full_like(moved, want), rtol=1e-3, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("lr_scale, message", [({"no_such_part": 2.0}, r"\['no_such_part'\] name\(s\) no parameter"),
+                                                ({"pill_prompt_gate": 0}, "positive factors")])
+def test_lr_scale_refuses_names_that_match_nothing_and_bad_factors(tmp_path, lr_scale, message):
+    model = inject("llama_adapter_v2", tiny_llm())
+    examples, lookup = mc_examples(2, with_images=True)
+    with pytest.raises(ValueError, match=message):
+        cfg = TrainConfig(stage=1, output_dir=str(tmp_path), lr=1e-3, max_steps=1, progress=False, lr_scale=lr_scale)
+        Trainer(model, formatter_for(model), examples, cfg, features=lookup)
 
 
 def test_train_config_rejects_unknown_keys():
