@@ -52,11 +52,12 @@ class TrainConfig:
     longest (`pill.packing`): the same examples and loss per step, less padding. dtype: the frozen
     base's compute dtype, "float32", "bfloat16", "auto" (bf16 on a GPU, fp32 on a CPU) or "fastest" (bf16 also on
     a CPU whose bf16 GEMMs measure enough faster at the model's shapes: `pill.machine.choose_compute_dtype`); the
-    adapters stay fp32 either way (`pill.set_compute_dtype`). lr_scale: {name part: factor}, the learning rate
-    (and its schedule) multiplied by factor for the trainable parameters whose names contain the part (the
-    largest factor where several match), e.g. ``{"pill_prompt_gate": 20}``: Adam moves a zero-initialised gate
-    by about lr per step, too slowly for a short run. bf16 is its earlier name (true / false / "auto"). distributed: how several processes (torchrun) share the
-    work: "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
+    adapters stay fp32 either way (`pill.set_compute_dtype`); bf16 is its earlier name (true / false / "auto").
+    lr_scale: {name part: factor}, the learning rate (and its schedule) multiplied by factor for the trainable
+    parameters whose names contain the part (the largest factor where several match), e.g.
+    ``{"projector.blocks": 0.1}`` (`pill demo`'s LLaMA-Adapter V2 keeps its visual block slow so that caption
+    training does not erase what it passes on). distributed: how several processes (torchrun) share the work:
+    "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
     included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it."""
 
     stage: int = 1
@@ -113,7 +114,7 @@ class TrainConfig:
                 isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                 for k, v in self.lr_scale.items()):
             raise ValueError(f"train.lr_scale must map parameter-name parts to positive factors, "
-                             f"e.g. {{pill_prompt_gate: 20}}, got {self.lr_scale!r}")
+                             f"e.g. {{projector.blocks: 0.1}}, got {self.lr_scale!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
