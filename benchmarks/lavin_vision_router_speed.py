@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pill  # noqa: E402
 from pill.vision import HFVisionEncoder  # noqa: E402
-from step_speed import SMOLLM2, TINY, build_base, inputs, median_seconds  # noqa: E402
+from step_speed import SMOLLM2, TINY, build_base, inputs, median_seconds, method_step  # noqa: E402
 
 CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                 image_size=224, patch_size=14, projection_dim=768)
@@ -45,18 +45,6 @@ def write_random_tower(directory: Path, size: dict) -> None:
     side = size["image_size"]
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         directory)
-
-
-def lavin_step(model, ids, labels, extra):
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-
-    def step():
-        loss = model(input_ids=ids, labels=labels, logits_to_keep="supervised", use_cache=False, **extra).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    return step
 
 
 def main(argv=None) -> dict:
@@ -93,8 +81,9 @@ def main(argv=None) -> dict:
             model = pill.inject_lavin(build_base(llm), config, vision_dim=encoder.feature_dim,
                                       image_token_id=image_token, vision_encoder=encoder)
             pill.set_stage(model, 1)
-            extra = {"images": pixels} if router_blocks else {"image_features": features}
-            seconds = median_seconds(lavin_step(model, ids, labels, extra), args.repeats)
+            step = (method_step(model, ids, labels, None, {"images": pixels}) if router_blocks
+                    else method_step(model, ids, labels, features, {}))
+            seconds = median_seconds(step, args.repeats)
             print(f"{name}: {seconds:.3f} s", file=sys.stderr, flush=True)
             rows.append({"step": name, "router_blocks": router_blocks, "median_s": seconds,
                          "per_image_s": seconds / args.batch})
