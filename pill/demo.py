@@ -207,7 +207,8 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         on_step = None if settings.threads else (lambda step, metrics: watch.step(say))
         trainer = Trainer(model, formatter, data, config, features=lookup, on_step=on_step)
         say(f"[demo] phase {phase}: {name}, method stage {stage}, {steps} steps of {settings.batch_size}, "
-            f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters, {threads} thread(s)")
+            f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters, {threads} thread(s)"
+            + "".join(f"; lr x {factor:g} for '{part}'" for part, factor in lr_scale.items()))
         metrics = trainer.train()
         t = lap(f"train phase {phase} ({name})", t)
         say(f"[demo]   loss {metrics['recent_loss']:.3f} over the last steps "
