@@ -7,7 +7,9 @@
 // panels stay in cache across the tile. Work is parallel over fixed chunks of tiles; weight gradients are
 // summed per chunk and reduced in chunk order (cpu_common.h), hence deterministic for any thread count.
 // Everything is computed in the accumulation type (fp32 for half types, fp64 for fp64) and rounded once on
-// output, except n, which follows the reference's rounding.
+// output, except n, which follows the reference's rounding. The training pair (_saving / _from_saved) keeps the
+// GLU's inputs uv = [u | v] from the forward ([T, 2r], accumulation type): the backward then skips the two
+// products that would recompute them, and its results are bitwise those of the recomputing backward.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -22,6 +24,8 @@ namespace {
 
 constexpr const char* kForwardOp = "routed_glu_adapter_forward";
 constexpr const char* kBackwardOp = "routed_glu_adapter_backward";
+constexpr const char* kForwardSavingOp = "routed_glu_adapter_forward_saving";
+constexpr const char* kBackwardFromSavedOp = "routed_glu_adapter_backward_from_saved";
 
 struct Shapes {
   int64_t tokens, hidden, rank, experts;
@@ -193,7 +197,7 @@ void load_tile(const scalar_t* x, const int64_t* tokens, int64_t count, int64_t 
 template <typename scalar_t>
 void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x, const at::Tensor& w_down,
                     const at::Tensor& w_gate, const at::Tensor& w_up, const c10::optional<at::Tensor>& norm_weight,
-                    double eps, at::Tensor& y) {
+                    double eps, at::Tensor& y, at::Tensor* uv_saved) {
   using acc_t = at::opmath_type<scalar_t>;
   const GemmFn<acc_t> gemm = select_gemm<acc_t>();
   const int64_t D = s.hidden, rp = s.rank_pad, Dp = s.hidden_pad;
@@ -203,6 +207,8 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
   const acc_t* weight_ptr = norm_weight.has_value() ? weight.data() : nullptr;
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   scalar_t* y_ptr = y.data_ptr<scalar_t>();
+  acc_t* saved_ptr = uv_saved != nullptr ? uv_saved->data_ptr<acc_t>() : nullptr;
+  const int64_t r = s.rank;
 
   at::parallel_for(0, static_cast<int64_t>(routing.chunks.size()), 1, [&](int64_t c_begin, int64_t c_end) {
     auto n = scratch<acc_t>(kTileTokens * Dp);
@@ -225,6 +231,12 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
             const acc_t down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
             a[i * rp + j] = gate * sigmoid(gate) * down;
           }
+        if (saved_ptr != nullptr)
+          for (int64_t i = 0; i < count; ++i) {
+            acc_t* row = saved_ptr + tokens[i] * 2 * r;
+            std::copy(uv.get() + i * 2 * rp, uv.get() + i * 2 * rp + r, row);
+            std::copy(uv.get() + i * 2 * rp + rp, uv.get() + i * 2 * rp + rp + r, row + r);
+          }
         gemm(false, rows, Dp, rp, a.get(), rp, 1, packed.upw(e), packed.ld_up, out.get(), Dp);
         for (int64_t i = 0; i < count; ++i) {
           scalar_t* y_row = y_ptr + tokens[i] * D;
@@ -238,8 +250,8 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
 template <typename scalar_t>
 void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& grad_y, const at::Tensor& x,
                      const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
-                     const c10::optional<at::Tensor>& norm_weight, double eps, at::Tensor& dx, at::Tensor& dw_down,
-                     at::Tensor& dw_gate, at::Tensor& dw_up, at::Tensor& dnorm) {
+                     const c10::optional<at::Tensor>& norm_weight, double eps, const at::Tensor* uv_saved,
+                     at::Tensor& dx, at::Tensor& dw_down, at::Tensor& dw_gate, at::Tensor& dw_up, at::Tensor& dnorm) {
   using acc_t = at::opmath_type<scalar_t>;
   const GemmFn<acc_t> gemm = select_gemm<acc_t>();
   const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
@@ -251,6 +263,7 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   const scalar_t* gy_ptr = grad_y.data_ptr<scalar_t>();
   scalar_t* dx_ptr = dx.data_ptr<scalar_t>();
+  const acc_t* saved_ptr = uv_saved != nullptr ? uv_saved->data_ptr<acc_t>() : nullptr;
 
   // Per-chunk partial weight gradients: d down_gate [Dp][2rp], d up [rp][Dp], d norm weight [D].
   const int64_t part_dg = Dp * 2 * rp, part_up = rp * Dp, part_norm = has_norm ? D : 0;
@@ -284,9 +297,18 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
         const int64_t* tokens = routing.order.data() + p;
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_tile<scalar_t, acc_t>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
-        // Recompute u = n W_down, v = n W_gate; da = gy W_up^T.
-        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
-        gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
+        // u = n W_down, v = n W_gate: saved by the forward, or recomputed; da = gy W_up^T.
+        if (saved_ptr != nullptr) {
+          std::fill(uv.get(), uv.get() + rows * 2 * rp, acc_t(0));
+          for (int64_t i = 0; i < count; ++i) {
+            const acc_t* row = saved_ptr + tokens[i] * 2 * r;
+            std::copy(row, row + r, uv.get() + i * 2 * rp);
+            std::copy(row + r, row + 2 * r, uv.get() + i * 2 * rp + rp);
+          }
+        } else {
+          gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
+          gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
+        }
         gemm(false, rows, rp, D, gy.get(), Dp, 1, up_t, rp, da.get(), rp);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rp; ++j) {
@@ -354,34 +376,76 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
   });
 }
 
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
+                        const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids,
+                        const c10::optional<at::Tensor>& norm_weight, double eps, at::Tensor* uv_saved) {
+  const Shapes s = check_inputs(op, x, w_down, w_gate, w_up, expert_ids, norm_weight);
+  const Routing routing = route(op, s, expert_ids);
+  at::Tensor y = at::empty_like(x);
+  if (uv_saved != nullptr)
+    *uv_saved = at::empty({s.tokens, 2 * s.rank}, x.options().dtype(accumulation_type(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "routed_glu_adapter", [&] {
+    forward_kernel<scalar_t>(s, routing, x, w_down, w_gate, w_up, norm_weight, eps, y, uv_saved);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const char* op, const at::Tensor& grad_y, const at::Tensor* uv_saved, const at::Tensor& x,
+    const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const c10::optional<at::Tensor>& expert_ids, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const Shapes s = check_inputs(op, x, w_down, w_gate, w_up, expert_ids, norm_weight);
+  check_like(grad_y, x, op, "grad_y", "x");
+  check_shape(grad_y, x.sizes(), op, "grad_y", "x.shape");
+  if (uv_saved != nullptr) {
+    TORCH_CHECK(uv_saved->device().is_cpu() && uv_saved->is_contiguous(), op,
+                ": uv must be a contiguous CPU tensor (routed_glu_adapter_forward_saving's second output)");
+    TORCH_CHECK(uv_saved->scalar_type() == accumulation_type(x.scalar_type()), op, ": uv must have dtype ",
+                accumulation_type(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ",
+                uv_saved->scalar_type());
+    check_shape(*uv_saved, {s.tokens, 2 * s.rank}, op, "uv", "[T, 2r]");
+  }
+  const Routing routing = route(op, s, expert_ids);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw_down = at::empty_like(w_down), dw_gate = at::empty_like(w_gate), dw_up = at::empty_like(w_up);
+  at::Tensor dnorm = norm_weight.has_value() ? at::empty_like(*norm_weight) : x.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "routed_glu_adapter", [&] {
+    backward_kernel<scalar_t>(s, routing, grad_y, x, w_down, w_gate, w_up, norm_weight, eps, uv_saved, dx, dw_down,
+                              dw_gate, dw_up, dnorm);
+  });
+  return {dx, dw_down, dw_gate, dw_up, dnorm};
+}
+
 at::Tensor routed_glu_adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
                                           const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids,
                                           const c10::optional<at::Tensor>& norm_weight, double eps) {
-  const Shapes s = check_inputs(kForwardOp, x, w_down, w_gate, w_up, expert_ids, norm_weight);
-  const Routing routing = route(kForwardOp, s, expert_ids);
-  at::Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kForwardOp, [&] {
-    forward_kernel<scalar_t>(s, routing, x, w_down, w_gate, w_up, norm_weight, eps, y);
-  });
-  return y;
+  return forward_impl(kForwardOp, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_glu_adapter_forward_saving_cpu(
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const c10::optional<at::Tensor>& expert_ids, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  at::Tensor uv;
+  at::Tensor y = forward_impl(kForwardSavingOp, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, &uv);
+  return {y, uv};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_glu_adapter_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
     const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids, const c10::optional<at::Tensor>& norm_weight,
     double eps) {
-  const Shapes s = check_inputs(kBackwardOp, x, w_down, w_gate, w_up, expert_ids, norm_weight);
-  check_like(grad_y, x, kBackwardOp, "grad_y", "x");
-  check_shape(grad_y, x.sizes(), kBackwardOp, "grad_y", "x.shape");
-  const Routing routing = route(kBackwardOp, s, expert_ids);
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw_down = at::empty_like(w_down), dw_gate = at::empty_like(w_gate), dw_up = at::empty_like(w_up);
-  at::Tensor dnorm = norm_weight.has_value() ? at::empty_like(*norm_weight) : x.new_empty({0});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBackwardOp, [&] {
-    backward_kernel<scalar_t>(s, routing, grad_y, x, w_down, w_gate, w_up, norm_weight, eps, dx, dw_down, dw_gate,
-                              dw_up, dnorm);
-  });
-  return {dx, dw_down, dw_gate, dw_up, dnorm};
+  return backward_impl(kBackwardOp, grad_y, nullptr, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_glu_adapter_backward_from_saved_cpu(
+    const at::Tensor& grad_y, const at::Tensor& uv, const at::Tensor& x, const at::Tensor& w_down,
+    const at::Tensor& w_gate, const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids,
+    const c10::optional<at::Tensor>& norm_weight, double eps) {
+  return backward_impl(kBackwardFromSavedOp, grad_y, &uv, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps);
 }
 
 }  // namespace
@@ -390,4 +454,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_gl
 TORCH_LIBRARY_IMPL(pill_kernels_C, CPU, m) {
   m.impl("routed_glu_adapter_forward", &pill_kernels_cpu::routed_glu_adapter_forward_cpu);
   m.impl("routed_glu_adapter_backward", &pill_kernels_cpu::routed_glu_adapter_backward_cpu);
+  m.impl("routed_glu_adapter_forward_saving", &pill_kernels_cpu::routed_glu_adapter_forward_saving_cpu);
+  m.impl("routed_glu_adapter_backward_from_saved", &pill_kernels_cpu::routed_glu_adapter_backward_from_saved_cpu);
 }

@@ -48,6 +48,11 @@ class Kernel:
     auto_skip_reason: Callable[[torch.device], str | None]
     # "auto" picks it only where a recorded measurement at a nearby shape says it is the fastest.
     auto_needs_measurement: bool = False
+    # Optional training pair: forward_saving returns (output, saved activations), and backward_from_saved takes
+    # the saved activations right after the output's gradient, then the forward's arguments, instead of
+    # recomputing them. The op modules use the pair when a backend registers it.
+    forward_saving: Callable | None = None
+    backward_from_saved: Callable | None = None
 
 
 _registry: dict[str, dict[str, Kernel]] = {}
@@ -136,13 +141,17 @@ def _describe(entry: dict, op: str) -> str:
 def register(op: str, backend: str, forward: Callable, backward: Callable,
              unavailable_reason: Callable[[torch.device], str | None] = _no_objection,
              auto_skip_reason: Callable[[torch.device], str | None] = _no_objection,
-             auto_needs_measurement: bool = False) -> None:
+             auto_needs_measurement: bool = False, forward_saving: Callable | None = None,
+             backward_from_saved: Callable | None = None) -> None:
     """Make `backend` an implementation of `op`: `forward` and `backward` take the arguments of the eager
-    implementations in ops/<op>.py and return the same outputs (None for gradients of absent optional inputs)."""
+    implementations in ops/<op>.py and return the same outputs (None for gradients of absent optional inputs).
+    `forward_saving` and `backward_from_saved` (both or neither): see `Kernel`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if (forward_saving is None) != (backward_from_saved is None):
+        raise ValueError(f"{op}/{backend}: forward_saving and backward_from_saved go together; got only one")
     _registry.setdefault(op, {})[backend] = Kernel(forward, backward, unavailable_reason, auto_skip_reason,
-                                                   auto_needs_measurement)
+                                                   auto_needs_measurement, forward_saving, backward_from_saved)
 
 
 def _check_choice(backend: str, argument: str = "backend") -> str:

@@ -2,6 +2,7 @@
 shape and mask matrix of docs/correctness.md under every instruction-set variant of the micro-kernels this CPU
 runs, the C++ input checks, determinism and independence from the thread count, and the package without the
 extension."""
+import dataclasses
 import subprocess
 import sys
 
@@ -73,6 +74,44 @@ def check_routed(x, wd, wg, wu, ids, nw):
         assert dnw.numel() == 0
     else:
         assert_all_close(dnw, grads_ref[5], "dnorm_weight")
+    # The training pair: the forward also returns u = n W_down and v = n W_gate per token (here from an einsum
+    # over each token's own expert), and the backward that reads them gives the reference's gradients.
+    y_saving, uv = C.routed_glu_adapter_forward_saving(x, wd, wg, wu, ids, nw, 1e-6)
+    assert_all_close(y_saving, y_ref, "y (forward_saving)")
+    n = ref.rms_norm(x, nw, 1e-6) if nw is not None else x
+    expert = ids if ids is not None else torch.zeros(x.shape[0], dtype=torch.long)
+    uv_expected = torch.cat([torch.einsum("td,tdr->tr", n, wd[expert]), torch.einsum("td,tdr->tr", n, wg[expert])],
+                            dim=1)
+    assert_all_close(uv, uv_expected, "uv")
+    saved = C.routed_glu_adapter_backward_from_saved(grad_y, uv, x, wd, wg, wu, ids, nw, 1e-6)
+    for name, got, expected in zip(["dx", "dw_down", "dw_gate", "dw_up"], saved[:4], grads_ref[:4]):
+        assert_all_close(got, expected, f"{name} (backward_from_saved)")
+    if nw is not None:
+        assert_all_close(saved[4], grads_ref[5], "dnorm_weight (backward_from_saved)")
+
+
+def test_routed_glu_trains_through_the_saving_pair_only_when_a_gradient_is_needed(monkeypatch):
+    """With a gradient to compute the public function keeps u and v (forward_saving) and the backward reads them
+    (backward_from_saved); without one (no_grad, or no input that requires grad) nothing extra is kept."""
+    kernel = pk.dispatch.kernel("routed_glu_adapter", "cpp")
+    calls = []
+
+    def recording(name):
+        function = getattr(kernel, name)
+        return lambda *args: calls.append(name) or function(*args)
+
+    names = ["forward", "backward", "forward_saving", "backward_from_saved"]
+    monkeypatch.setitem(pk.dispatch._registry["routed_glu_adapter"], "cpp",
+                        dataclasses.replace(kernel, **{name: recording(name) for name in names}))
+    x, wd, wg, wu, ids, nw = routed_case(9, 40, 5, 2, "random", norm=True)
+    wd.requires_grad_()
+    pk.routed_glu_adapter(x, wd, wg, wu, ids, norm_weight=nw, backend="cpp").sum().backward()
+    assert calls == ["forward_saving", "backward_from_saved"] and wd.grad.abs().max() > 0
+    calls.clear()
+    with torch.no_grad():
+        pk.routed_glu_adapter(x, wd, wg, wu, ids, norm_weight=nw, backend="cpp")
+    pk.routed_glu_adapter(x, wd.detach(), wg, wu, ids, norm_weight=nw, backend="cpp")
+    assert calls == ["forward", "forward"]
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 33, 97])
@@ -176,6 +215,11 @@ def test_low_precision_routed_glu_follows_the_two_x_rule(dtype):
                                  g64[:4] + g64[5:]):
         assert got.dtype == dtype
         assert_matches_reference(got, lp, ex, atol=1e-2, what=name)
+    # The training pair keeps u and v in fp32, unrounded: its backward is the recomputing one, bit for bit.
+    y_saving, uv = C.routed_glu_adapter_forward_saving(*args, 1e-6)
+    assert uv.dtype == torch.float32 and torch.equal(y_saving, y)
+    saved = C.routed_glu_adapter_backward_from_saved(grad_y.to(dtype), uv, *args, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(saved, grads))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -260,6 +304,14 @@ def test_routed_glu_checks():
         C.routed_glu_adapter_backward(x[:5], x, wd, wg, wu, ids, nw, 1e-6)
     with pytest.raises(RuntimeError, match="grad_y has dtype Float but x has Double"):
         C.routed_glu_adapter_backward(x.float(), x, wd, wg, wu, ids, nw, 1e-6)
+    _, uv = C.routed_glu_adapter_forward_saving(x, wd, wg, wu, ids, nw, 1e-6)
+    saved = C.routed_glu_adapter_backward_from_saved
+    with pytest.raises(RuntimeError, match=r"uv must have shape \[T, 2r\] = \[6, 10\], got \[6, 9\]"):
+        saved(x, uv[:, :-1].contiguous(), x, wd, wg, wu, ids, nw, 1e-6)
+    with pytest.raises(RuntimeError, match="uv must have dtype Double for x of dtype Double, got Float"):
+        saved(x, uv.float(), x, wd, wg, wu, ids, nw, 1e-6)
+    with pytest.raises(RuntimeError, match="uv must be a contiguous CPU tensor"):
+        saved(x, uv.t().contiguous().t(), x, wd, wg, wu, ids, nw, 1e-6)
 
 
 def test_soft_routed_checks():

@@ -500,8 +500,9 @@ def emulated_kernels_as_cpu_backend(monkeypatch):
     emulated_ops()
     registry = {op: dict(backends) for op, backends in dispatch._registry.items()}
     monkeypatch.setattr(dispatch, "_registry", registry)
-    for op, (_, forward, backward) in compiled.compiled_kernels(cuda_emulation.NAMESPACE).items():
-        dispatch.register(op, "cpp", forward, backward, unavailable_reason=compiled.only_on("cpu"))
+    for op, emulated in compiled.compiled_kernels(cuda_emulation.NAMESPACE).items():
+        dispatch.register(op, "cpp", emulated.forward, emulated.backward, unavailable_reason=compiled.only_on("cpu"),
+                          **emulated.saving_pair("CPU"))
     for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate"):
         assert dispatch.explain(op, "cpu")[0] == "cpp"
 

@@ -84,12 +84,16 @@ def test_routed_glu_gradcheck(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("experts,norm", [(1, False), (2, True)])
-def test_routed_glu_opcheck(backend, experts, norm):
+@pytest.mark.parametrize("save_uv", [False, True])
+def test_routed_glu_opcheck(backend, experts, norm, save_uv):
     require_backend("routed_glu_adapter", backend)
+    if save_uv and pk.dispatch.kernel("routed_glu_adapter", backend).forward_saving is None:
+        pytest.skip(f"{backend} has no training pair for routed_glu_adapter")
     x, wd, wg, wu, ids, nw = routed_inputs(6, hidden=8, rank=3, experts=experts, norm=norm)
     args = [t.requires_grad_() if t is not None and t.is_floating_point() else t for t in (x, wd, wg, wu)]
     opcheck(torch.ops.pill_kernels.routed_glu_adapter.default,
-            (*args, ids if experts > 1 else None, nw.requires_grad_() if nw is not None else None, 1e-6, backend))
+            (*args, ids if experts > 1 else None, nw.requires_grad_() if nw is not None else None, 1e-6, backend,
+             save_uv))
 
 
 def test_routed_glu_leading_dims_and_bool_ids():
@@ -393,6 +397,8 @@ def test_auto_skips_backends_that_run_but_should_not_be_picked(monkeypatch):
     with pytest.raises(pk.BackendUnavailableError, match="backend 'cuda' cannot run op 'toy' on cpu: no kernels"):
         pk.explain("toy", "cpu", "cuda")
     assert pk.available_backends("toy", "cpu") == ["eager", "triton"]
+    with pytest.raises(ValueError, match="toy/cpp: forward_saving and backward_from_saved go together"):
+        pk.dispatch.register("toy", "cpp", forward, forward, forward_saving=forward)
 
 
 # Backends that CI (a CPU machine with triton installed and the C++ extension built) must be able to test; a
@@ -527,7 +533,7 @@ def test_custom_ops_eager_kernels_gradcheck():
     ops = torch.ops.pill_kernels
     x, wd, wg, wu, ids, nw = routed_inputs(5, hidden=6, rank=3)
     assert torch.autograd.gradcheck(
-        lambda *t: ops.routed_glu_adapter.default(*t[:4], ids, t[4], 1e-6, "eager"),
+        lambda *t: ops.routed_glu_adapter.default(*t[:4], ids, t[4], 1e-6, "eager", False)[0],
         [t.requires_grad_() for t in (x, wd, wg, wu, nw)])
     s = soft_inputs(tokens=4, hidden=6, rank=3)
     names = ["x", "w_down", "b_down", "w_up", "b_up", "routing_weights"]

@@ -20,41 +20,61 @@ OP = "routed_glu_adapter"
 
 @torch.library.custom_op("pill_kernels::routed_glu_adapter", mutates_args=())
 def routed_glu_adapter_op(x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor, expert_ids: Optional[Tensor],
-                          norm_weight: Optional[Tensor], eps: float, backend: str) -> Tensor:
-    return dispatch.kernel(OP, backend).forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+                          norm_weight: Optional[Tensor], eps: float, backend: str,
+                          save_uv: bool) -> tuple[Tensor, Tensor]:
+    """(y, uv): uv holds the GLU's inputs [n W_down | n W_gate] per token ([T, 2r] in the accumulation dtype) when
+    `save_uv` (only for a backend with the training pair, dispatch.Kernel.forward_saving), else it is empty and
+    the backward recomputes them."""
+    kernel = dispatch.kernel(OP, backend)
+    if save_uv:
+        y, uv = kernel.forward_saving(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+        return y, uv
+    return kernel.forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps), x.new_empty(0)
+
+
+def _uv_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @routed_glu_adapter_op.register_fake
-def _(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, backend):
-    return torch.empty_like(x)
+def _(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, backend, save_uv):
+    uv = x.new_empty((x.shape[0], 2 * w_down.shape[2]), dtype=_uv_dtype(x)) if save_uv else x.new_empty(0)
+    return torch.empty_like(x), uv
 
 
 @torch.library.custom_op("pill_kernels::routed_glu_adapter_backward", mutates_args=())
 def routed_glu_adapter_backward_op(
-        grad_y: Tensor, x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor, expert_ids: Optional[Tensor],
-        norm_weight: Optional[Tensor], eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dwd, dwg, dwu, dnw = dispatch.kernel(OP, backend).backward(
-        grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+        grad_y: Tensor, uv: Tensor, x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor,
+        expert_ids: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
+        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kernel = dispatch.kernel(OP, backend)
+    if uv.numel() > 0:
+        grads = kernel.backward_from_saved(grad_y, uv, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+    else:
+        grads = kernel.backward(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
+    dx, dwd, dwg, dwu, dnw = grads
     return dx, dwd, dwg, dwu, empty_if_none(dnw, x)
 
 
 @routed_glu_adapter_backward_op.register_fake
-def _(grad_y, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, backend):
+def _(grad_y, uv, x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, backend):
     return (torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(w_gate), torch.empty_like(w_up),
             torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, backend = inputs
-    ctx.save_for_backward(x, w_down, w_gate, w_up, expert_ids, norm_weight)
+    x, w_down, w_gate, w_up, expert_ids, norm_weight, eps, backend, _ = inputs
+    uv = output[1]
+    ctx.mark_non_differentiable(uv)
+    ctx.save_for_backward(x, w_down, w_gate, w_up, expert_ids, norm_weight, uv)
     ctx.eps, ctx.backend = eps, backend
 
 
-def _backward(ctx, grad_y):
-    x, w_down, w_gate, w_up, expert_ids, norm_weight = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_uv):
+    x, w_down, w_gate, w_up, expert_ids, norm_weight, uv = ctx.saved_tensors
     dx, dwd, dwg, dwu, dnw = routed_glu_adapter_backward_op(
-        grad_y.contiguous(), x, w_down, w_gate, w_up, expert_ids, norm_weight, ctx.eps, ctx.backend)
-    return dx, dwd, dwg, dwu, None, none_if_empty(dnw, norm_weight is not None), None, None
+        grad_y.contiguous(), uv, x, w_down, w_gate, w_up, expert_ids, norm_weight, ctx.eps, ctx.backend)
+    return dx, dwd, dwg, dwu, None, none_if_empty(dnw, norm_weight is not None), None, None, None
 
 
 routed_glu_adapter_op.register_autograd(_backward, setup_context=_setup_context)
@@ -126,5 +146,8 @@ def routed_glu_adapter(x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tensor, 
     if chosen == "eager" and not torch.compiler.is_compiling():
         y = reference.routed_glu_adapter(*args)
     else:
-        y = routed_glu_adapter_op(*args, chosen)
+        # Keeping u and v spares the backward a quarter of its products, for [T, 2r] floats of memory.
+        save_uv = dispatch.kernel(OP, chosen).forward_saving is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, w_down, w_gate, w_up, norm_weight))
+        y, _ = routed_glu_adapter_op(*args, chosen, save_uv)
     return y.reshape(x.shape)
