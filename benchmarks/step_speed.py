@@ -14,13 +14,15 @@ row, the loss on the last 8 tokens, as in `pill demo`. Rows:
   divided by the measured rate of a bf16 GEMM of the model's shape.
 
 Every step uses the LM head on the supervised positions only (logits_to_keep="supervised"). Medians of
---repeats steps after one warm-up step.
+--repeats steps after one warm-up step, each row in a fresh Python process (--in-process: all in this one; rows
+measured one after another in one process depended on what ran before them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,6 +130,39 @@ def inject(method: str, base, image_token: int, vision_dim: int):
     return model, spec
 
 
+def measure_row(spec: dict, size: dict, args) -> tuple[float | None, str | None]:
+    """(median seconds, None) of one row's step, or (None, why it cannot run)."""
+    vision_dim, image_tokens, supervised = (16 if args.tiny else 1280), 4, 8
+    dtype, attention = getattr(torch, spec["dtype"]), getattr(torch, spec["attention"])
+    config = LlamaConfig(**size)
+    if spec["step"].startswith("frozen base"):
+        fp32_attention = attention == torch.float32 and dtype != torch.float32
+        model = build_base(size, attention="sdpa_fp32" if fp32_attention else "sdpa").to(dtype)
+        ids, labels, _, _ = inputs(config, args.batch, args.seq, image_tokens, supervised, vision_dim, True)
+        return median_seconds(frozen_base_step(model, ids, labels), args.repeats), None
+    model, spec_ = inject(spec["method"], build_base(size), config.vocab_size, vision_dim)
+    pill.set_compute_dtype(model, dtype, attention)
+    pill.set_kernel_backend(model, spec["backend"])
+    ids, labels, features, _ = inputs(config, args.batch, args.seq, image_tokens, supervised, vision_dim,
+                                      spec_.image_placeholders)
+    extra = {} if spec_.image_placeholders else {"sequence_modality": torch.ones(args.batch, dtype=bool)}
+    try:
+        return median_seconds(method_step(model, ids, labels, features, extra), args.repeats), None
+    except pk.BackendUnavailableError as e:  # e.g. LLaMA-Adapter V2's only fused op has no cpp kernel
+        return None, str(e)
+
+
+def measure_row_isolated(spec: dict, argv: list[str]) -> tuple[float | None, str | None]:
+    """measure_row in a fresh Python process: rows measured one after another in one process were seen to
+    depend on what ran before them (a frozen-base step 0.4 s slower after the other rows than alone)."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--row", json.dumps(spec)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {spec} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["skipped"]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
@@ -139,13 +174,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (a smoke test of this script)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every row in this process (default: each in a fresh process)")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, for measure_row_isolated
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = TINY if args.tiny else SMOLLM2
+    if args.row is not None:
+        seconds, skipped = measure_row(json.loads(args.row), size, args)
+        print(json.dumps({"seconds": seconds, "skipped": skipped}))
+        return {}
     vision_dim, image_tokens, supervised = (16 if args.tiny else 1280), 4, 8
     dtypes = {name: getattr(torch, name) for name in args.dtypes}
-    rows, meta = [], {"threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch,
+    meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch,
                       "seq": args.seq, "supervised": supervised, "image_tokens": image_tokens,
                       "model": "tiny" if args.tiny else "SmolLM2-135M shape", "repeats": args.repeats}
 
@@ -166,42 +209,31 @@ def main(argv=None) -> dict:
     meta["step_GFLOP"] = round(step_flops / 1e9, 2)
     floor_dtype = "bfloat16" if "bfloat16" in gemm else next(iter(gemm))
     floor = step_flops / (flops_per_gemm / gemm[floor_dtype])
-    frozen = {}
     attention_dtypes = {name: choose_attention_dtype(base, dtype) for name, dtype in dtypes.items()}
     meta["attention"] = {name: why for name, (_, why) in attention_dtypes.items()}
+    meta["isolated"] = not args.in_process
+    specs = []
     for name, dtype in dtypes.items():
-        fp32_attention = attention_dtypes[name][0] == torch.float32 and dtype != torch.float32
-        model = build_base(size, attention="sdpa_fp32" if fp32_attention else "sdpa").to(dtype)
-        frozen[name] = median_seconds(frozen_base_step(model, ids, labels), args.repeats)
-        print(f"frozen base {name}: {frozen[name]:.3f} s", file=sys.stderr, flush=True)
-        attention = "float32" if fp32_attention else name
-        rows.append({"step": "frozen base", "dtype": name, "attention": attention, "backend": "-",
-                     "median_s": frozen[name]})
-        if fp32_attention:  # also transformers' model as it is, attention in the base's dtype
-            model = build_base(size).to(dtype)
-            seconds = median_seconds(frozen_base_step(model, ids, labels), args.repeats)
-            rows.append({"step": "frozen base (transformers as is)", "dtype": name, "attention": name,
-                         "backend": "-", "median_s": seconds})
-        del model
-    for method in args.methods:
-        for name, dtype in dtypes.items():
-            for backend in args.backends:
-                model, spec = inject(method, build_base(size), base.config.vocab_size, vision_dim)
-                pill.set_compute_dtype(model, dtype, attention_dtypes[name][0])
-                pill.set_kernel_backend(model, backend)
-                ids_m, labels_m, features, _ = inputs(base.config, args.batch, args.seq, image_tokens, supervised,
-                                                      vision_dim, spec.image_placeholders)
-                extra = {} if spec.image_placeholders else {"sequence_modality": torch.ones(args.batch, dtype=bool)}
-                try:
-                    seconds = median_seconds(method_step(model, ids_m, labels_m, features, extra), args.repeats)
-                except pk.BackendUnavailableError as e:  # e.g. LLaMA-Adapter V2's only fused op has no cpp kernel
-                    print(f"skipped {method} on {backend}: {e}", file=sys.stderr, flush=True)
-                    continue
-                print(f"{method} {name} {backend}: {seconds:.3f} s", file=sys.stderr, flush=True)
-                rows.append({"step": f"{method} stage {STAGE[method]}", "dtype": name, "backend": backend,
-                             "attention": str(attention_dtypes[name][0]).removeprefix("torch."),
-                             "median_s": seconds})
-                del model
+        attention = str(attention_dtypes[name][0]).removeprefix("torch.")
+        specs.append({"step": "frozen base", "dtype": name, "attention": attention, "backend": "-"})
+        if attention != name:  # also transformers' model as it is, attention in the base's dtype
+            specs.append({"step": "frozen base (transformers as is)", "dtype": name, "attention": name,
+                          "backend": "-"})
+    specs += [{"step": f"{method} stage {STAGE[method]}", "method": method, "dtype": name, "backend": backend,
+               "attention": str(attention_dtypes[name][0]).removeprefix("torch.")}
+              for method in args.methods for name in dtypes for backend in args.backends]
+    del base
+    rows, frozen = [], {}
+    for spec in specs:
+        seconds, skipped = measure_row(spec, size, args) if args.in_process else measure_row_isolated(spec, argv)
+        if skipped:
+            print(f"skipped {spec['step']} on {spec['backend']}: {skipped}", file=sys.stderr, flush=True)
+            continue
+        print(f"{spec['step']} {spec['dtype']} {spec['backend']}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        row = {k: v for k, v in spec.items() if k != "method"}
+        rows.append({**row, "median_s": seconds})
+        if spec["step"] == "frozen base":
+            frozen[spec["dtype"]] = seconds
     for row in rows:
         row["vs_frozen_base"] = round(row["median_s"] / frozen[row["dtype"]], 2)
         row["vs_bf16_floor"] = round(row["median_s"] / floor, 2)
