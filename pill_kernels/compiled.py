@@ -2,7 +2,7 @@
 
 The extension is optional: when it is not built, nothing is registered here and asking for "cpp" or "cuda"
 raises `dispatch.BackendUnavailableError` saying how to build it. Its ops (namespace ``pill_kernels_C``,
-schemas in csrc/extension.cpp) take the eager backend's arguments; a backward returns an empty tensor for the
+schemas in csrc/op_schemas.h) take the eager backend's arguments; a backward returns an empty tensor for the
 gradient of an absent optional input, which the wrappers below turn back into None.
 """
 from __future__ import annotations
