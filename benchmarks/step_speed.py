@@ -40,6 +40,11 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
 TINY = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, tie_word_embeddings=True, max_position_embeddings=256)
 STAGE = {"pill": 2, "lavin": 1, "llama_adapter_v2": 1}  # the demo's longest phase of each method
+IMAGE_TOKENS, SUPERVISED = 4, 8  # per row, as in `pill demo`
+
+
+def vision_dim_of(args) -> int:
+    return 16 if args.tiny else 1280
 
 
 def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
@@ -132,7 +137,7 @@ def inject(method: str, base, image_token: int, vision_dim: int):
 
 def measure_row(spec: dict, size: dict, args) -> tuple[float | None, str | None]:
     """(median seconds, None) of one row's step, or (None, why it cannot run)."""
-    vision_dim, image_tokens, supervised = (16 if args.tiny else 1280), 4, 8
+    vision_dim, image_tokens, supervised = vision_dim_of(args), IMAGE_TOKENS, SUPERVISED
     dtype, attention = getattr(torch, spec["dtype"]), getattr(torch, spec["attention"])
     config = LlamaConfig(**size)
     if spec["step"].startswith("frozen base"):
@@ -186,7 +191,7 @@ def main(argv=None) -> dict:
         seconds, skipped = measure_row(json.loads(args.row), size, args)
         print(json.dumps({"seconds": seconds, "skipped": skipped}))
         return {}
-    vision_dim, image_tokens, supervised = (16 if args.tiny else 1280), 4, 8
+    vision_dim, image_tokens, supervised = vision_dim_of(args), IMAGE_TOKENS, SUPERVISED
     dtypes = {name: getattr(torch, name) for name in args.dtypes}
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch,
                       "seq": args.seq, "supervised": supervised, "image_tokens": image_tokens,

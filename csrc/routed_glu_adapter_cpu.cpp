@@ -376,10 +376,6 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
   });
 }
 
-at::ScalarType accumulation_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
                         const at::Tensor& w_up, const c10::optional<at::Tensor>& expert_ids,
                         const c10::optional<at::Tensor>& norm_weight, double eps, at::Tensor* uv_saved) {
@@ -387,7 +383,7 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w
   const Routing routing = route(op, s, expert_ids);
   at::Tensor y = at::empty_like(x);
   if (uv_saved != nullptr)
-    *uv_saved = at::empty({s.tokens, 2 * s.rank}, x.options().dtype(accumulation_type(x.scalar_type())));
+    *uv_saved = at::empty({s.tokens, 2 * s.rank}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "routed_glu_adapter", [&] {
     forward_kernel<scalar_t>(s, routing, x, w_down, w_gate, w_up, norm_weight, eps, y, uv_saved);
   });
@@ -404,8 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   if (uv_saved != nullptr) {
     TORCH_CHECK(uv_saved->device().is_cpu() && uv_saved->is_contiguous(), op,
                 ": uv must be a contiguous CPU tensor (routed_glu_adapter_forward_saving's second output)");
-    TORCH_CHECK(uv_saved->scalar_type() == accumulation_type(x.scalar_type()), op, ": uv must have dtype ",
-                accumulation_type(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ",
+    TORCH_CHECK(uv_saved->scalar_type() == at::toOpMathType(x.scalar_type()), op, ": uv must have dtype ",
+                at::toOpMathType(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ",
                 uv_saved->scalar_type());
     check_shape(*uv_saved, {s.tokens, 2 * s.rank}, op, "uv", "[T, 2r]");
   }

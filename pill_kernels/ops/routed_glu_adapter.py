@@ -27,8 +27,7 @@ def routed_glu_adapter_op(x: Tensor, w_down: Tensor, w_gate: Tensor, w_up: Tenso
     the backward recomputes them."""
     kernel = dispatch.kernel(OP, backend)
     if save_uv:
-        y, uv = kernel.forward_saving(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
-        return y, uv
+        return kernel.forward_saving(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps)
     return kernel.forward(x, w_down, w_gate, w_up, expert_ids, norm_weight, eps), x.new_empty(0)
 
 
