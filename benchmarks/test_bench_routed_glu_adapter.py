@@ -98,3 +98,37 @@ def test_copy_bandwidth(benchmark):
     dst = torch.empty_like(src)
     benchmark.extra_info.update(op="copy", bytes_moved=2 * src.numel() * src.element_size(), device=str(DEVICE))
     benchmark(dst.copy_, src)
+
+
+# bf16 inputs on the C++ CPU kernel: the bf16 products of AVX512-BF16 CPUs against the same kernel's fp32 products
+# of the same bf16 values (PILL_KERNELS_CPU_ISA), forward+backward of the training pair, at PILL 7B's adapter width
+# (D=4096, r=32; PILL_BENCH_FULL=1) and the demo's (SmolLM2-135M: D=576, r=16).
+CPU_BF16_SHAPES = [(1024, 4096, 32), (1024, 576, 16)] if FULL else [(37, 72, 8)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU benchmark")
+@pytest.mark.parametrize("tokens,hidden,rank", CPU_BF16_SHAPES)
+@pytest.mark.parametrize("products", ["avx512", "avx512bf16"])
+def test_routed_glu_adapter_cpu_bf16(benchmark, monkeypatch, products, tokens, hidden, rank):
+    skip_unless_runs("routed_glu_adapter", "cpp")
+    monkeypatch.setenv("PILL_KERNELS_CPU_ISA", products)
+    if not pk.extension_info().endswith(f"CPU products on this CPU: {products}"):
+        pytest.skip(f"this CPU's products are not {products}: {pk.extension_info()}")
+    seed_everything()
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    w_down, w_gate = (0.02 * torch.randn(EXPERTS, hidden, rank, dtype=torch.bfloat16) for _ in range(2))
+    w_up = 0.02 * torch.randn(EXPERTS, rank, hidden, dtype=torch.bfloat16)
+    norm_weight = 1 + 0.1 * torch.randn(hidden, dtype=torch.bfloat16)
+    leaves = [x, w_down.requires_grad_(), w_gate.requires_grad_(), w_up.requires_grad_(), norm_weight]
+    ids = (torch.arange(tokens) % 64 < 8).long()  # the demo's 4 image tokens in 64, rounded up
+    grad_y = torch.randn_like(x)
+
+    def step():
+        y = pk.routed_glu_adapter(x, w_down, w_gate, w_up, ids, norm_weight=norm_weight, backend="cpp")
+        torch.autograd.backward(y, grad_y, inputs=leaves[:4])
+
+    step()
+    benchmark.extra_info.update(op="routed_glu_adapter", backend="cpp", products=products, pass_="forward_backward",
+                                tokens=tokens, hidden=hidden, rank=rank, experts=EXPERTS, dtype="torch.bfloat16",
+                                device="cpu")
+    benchmark(step)

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -44,7 +45,8 @@ constexpr int64_t kTileTokens = 32;
 constexpr int64_t kTargetChunks = 16;
 
 inline int64_t chunk_tokens(int64_t tokens) {
-  const int64_t tiles = std::max<int64_t>(1, (tokens + kTileTokens * kTargetChunks - 1) / (kTileTokens * kTargetChunks));
+  const int64_t per_chunk = kTileTokens * kTargetChunks;
+  const int64_t tiles = std::max<int64_t>(1, (tokens + per_chunk - 1) / per_chunk);
   return tiles * kTileTokens;
 }
 
@@ -74,6 +76,28 @@ acc_t sum_of_squares(const scalar_t* row, int64_t size) {
   return total;
 }
 
+// v rounded to the nearest bf16 (ties to even) and widened back: c10::BFloat16's rounding in 32-bit lanes and
+// without its branch, so that loops of it vectorise (a NaN stays a NaN).
+inline float round_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  float rounded;
+  std::memcpy(&rounded, &bits, sizeof(rounded));
+  return v != v ? v : rounded;
+}
+
+// static_cast<acc_t>(static_cast<scalar_t>(v)): v rounded to scalar_t's precision.
+template <typename scalar_t, typename acc_t>
+acc_t round_through(acc_t v) {
+  return static_cast<acc_t>(static_cast<scalar_t>(v));
+}
+
+template <>
+inline float round_through<c10::BFloat16, float>(float v) {
+  return round_to_bf16(v);
+}
+
 // RMSNorm of one row with the rounding order of transformers' LlamaRMSNorm (reference.rms_norm): normalise in
 // the accumulation type, round to the input type, scale by the weight, round again. The casts through
 // scalar_t are no-ops for float and double. Writes n and the rounded normalised row xr (for the backward);
@@ -83,9 +107,9 @@ acc_t rms_norm_row(const scalar_t* x, const acc_t* weight, int64_t size, double 
   const acc_t mean_square = sum_of_squares<scalar_t, acc_t>(x, size) / static_cast<acc_t>(size);
   const acc_t rstd = static_cast<acc_t>(1) / std::sqrt(mean_square + static_cast<acc_t>(eps));
   for (int64_t k = 0; k < size; ++k) {
-    const acc_t normalised = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x[k]) * rstd));
+    const acc_t normalised = round_through<scalar_t, acc_t>(static_cast<acc_t>(x[k]) * rstd);
     if (xr != nullptr) xr[k] = normalised;
-    n[k] = static_cast<acc_t>(static_cast<scalar_t>(weight[k] * normalised));
+    n[k] = round_through<scalar_t, acc_t>(weight[k] * normalised);
   }
   return rstd;
 }

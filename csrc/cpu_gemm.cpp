@@ -7,6 +7,9 @@
 #include "cpu_gemm.h"
 
 #include <c10/util/Exception.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include <cstdlib>
 #include <cstring>
@@ -84,7 +87,60 @@ PILL_DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))), 32)
 PILL_DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 64)
 #endif
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
+#if PILL_KERNELS_X86_MULTIVERSION
+#define PILL_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+
+// ROWS x (16 * NV) block of C in zmm accumulators; per pair of k, NV loads of packed B and one 32-bit broadcast
+// of A's pair per row. ROWS * NV <= 16 accumulators leave registers for B and the broadcasts.
+template <int ROWS, int NV, bool ACCUMULATE>
+PILL_BF16_TARGET void bf16_micro(int64_t K, const uint16_t* __restrict A, int64_t lda, const uint16_t* __restrict B,
+                                 int64_t ldb, float* __restrict C, int64_t ldc) {
+  __m512 acc[ROWS][NV];
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = ACCUMULATE ? _mm512_loadu_ps(C + m * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + k * ldb + 32 * v);
+    for (int m = 0; m < ROWS; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, A + m * lda + k, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, b[v]);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + 16 * v, acc[m][v]);
+}
+
+template <int ROWS, int NV>
+PILL_BF16_TARGET void bf16_block(bool accumulate, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                 int64_t ldb, float* C, int64_t ldc) {
+  if (accumulate) {
+    bf16_micro<ROWS, NV, true>(K, A, lda, B, ldb, C, ldc);
+  } else {
+    bf16_micro<ROWS, NV, false>(K, A, lda, B, ldb, C, ldc);
+  }
+}
+
+template <int ROWS>
+PILL_BF16_TARGET void bf16_rows(bool accumulate, int64_t m0, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                                const uint16_t* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t n0 = 0;
+  for (; n0 + 32 <= N; n0 += 32)
+    bf16_block<ROWS, 2>(accumulate, K, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0, ldc);
+  if (n0 < N) bf16_block<ROWS, 1>(accumulate, K, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0, ldc);
+}
+
+PILL_BF16_TARGET void avx512bf16_gemm(bool accumulate, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                                      int64_t lda, const uint16_t* B, int64_t ldb, float* C, int64_t ldc) {
+  // In the packed layout a pair-row of B is 2 * ldb elements; the micro-kernel steps k by 2 (B + k * ldb).
+  int64_t m0 = 0;
+  for (; m0 + 8 <= M; m0 += 8) bf16_rows<8>(accumulate, m0, N, K, A, lda, B, ldb, C, ldc);
+  for (; m0 < M; m0 += kRows) bf16_rows<kRows>(accumulate, m0, N, K, A, lda, B, ldb, C, ldc);
+}
+#endif
+
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16 };
 
 Isa detect_isa() {
 #if PILL_KERNELS_X86_MULTIVERSION
@@ -92,10 +148,23 @@ Isa detect_isa() {
   // libgcc's and compiler-rt's feature bits also check that the OS saves the vector registers (XGETBV).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kGeneric;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
 }
 
 Isa current_isa() {
@@ -110,12 +179,13 @@ Isa current_isa() {
     wanted = Isa::kAvx2;
   } else if (name == "avx512") {
     wanted = Isa::kAvx512;
+  } else if (name == "avx512bf16") {
+    wanted = Isa::kAvx512Bf16;
   } else {
-    TORCH_CHECK(false, "PILL_KERNELS_CPU_ISA must be generic, avx2 or avx512, got '", name, "'");
+    TORCH_CHECK(false, "PILL_KERNELS_CPU_ISA must be generic, avx2, avx512 or avx512bf16, got '", name, "'");
   }
   TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best), "PILL_KERNELS_CPU_ISA=", name,
-              " but this CPU (or this build) supports at most ",
-              best == Isa::kAvx512 ? "avx512" : best == Isa::kAvx2 ? "avx2" : "generic");
+              " but this CPU (or this build) supports at most ", isa_name(best));
   return wanted;
 }
 
@@ -125,6 +195,7 @@ template <>
 GemmFn<float> select_gemm<float>() {
   switch (current_isa()) {
 #if PILL_KERNELS_X86_MULTIVERSION
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512:
       return &avx512_gemm<float, 32>;
     case Isa::kAvx2:
@@ -139,6 +210,7 @@ template <>
 GemmFn<double> select_gemm<double>() {
   switch (current_isa()) {
 #if PILL_KERNELS_X86_MULTIVERSION
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512:
       return &avx512_gemm<double, 16>;
     case Isa::kAvx2:
@@ -149,15 +221,13 @@ GemmFn<double> select_gemm<double>() {
   }
 }
 
-const char* selected_gemm_isa() {
-  switch (current_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "generic";
-  }
+const char* selected_gemm_isa() { return isa_name(current_isa()); }
+
+Bf16GemmFn select_bf16_gemm() {
+#if PILL_KERNELS_X86_MULTIVERSION
+  if (current_isa() == Isa::kAvx512Bf16) return &avx512bf16_gemm;
+#endif
+  return nullptr;
 }
 
 }  // namespace pill_kernels_cpu

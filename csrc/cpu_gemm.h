@@ -24,12 +24,27 @@ using GemmFn = void (*)(bool accumulate, int64_t M, int64_t N, int64_t K, const 
                         int64_t a_col_stride, const T* B, int64_t ldb, T* C, int64_t ldc);
 
 // The micro-kernels for this CPU: the widest instruction set it supports, or the one named by the environment
-// variable PILL_KERNELS_CPU_ISA (generic | avx2 | avx512), which lets tests run every variant on one machine.
+// variable PILL_KERNELS_CPU_ISA (generic | avx2 | avx512 | avx512bf16), which lets tests run every variant on one
+// machine (avx512bf16 runs fp32 and fp64 products as avx512 does).
 // Read on every call (cheap next to an op) so that a test can switch it.
 template <typename T>
 GemmFn<T> select_gemm();
 
 // Name of the instruction set select_gemm picks now.
 const char* selected_gemm_isa();
+
+// bf16 products with fp32 accumulation, for CPUs with AVX512-BF16 (vdpbf16ps: 2 products per fp32 lane and
+// instruction, as oneDNN's bf16 GEMMs use). C[M, N] (fp32) = or += A[M, K] B[K, N] with A row-major bf16 (lda in
+// elements; A[m][k], A[m][k+1] adjacent) and B in pair-interleaved ("VNNI") layout: B[k][n] at
+// B[(k / 2) * 2 * ldb + 2 * n + k % 2] (ldb: columns of the packed B). bf16 values are raw uint16_t bits. M must
+// be a multiple of kGemmRowAlign, N of kGemmColAlign, K even (zero padding). The products of bf16 numbers are
+// exact in fp32: only the order of the fp32 sums (and flushed denormals) differs from an fp32 GEMM of the same
+// bf16 values.
+using Bf16GemmFn = void (*)(bool accumulate, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                            const uint16_t* B, int64_t ldb, float* C, int64_t ldc);
+
+// The bf16 product when the instruction set chosen now (as select_gemm) is avx512bf16, else nullptr: the
+// callers then convert their bf16 data to fp32 and use select_gemm<float>.
+Bf16GemmFn select_bf16_gemm();
 
 }  // namespace pill_kernels_cpu

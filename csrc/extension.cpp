@@ -13,6 +13,7 @@
 
 #include <string>
 
+#include "cpu_gemm.h"
 #include "op_schemas.h"
 
 namespace {
@@ -29,6 +30,11 @@ std::string build_info() {
 #else
   info += "; C++ kernels single-threaded (built without OpenMP)";
 #endif
+  try {
+    info += std::string("; CPU products on this CPU: ") + pill_kernels_cpu::selected_gemm_isa();
+  } catch (const c10::Error& error) {  // PILL_KERNELS_CPU_ISA asks for more than the CPU has
+    info += std::string("; ") + error.what_without_backtrace();
+  }
   return info;
 }
 

@@ -14,6 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "cpu_common.h"
@@ -194,6 +195,62 @@ void load_tile(const scalar_t* x, const int64_t* tokens, int64_t count, int64_t 
   std::fill(n + count * ld, n + rows_pad * ld, acc_t(0));
 }
 
+// Sums the chunks' partial weight gradients (per chunk: d [W_down | W_gate] [Dp][2rp], or [2rp][Dp] when
+// down_gate_transposed, d W_up [rp][Dp], d norm weight [D], part_size apart) in chunk order and writes them,
+// rounded once, into the gradient tensors.
+template <typename scalar_t, typename acc_t>
+void write_weight_grads(const Shapes& s, const Routing& routing, const acc_t* partials, int64_t part_size,
+                        int64_t part_dg, int64_t part_up, bool has_norm, bool down_gate_transposed,
+                        at::Tensor& dw_down, at::Tensor& dw_gate, at::Tensor& dw_up, at::Tensor& dnorm) {
+  const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
+  const int64_t num_chunks = static_cast<int64_t>(routing.chunks.size());
+  // Reduce the chunks' partial sums in chunk order; parallel over rows of the gradients, each row summed as a
+  // contiguous vector.
+  std::vector<std::vector<int64_t>> chunks_of_expert(static_cast<size_t>(s.experts));
+  std::vector<int64_t> all_chunks;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    chunks_of_expert[routing.chunks[c].expert].push_back(c);
+    all_chunks.push_back(c);
+  }
+  scalar_t* dwd = dw_down.data_ptr<scalar_t>();
+  scalar_t* dwg = dw_gate.data_ptr<scalar_t>();
+  scalar_t* dwu = dw_up.data_ptr<scalar_t>();
+  // Rows: E * D rows of [d W_down | d W_gate] (E * 2r rows of its transpose), then E * r rows of d W_up, then
+  // the norm weight's gradient.
+  const int64_t down_gate_rows = down_gate_transposed ? s.experts * 2 * r : s.experts * D, up_rows = s.experts * r;
+  at::parallel_for(0, down_gate_rows + up_rows + (has_norm ? 1 : 0), 8, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> sum(static_cast<size_t>(std::max(2 * rp, Dp)));
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (row < down_gate_rows && down_gate_transposed) {
+        const int64_t e = row / (2 * r), j = row % (2 * r);
+        const bool gate = j >= r;
+        const int64_t col = gate ? j - r : j;
+        const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials + ((gate ? rp : 0) + col) * Dp, part_size, chunks.data(), chunks.size(), D, sum.data());
+        scalar_t* out = (gate ? dwg : dwd) + e * D * r + col;
+        for (int64_t k = 0; k < D; ++k) out[k * r] = static_cast<scalar_t>(sum[k]);
+      } else if (row < down_gate_rows) {
+        const int64_t e = row / D, k = row % D;
+        const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials + k * 2 * rp, part_size, chunks.data(), chunks.size(), 2 * rp, sum.data());
+        for (int64_t j = 0; j < r; ++j) {
+          dwd[(e * D + k) * r + j] = static_cast<scalar_t>(sum[j]);
+          dwg[(e * D + k) * r + j] = static_cast<scalar_t>(sum[rp + j]);
+        }
+      } else if (row < down_gate_rows + up_rows) {
+        const int64_t e = (row - down_gate_rows) / r, j = (row - down_gate_rows) % r;
+        const auto& chunks = chunks_of_expert[e];
+        sum_partials(partials + part_dg + j * Dp, part_size, chunks.data(), chunks.size(), D, sum.data());
+        for (int64_t k = 0; k < D; ++k) dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum[k]);
+      } else {
+        sum_partials(partials + part_dg + part_up, part_size, all_chunks.data(), num_chunks, D, sum.data());
+        scalar_t* dnw = dnorm.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < D; ++k) dnw[k] = static_cast<scalar_t>(sum[k]);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x, const at::Tensor& w_down,
                     const at::Tensor& w_gate, const at::Tensor& w_up, const c10::optional<at::Tensor>& norm_weight,
@@ -338,42 +395,245 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
     }
   });
 
-  // Reduce the chunks' partial sums in chunk order; parallel over rows of the gradients, each row summed as a
-  // contiguous vector.
-  std::vector<std::vector<int64_t>> chunks_of_expert(static_cast<size_t>(s.experts));
-  std::vector<int64_t> all_chunks;
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    chunks_of_expert[routing.chunks[c].expert].push_back(c);
-    all_chunks.push_back(c);
-  }
-  scalar_t* dwd = dw_down.data_ptr<scalar_t>();
-  scalar_t* dwg = dw_gate.data_ptr<scalar_t>();
-  scalar_t* dwu = dw_up.data_ptr<scalar_t>();
-  // Rows: E * D rows of [d W_down | d W_gate], then E * r rows of d W_up, then the norm weight's gradient.
-  const int64_t down_gate_rows = s.experts * D, up_rows = s.experts * r;
-  at::parallel_for(0, down_gate_rows + up_rows + (has_norm ? 1 : 0), 8, [&](int64_t row_begin, int64_t row_end) {
-    std::vector<acc_t> sum(static_cast<size_t>(std::max(2 * rp, Dp)));
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      if (row < down_gate_rows) {
-        const int64_t e = row / D, k = row % D;
-        const auto& chunks = chunks_of_expert[e];
-        sum_partials(partials.get() + k * 2 * rp, part_size, chunks.data(), chunks.size(), 2 * rp, sum.data());
-        for (int64_t j = 0; j < r; ++j) {
-          dwd[(e * D + k) * r + j] = static_cast<scalar_t>(sum[j]);
-          dwg[(e * D + k) * r + j] = static_cast<scalar_t>(sum[rp + j]);
+  write_weight_grads<scalar_t, acc_t>(s, routing, partials.get(), part_size, part_dg, part_up, has_norm,
+                                      /*down_gate_transposed=*/false, dw_down, dw_gate, dw_up, dnorm);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// bf16 inputs on CPUs with AVX512-BF16: the same tiles, with the products on bf16 operands (select_bf16_gemm).
+// n, x and grad_y already are bf16 values; the GLU's output a and its gradients du, dv are rounded to bf16
+// before the products that read them, as the bf16 reference rounds every product's inputs. Sums, the norm,
+// SiLU and the saved u, v stay fp32.
+// ----------------------------------------------------------------------------------------------------------
+
+// The bits of c10::BFloat16(value) (NaN to the quiet NaN 0x7FC0), vectorisable (round_to_bf16).
+inline uint16_t bf16_bits(float value) {
+  const float rounded = round_to_bf16(value);
+  uint32_t bits;
+  std::memcpy(&bits, &rounded, sizeof(bits));
+  return value != value ? uint16_t(0x7FC0) : static_cast<uint16_t>(bits >> 16);
+}
+
+// dst[(k / 2) * 2 * cols + 2 * n + k % 2] = value(k, n) for k < rows (even), n < cols: the pair-interleaved layout
+// of cpu_gemm.h's bf16 product.
+template <typename Value>
+void pack_pairs(int64_t rows, int64_t cols, Value value, uint16_t* dst) {
+  for (int64_t k = 0; k < rows; ++k)
+    for (int64_t n = 0; n < cols; ++n) dst[(k / 2) * 2 * cols + 2 * n + (k & 1)] = bf16_bits(value(k, n));
+}
+
+// The used experts' weights in the pair layout, zero-padded: [W_down | W_gate] (K = Dp, N = 2rp), W_up (K = rp,
+// N = Dp), and for the backward W_up^T (K = Dp, N = rp) and [W_down | W_gate]^T (K = 2rp, N = Dp).
+struct Bf16Weights {
+  std::unique_ptr<uint16_t[]> down_gate, up, up_t, down_gate_t;
+  int64_t down_gate_size, up_size;
+
+  Bf16Weights(const Shapes& s, const std::vector<bool>& used, const at::Tensor& w_down, const at::Tensor& w_gate,
+              const at::Tensor& w_up, bool for_backward) {
+    const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
+    const at::BFloat16* wd = w_down.data_ptr<at::BFloat16>();
+    const at::BFloat16* wg = w_gate.data_ptr<at::BFloat16>();
+    const at::BFloat16* wu = w_up.data_ptr<at::BFloat16>();
+    down_gate_size = Dp * 2 * rp;
+    up_size = rp * Dp;
+    down_gate = scratch<uint16_t>(s.experts * down_gate_size);
+    up = scratch<uint16_t>(s.experts * up_size);
+    if (for_backward) {
+      up_t = scratch<uint16_t>(s.experts * up_size);
+      down_gate_t = scratch<uint16_t>(s.experts * down_gate_size);
+    }
+    at::parallel_for(0, s.experts, 1, [&](int64_t e_begin, int64_t e_end) {
+      for (int64_t e = e_begin; e < e_end; ++e) {
+        if (!used[e]) continue;
+        const at::BFloat16 *d = wd + e * D * r, *g = wg + e * D * r, *u = wu + e * r * D;
+        // [W_down | W_gate][k][j]: row k of D, column j < r from W_down, rp <= j < rp + r from W_gate.
+        auto down_gate_at = [&](int64_t k, int64_t j) -> float {
+          if (k >= D) return 0.f;
+          if (j < r) return static_cast<float>(d[k * r + j]);
+          if (j >= rp && j < rp + r) return static_cast<float>(g[k * r + j - rp]);
+          return 0.f;
+        };
+        auto up_at = [&](int64_t j, int64_t k) -> float {
+          return j < r && k < D ? static_cast<float>(u[j * D + k]) : 0.f;
+        };
+        pack_pairs(Dp, 2 * rp, down_gate_at, down_gate.get() + e * down_gate_size);
+        pack_pairs(rp, Dp, up_at, up.get() + e * up_size);
+        if (for_backward) {
+          pack_pairs(Dp, rp, [&](int64_t k, int64_t j) { return up_at(j, k); }, up_t.get() + e * up_size);
+          pack_pairs(2 * rp, Dp, [&](int64_t j, int64_t k) { return down_gate_at(k, j); },
+                     down_gate_t.get() + e * down_gate_size);
         }
-      } else if (row < down_gate_rows + up_rows) {
-        const int64_t e = (row - down_gate_rows) / r, j = (row - down_gate_rows) % r;
-        const auto& chunks = chunks_of_expert[e];
-        sum_partials(partials.get() + part_dg + j * Dp, part_size, chunks.data(), chunks.size(), D, sum.data());
-        for (int64_t k = 0; k < D; ++k) dwu[(e * r + j) * D + k] = static_cast<scalar_t>(sum[k]);
-      } else {
-        sum_partials(partials.get() + part_dg + part_up, part_size, all_chunks.data(), num_chunks, D, sum.data());
-        scalar_t* dnw = dnorm.data_ptr<scalar_t>();
-        for (int64_t k = 0; k < D; ++k) dnw[k] = static_cast<scalar_t>(sum[k]);
+      }
+    });
+  }
+};
+
+void to_bf16(const float* src, int64_t size, uint16_t* dst) {
+  for (int64_t i = 0; i < size; ++i) dst[i] = bf16_bits(src[i]);
+}
+
+void forward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& routing, const at::Tensor& x,
+                         const at::Tensor& w_down, const at::Tensor& w_gate, const at::Tensor& w_up,
+                         const c10::optional<at::Tensor>& norm_weight, double eps, at::Tensor& y,
+                         at::Tensor* uv_saved) {
+  using scalar_t = at::BFloat16;
+  const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
+  const Bf16Weights packed(s, routing.used, w_down, w_gate, w_up, /*for_backward=*/false);
+  std::vector<float> weight;
+  if (norm_weight.has_value()) weight = to_acc<scalar_t, float>(*norm_weight);
+  const float* weight_ptr = norm_weight.has_value() ? weight.data() : nullptr;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  scalar_t* y_ptr = y.data_ptr<scalar_t>();
+  float* saved_ptr = uv_saved != nullptr ? uv_saved->data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, static_cast<int64_t>(routing.chunks.size()), 1, [&](int64_t c_begin, int64_t c_end) {
+    auto n = scratch<float>(kTileTokens * Dp);
+    auto n16 = scratch<uint16_t>(kTileTokens * Dp);
+    auto uv = scratch<float>(kTileTokens * 2 * rp);
+    auto a16 = scratch<uint16_t>(kTileTokens * rp);
+    auto out = scratch<float>(kTileTokens * Dp);
+    float rstd[kTileTokens];
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const Chunk& chunk = routing.chunks[c];
+      const int64_t e = chunk.expert;
+      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
+        const int64_t count = std::min(kTileTokens, chunk.end - p);
+        const int64_t rows = round_up(count, kGemmRowAlign);
+        const int64_t* tokens = routing.order.data() + p;
+        load_tile<scalar_t, float>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
+        to_bf16(n.get(), rows * Dp, n16.get());
+        bgemm(false, rows, 2 * rp, Dp, n16.get(), Dp, packed.down_gate.get() + e * packed.down_gate_size, 2 * rp,
+              uv.get(), 2 * rp);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < rp; ++j) {
+            const float down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
+            a16[i * rp + j] = bf16_bits(gate * sigmoid(gate) * down);
+          }
+        if (saved_ptr != nullptr)
+          for (int64_t i = 0; i < count; ++i) {
+            float* row = saved_ptr + tokens[i] * 2 * r;
+            std::copy(uv.get() + i * 2 * rp, uv.get() + i * 2 * rp + r, row);
+            std::copy(uv.get() + i * 2 * rp + rp, uv.get() + i * 2 * rp + rp + r, row + r);
+          }
+        bgemm(false, rows, Dp, rp, a16.get(), rp, packed.up.get() + e * packed.up_size, Dp, out.get(), Dp);
+        for (int64_t i = 0; i < count; ++i) {
+          scalar_t* y_row = y_ptr + tokens[i] * D;
+          for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
+        }
       }
     }
   });
+}
+
+void backward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& routing, const at::Tensor& grad_y,
+                          const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
+                          const at::Tensor& w_up, const c10::optional<at::Tensor>& norm_weight, double eps,
+                          const at::Tensor* uv_saved, at::Tensor& dx, at::Tensor& dw_down, at::Tensor& dw_gate,
+                          at::Tensor& dw_up, at::Tensor& dnorm) {
+  using scalar_t = at::BFloat16;
+  const int64_t D = s.hidden, r = s.rank, rp = s.rank_pad, Dp = s.hidden_pad;
+  const Bf16Weights packed(s, routing.used, w_down, w_gate, w_up, /*for_backward=*/true);
+  const bool has_norm = norm_weight.has_value();
+  std::vector<float> weight;
+  if (has_norm) weight = to_acc<scalar_t, float>(*norm_weight);
+  const float* weight_ptr = has_norm ? weight.data() : nullptr;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  const scalar_t* gy_ptr = grad_y.data_ptr<scalar_t>();
+  scalar_t* dx_ptr = dx.data_ptr<scalar_t>();
+  const float* saved_ptr = uv_saved != nullptr ? uv_saved->data_ptr<float>() : nullptr;
+
+  // Per-chunk partials as in backward_kernel, but d [W_down | W_gate] transposed, [2rp][Dp]: it is computed as
+  // [du | dv]^T n, whose B operand (n over the tile's tokens) packs with contiguous writes.
+  const int64_t part_dg = 2 * rp * Dp, part_up = rp * Dp, part_norm = has_norm ? D : 0;
+  const int64_t part_size = part_dg + part_up + part_norm;
+  const int64_t num_chunks = static_cast<int64_t>(routing.chunks.size());
+  auto partials = scratch<float>(num_chunks * part_size);
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    // Operands of the products, bf16: row-major where they are A, in pairs over the tile's tokens where they are
+    // the B of a weight gradient (K = tokens).
+    auto n = scratch<float>(kTileTokens * Dp);
+    auto n16 = scratch<uint16_t>(kTileTokens * Dp);       // A of [u | v] = n [W_down | W_gate] (recomputed)
+    auto n_pairs = scratch<uint16_t>(kTileTokens * Dp);   // B of d [W_down | W_gate]^T = [du | dv]^T n
+    auto xr = scratch<float>(has_norm ? kTileTokens * Dp : 0);
+    auto gy = scratch<float>(kTileTokens * Dp);
+    auto gy16 = scratch<uint16_t>(kTileTokens * Dp);      // A of da = grad_y W_up^T
+    auto gy_pairs = scratch<uint16_t>(kTileTokens * Dp);  // B of d W_up = a^T grad_y
+    auto uv = scratch<float>(kTileTokens * 2 * rp);
+    auto da = scratch<float>(kTileTokens * rp);
+    auto a_t16 = scratch<uint16_t>(rp * kTileTokens);          // A of d W_up
+    auto dudv_t16 = scratch<uint16_t>(2 * rp * kTileTokens);   // A of d [W_down | W_gate]^T
+    auto dudv16 = scratch<uint16_t>(kTileTokens * 2 * rp);     // A of dn = [du | dv] [W_down | W_gate]^T
+    auto dn = scratch<float>(kTileTokens * Dp);
+    float rstd[kTileTokens];
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const Chunk& chunk = routing.chunks[c];
+      const int64_t e = chunk.expert;
+      float* d_down_gate_t = partials.get() + c * part_size;
+      float* d_up = d_down_gate_t + part_dg;
+      float* d_norm = d_up + part_up;
+      std::fill(d_norm, d_norm + part_norm, 0.f);
+      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
+        const int64_t count = std::min(kTileTokens, chunk.end - p);
+        const int64_t rows = round_up(count, kGemmRowAlign);
+        const int64_t* tokens = routing.order.data() + p;
+        load_tile<scalar_t, float>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
+        load_tile<scalar_t, float>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
+        for (int64_t i = 0; i < rows; i += 2) {  // rows is even (a multiple of kGemmRowAlign)
+          uint16_t* n_pair = n_pairs.get() + i * Dp;
+          uint16_t* gy_pair = gy_pairs.get() + i * Dp;
+          for (int64_t k = 0; k < Dp; ++k) {
+            n_pair[2 * k] = bf16_bits(n[i * Dp + k]);
+            n_pair[2 * k + 1] = bf16_bits(n[(i + 1) * Dp + k]);
+            gy_pair[2 * k] = bf16_bits(gy[i * Dp + k]);
+            gy_pair[2 * k + 1] = bf16_bits(gy[(i + 1) * Dp + k]);
+          }
+        }
+        to_bf16(gy.get(), rows * Dp, gy16.get());
+        if (saved_ptr != nullptr) {
+          std::fill(uv.get(), uv.get() + rows * 2 * rp, 0.f);
+          for (int64_t i = 0; i < count; ++i) {
+            const float* row = saved_ptr + tokens[i] * 2 * r;
+            std::copy(row, row + r, uv.get() + i * 2 * rp);
+            std::copy(row + r, row + 2 * r, uv.get() + i * 2 * rp + rp);
+          }
+        } else {
+          to_bf16(n.get(), rows * Dp, n16.get());
+          bgemm(false, rows, 2 * rp, Dp, n16.get(), Dp, packed.down_gate.get() + e * packed.down_gate_size, 2 * rp,
+                uv.get(), 2 * rp);
+        }
+        bgemm(false, rows, rp, Dp, gy16.get(), Dp, packed.up_t.get() + e * packed.up_size, rp, da.get(), rp);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < rp; ++j) {
+            const float u = uv[i * 2 * rp + j], v = uv[i * 2 * rp + rp + j], g = da[i * rp + j];
+            const float sig = sigmoid(v), silu = v * sig;
+            a_t16[j * rows + i] = bf16_bits(silu * u);
+            const uint16_t du = bf16_bits(g * silu), dv = bf16_bits(g * u * sig * (1.f + v * (1.f - sig)));
+            dudv16[i * 2 * rp + j] = du;
+            dudv16[i * 2 * rp + rp + j] = dv;
+            dudv_t16[j * rows + i] = du;
+            dudv_t16[(rp + j) * rows + i] = dv;
+          }
+        const bool accumulate = p != chunk.begin;
+        bgemm(accumulate, rp, Dp, rows, a_t16.get(), rows, gy_pairs.get(), Dp, d_up, Dp);
+        bgemm(accumulate, 2 * rp, Dp, rows, dudv_t16.get(), rows, n_pairs.get(), Dp, d_down_gate_t, Dp);
+        bgemm(false, rows, Dp, 2 * rp, dudv16.get(), 2 * rp, packed.down_gate_t.get() + e * packed.down_gate_size,
+              Dp, dn.get(), Dp);
+        for (int64_t i = 0; i < count; ++i) {
+          float* dn_row = dn.get() + i * Dp;
+          for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
+          scalar_t* dx_row = dx_ptr + tokens[i] * D;
+          if (has_norm) {
+            rms_norm_row_backward<scalar_t, float>(dn_row, xr.get() + i * Dp, rstd[i], weight_ptr, D, dx_row, d_norm);
+          } else {
+            for (int64_t k = 0; k < D; ++k) dx_row[k] = static_cast<scalar_t>(dn_row[k]);
+          }
+        }
+      }
+    }
+  });
+  write_weight_grads<scalar_t, float>(s, routing, partials.get(), part_size, part_dg, part_up, has_norm,
+                                      /*down_gate_transposed=*/true, dw_down, dw_gate, dw_up, dnorm);
 }
 
 at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_gate,
@@ -384,6 +644,11 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w
   at::Tensor y = at::empty_like(x);
   if (uv_saved != nullptr)
     *uv_saved = at::empty({s.tokens, 2 * s.rank}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  const Bf16GemmFn bgemm = x.scalar_type() == at::kBFloat16 ? select_bf16_gemm() : nullptr;
+  if (bgemm != nullptr) {
+    forward_kernel_bf16(bgemm, s, routing, x, w_down, w_gate, w_up, norm_weight, eps, y, uv_saved);
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "routed_glu_adapter", [&] {
     forward_kernel<scalar_t>(s, routing, x, w_down, w_gate, w_up, norm_weight, eps, y, uv_saved);
   });
@@ -409,6 +674,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw_down = at::empty_like(w_down), dw_gate = at::empty_like(w_gate), dw_up = at::empty_like(w_up);
   at::Tensor dnorm = norm_weight.has_value() ? at::empty_like(*norm_weight) : x.new_empty({0});
+  const Bf16GemmFn bgemm = x.scalar_type() == at::kBFloat16 ? select_bf16_gemm() : nullptr;
+  if (bgemm != nullptr) {
+    backward_kernel_bf16(bgemm, s, routing, grad_y, x, w_down, w_gate, w_up, norm_weight, eps, uv_saved, dx, dw_down,
+                         dw_gate, dw_up, dnorm);
+    return {dx, dw_down, dw_gate, dw_up, dnorm};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "routed_glu_adapter", [&] {
     backward_kernel<scalar_t>(s, routing, grad_y, x, w_down, w_gate, w_up, norm_weight, eps, uv_saved, dx, dw_down,
                               dw_gate, dw_up, dnorm);
