@@ -87,7 +87,14 @@ PILL_DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))), 32)
 PILL_DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 64)
 #endif
 
-#if PILL_KERNELS_X86_MULTIVERSION
+// AVX512-BF16 intrinsics need GCC 10 or Clang 9; older compilers build without the bf16 products.
+#if PILL_KERNELS_X86_MULTIVERSION && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define PILL_KERNELS_X86_BF16 1
+#else
+#define PILL_KERNELS_X86_BF16 0
+#endif
+
+#if PILL_KERNELS_X86_BF16
 #define PILL_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 
 // ROWS x (16 * NV) block of C in zmm accumulators; per pair of k, NV loads of packed B and one 32-bit broadcast
@@ -148,7 +155,11 @@ Isa detect_isa() {
   // libgcc's and compiler-rt's feature bits also check that the OS saves the vector registers (XGETBV).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+#if PILL_KERNELS_X86_BF16
     return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+#else
+    return Isa::kAvx512;
+#endif
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kGeneric;
@@ -224,7 +235,7 @@ GemmFn<double> select_gemm<double>() {
 const char* selected_gemm_isa() { return isa_name(current_isa()); }
 
 Bf16GemmFn select_bf16_gemm() {
-#if PILL_KERNELS_X86_MULTIVERSION
+#if PILL_KERNELS_X86_BF16
   if (current_isa() == Isa::kAvx512Bf16) return &avx512bf16_gemm;
 #endif
   return nullptr;
