@@ -195,6 +195,55 @@ void load_tile(const scalar_t* x, const int64_t* tokens, int64_t count, int64_t 
   std::fill(n + count * ld, n + rows_pad * ld, acc_t(0));
 }
 
+// Tile epilogues shared by the fp32-product and bf16-product kernels. Tile buffers hold rows of Dp (n, out, gy, dn,
+// xr) and of 2rp (uv: u in columns [0, r), v in [rp, rp + r)); `tokens` maps a tile row to its token.
+
+template <typename scalar_t, typename acc_t>
+void store_y(const acc_t* n, const acc_t* out, const int64_t* tokens, int64_t count, int64_t D, int64_t Dp,
+             scalar_t* y) {
+  for (int64_t i = 0; i < count; ++i) {
+    scalar_t* y_row = y + tokens[i] * D;
+    for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
+  }
+}
+
+template <typename acc_t>
+void save_uv(const acc_t* uv, const int64_t* tokens, int64_t count, int64_t r, int64_t rp, acc_t* saved) {
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t* row = saved + tokens[i] * 2 * r;
+    std::copy(uv + i * 2 * rp, uv + i * 2 * rp + r, row);
+    std::copy(uv + i * 2 * rp + rp, uv + i * 2 * rp + rp + r, row + r);
+  }
+}
+
+template <typename acc_t>
+void load_saved_uv(const acc_t* saved, const int64_t* tokens, int64_t count, int64_t rows, int64_t r, int64_t rp,
+                   acc_t* uv) {
+  std::fill(uv, uv + rows * 2 * rp, acc_t(0));
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t* row = saved + tokens[i] * 2 * r;
+    std::copy(row, row + r, uv + i * 2 * rp);
+    std::copy(row + r, row + 2 * r, uv + i * 2 * rp + rp);
+  }
+}
+
+// dx = the norm's backward of dn + gy (the skip's gradient), or dn + gy itself without a norm; accumulates the
+// norm weight's gradient into d_norm.
+template <typename scalar_t, typename acc_t>
+void store_dx(acc_t* dn, const acc_t* gy, const acc_t* xr, const acc_t* rstd, const acc_t* weight,
+              const int64_t* tokens, int64_t count, int64_t D, int64_t Dp, scalar_t* dx, acc_t* d_norm) {
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t* dn_row = dn + i * Dp;
+    for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
+    scalar_t* dx_row = dx + tokens[i] * D;
+    if (weight != nullptr) {
+      rms_norm_row_backward<scalar_t, acc_t>(dn_row, xr + i * Dp, rstd[i], weight, D, dx_row, d_norm);
+    } else {
+      for (int64_t k = 0; k < D; ++k) dx_row[k] = static_cast<scalar_t>(dn_row[k]);
+    }
+  }
+}
+
 // Sums the chunks' partial weight gradients (per chunk: d [W_down | W_gate] [Dp][2rp], or [2rp][Dp] when
 // down_gate_transposed, d W_up [rp][Dp], d norm weight [D], part_size apart) in chunk order and writes them,
 // rounded once, into the gradient tensors.
@@ -288,17 +337,9 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
             const acc_t down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
             a[i * rp + j] = gate * sigmoid(gate) * down;
           }
-        if (saved_ptr != nullptr)
-          for (int64_t i = 0; i < count; ++i) {
-            acc_t* row = saved_ptr + tokens[i] * 2 * r;
-            std::copy(uv.get() + i * 2 * rp, uv.get() + i * 2 * rp + r, row);
-            std::copy(uv.get() + i * 2 * rp + rp, uv.get() + i * 2 * rp + rp + r, row + r);
-          }
+        if (saved_ptr != nullptr) save_uv(uv.get(), tokens, count, r, rp, saved_ptr);
         gemm(false, rows, Dp, rp, a.get(), rp, 1, packed.upw(e), packed.ld_up, out.get(), Dp);
-        for (int64_t i = 0; i < count; ++i) {
-          scalar_t* y_row = y_ptr + tokens[i] * D;
-          for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
-        }
+        store_y(n.get(), out.get(), tokens, count, D, Dp, y_ptr);
       }
     }
   });
@@ -356,12 +397,7 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
         load_tile<scalar_t, acc_t>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         // u = n W_down, v = n W_gate: saved by the forward, or recomputed; da = gy W_up^T.
         if (saved_ptr != nullptr) {
-          std::fill(uv.get(), uv.get() + rows * 2 * rp, acc_t(0));
-          for (int64_t i = 0; i < count; ++i) {
-            const acc_t* row = saved_ptr + tokens[i] * 2 * r;
-            std::copy(row, row + r, uv.get() + i * 2 * rp);
-            std::copy(row + r, row + 2 * r, uv.get() + i * 2 * rp + rp);
-          }
+          load_saved_uv(saved_ptr, tokens, count, rows, r, rp, uv.get());
         } else {
           gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
           gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
@@ -381,16 +417,7 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
         gemm(accumulate, Dp, 2 * rp, count, n.get(), 1, Dp, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
         // dn = gy (the skip) + du W_down^T + dv W_gate^T.
         gemm(false, rows, Dp, 2 * rp, dudv.get(), 2 * rp, 1, down_gate_t, Dp, dn.get(), Dp);
-        for (int64_t i = 0; i < count; ++i) {
-          acc_t* dn_row = dn.get() + i * Dp;
-          for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
-          scalar_t* dx_row = dx_ptr + tokens[i] * D;
-          if (has_norm) {
-            rms_norm_row_backward<scalar_t, acc_t>(dn_row, xr.get() + i * Dp, rstd[i], weight_ptr, D, dx_row, d_norm);
-          } else {
-            for (int64_t k = 0; k < D; ++k) dx_row[k] = static_cast<scalar_t>(dn_row[k]);
-          }
-        }
+        store_dx(dn.get(), gy.get(), xr.get(), rstd, weight_ptr, tokens, count, D, Dp, dx_ptr, d_norm);
       }
     }
   });
@@ -509,17 +536,9 @@ void forward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& routi
             const float down = uv[i * 2 * rp + j], gate = uv[i * 2 * rp + rp + j];
             a16[i * rp + j] = bf16_bits(gate * sigmoid(gate) * down);
           }
-        if (saved_ptr != nullptr)
-          for (int64_t i = 0; i < count; ++i) {
-            float* row = saved_ptr + tokens[i] * 2 * r;
-            std::copy(uv.get() + i * 2 * rp, uv.get() + i * 2 * rp + r, row);
-            std::copy(uv.get() + i * 2 * rp + rp, uv.get() + i * 2 * rp + rp + r, row + r);
-          }
+        if (saved_ptr != nullptr) save_uv(uv.get(), tokens, count, r, rp, saved_ptr);
         bgemm(false, rows, Dp, rp, a16.get(), rp, packed.up.get() + e * packed.up_size, Dp, out.get(), Dp);
-        for (int64_t i = 0; i < count; ++i) {
-          scalar_t* y_row = y_ptr + tokens[i] * D;
-          for (int64_t k = 0; k < D; ++k) y_row[k] = static_cast<scalar_t>(n[i * Dp + k] + out[i * Dp + k]);
-        }
+        store_y(n.get(), out.get(), tokens, count, D, Dp, y_ptr);
       }
     }
   });
@@ -591,12 +610,7 @@ void backward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& rout
         }
         to_bf16(gy.get(), rows * Dp, gy16.get());
         if (saved_ptr != nullptr) {
-          std::fill(uv.get(), uv.get() + rows * 2 * rp, 0.f);
-          for (int64_t i = 0; i < count; ++i) {
-            const float* row = saved_ptr + tokens[i] * 2 * r;
-            std::copy(row, row + r, uv.get() + i * 2 * rp);
-            std::copy(row + r, row + 2 * r, uv.get() + i * 2 * rp + rp);
-          }
+          load_saved_uv(saved_ptr, tokens, count, rows, r, rp, uv.get());
         } else {
           to_bf16(n.get(), rows * Dp, n16.get());
           bgemm(false, rows, 2 * rp, Dp, n16.get(), Dp, packed.down_gate.get() + e * packed.down_gate_size, 2 * rp,
@@ -619,16 +633,7 @@ void backward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& rout
         bgemm(accumulate, 2 * rp, Dp, rows, dudv_t16.get(), rows, n_pairs.get(), Dp, d_down_gate_t, Dp);
         bgemm(false, rows, Dp, 2 * rp, dudv16.get(), 2 * rp, packed.down_gate_t.get() + e * packed.down_gate_size,
               Dp, dn.get(), Dp);
-        for (int64_t i = 0; i < count; ++i) {
-          float* dn_row = dn.get() + i * Dp;
-          for (int64_t k = 0; k < D; ++k) dn_row[k] += gy[i * Dp + k];
-          scalar_t* dx_row = dx_ptr + tokens[i] * D;
-          if (has_norm) {
-            rms_norm_row_backward<scalar_t, float>(dn_row, xr.get() + i * Dp, rstd[i], weight_ptr, D, dx_row, d_norm);
-          } else {
-            for (int64_t k = 0; k < D; ++k) dx_row[k] = static_cast<scalar_t>(dn_row[k]);
-          }
-        }
+        store_dx(dn.get(), gy.get(), xr.get(), rstd, weight_ptr, tokens, count, D, Dp, dx_ptr, d_norm);
       }
     }
   });
