@@ -7,7 +7,8 @@ embeddings), random weights (the speed is the same, no download); batch 16 x 64 
 row, the loss on the last 8 tokens, as in `pill demo`. Rows:
 
 - the frozen base without adapters, gradients flowing to the input embeddings: the floor of any method with
-  adapters in every layer (fp32, and bf16 weights);
+  adapters in every layer (fp32, and bf16 weights); with bf16 weights also with an fp32 residual stream (the
+  methods' precision recipe without their adapters: bf16 projections, fp32 residual adds and norms);
 - each method's step (forward, backward, AdamW on the adapters) on the eager and cpp backends, with the base in
   fp32 and in bf16 (`pill.set_compute_dtype`: bf16 base, fp32 adapters, autocast);
 - the bf16 GEMM floor: the step's matmul FLOPs (counted with torch.utils.flop_counter on the frozen-base step)
@@ -40,6 +41,7 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
 TINY = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, tie_word_embeddings=True, max_position_embeddings=256)
 STAGE = {"pill": 2, "lavin": 1, "llama_adapter_v2": 1}  # the demo's longest phase of each method
+FP32_RESIDUAL = "(fp32 residual stream)"
 IMAGE_TOKENS, SUPERVISED = 4, 8  # per row, as in `pill demo`
 
 
@@ -94,17 +96,23 @@ def median_seconds(step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def frozen_base_step(model, ids, labels):
+def frozen_base_step(model, ids, labels, fp32_residual: bool = False):
     """Forward and backward of the frozen base to the input embeddings, the LM head on supervised positions. A
     half-precision base computes the LM head in fp32 from an fp32 copy of its weight, as the methods do
-    (`pill.model.FullPrecisionLinear`)."""
+    (`pill.model.FullPrecisionLinear`). `fp32_residual`: the decoder layers run under autocast on fp32 input
+    embeddings, so that the residual stream stays fp32 while the projections run in the weights' dtype: the
+    methods' precision recipe (`pill.set_compute_dtype`) without their adapters."""
     head = model.lm_head.weight
     head = head.float() if head.dtype in (torch.bfloat16, torch.float16) else head
+    device = head.device.type
 
     def step():
         embeds = model.get_input_embeddings()(ids.clamp(max=model.config.vocab_size - 1)).detach()
+        if fp32_residual:
+            embeds = embeds.float()
         embeds.requires_grad_(True)
-        hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        with torch.autocast(device, dtype=model.dtype, enabled=fp32_residual):
+            hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         supervised = labels[:, 1:] != -100
         logits = torch.nn.functional.linear(hidden[:, :-1][supervised].to(head.dtype), head)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][supervised])
@@ -144,7 +152,8 @@ def measure_row(spec: dict, size: dict, args) -> tuple[float | None, str | None]
         fp32_attention = attention == torch.float32 and dtype != torch.float32
         model = build_base(size, attention="sdpa_fp32" if fp32_attention else "sdpa").to(dtype)
         ids, labels, _, _ = inputs(config, args.batch, args.seq, image_tokens, supervised, vision_dim, True)
-        return median_seconds(frozen_base_step(model, ids, labels), args.repeats), None
+        step = frozen_base_step(model, ids, labels, fp32_residual=spec["step"].endswith(FP32_RESIDUAL))
+        return median_seconds(step, args.repeats), None
     model, spec_ = inject(spec["method"], build_base(size), config.vocab_size, vision_dim)
     pill.set_compute_dtype(model, dtype, attention)
     pill.set_kernel_backend(model, spec["backend"])
@@ -223,6 +232,9 @@ def main(argv=None) -> dict:
         specs.append({"step": "frozen base", "dtype": name, "attention": attention, "backend": "-"})
         if attention != name:  # also transformers' model as it is, attention in the base's dtype
             specs.append({"step": "frozen base (transformers as is)", "dtype": name, "attention": name,
+                          "backend": "-"})
+        if dtype != torch.float32:  # the methods' recipe without adapters: the floor under their precision
+            specs.append({"step": f"frozen base {FP32_RESIDUAL}", "dtype": name, "attention": attention,
                           "backend": "-"})
     specs += [{"step": f"{method} stage {STAGE[method]}", "method": method, "dtype": name, "backend": backend,
                "attention": str(attention_dtypes[name][0]).removeprefix("torch.")}
