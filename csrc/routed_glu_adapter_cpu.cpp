@@ -103,6 +103,17 @@ Routing route(const char* op, const Shapes& s, const c10::optional<at::Tensor>& 
   return routing;
 }
 
+// Calls tile(count, rows, tokens, first) for each tile of the chunk: up to kTileTokens tokens of its expert
+// (tokens: their indices, in the expert-sorted order), rows = count rounded up to kGemmRowAlign for the GEMMs,
+// first: the chunk's first tile (which overwrites the chunk's GEMM-accumulated partials).
+template <typename Tile>
+void for_each_tile(const Routing& routing, const Chunk& chunk, Tile tile) {
+  for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
+    const int64_t count = std::min(kTileTokens, chunk.end - p);
+    tile(count, round_up(count, kGemmRowAlign), routing.order.data() + p, p == chunk.begin);
+  }
+}
+
 // The experts' weights as the tile GEMMs read them, in acc_t with zero padding: W_down and W_gate as [D][rp]
 // blocks with leading dimension ld_down_gate (side by side in one [D][2rp] buffer when packed), W_up [rp][Dp] with
 // ld_up; for the backward also up_t [E][D][rp] (W_up^T) and
@@ -325,10 +336,7 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
     for (int64_t c = c_begin; c < c_end; ++c) {
       const Chunk& chunk = routing.chunks[c];
       const int64_t e = chunk.expert;
-      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
-        const int64_t count = std::min(kTileTokens, chunk.end - p);
-        const int64_t rows = round_up(count, kGemmRowAlign);
-        const int64_t* tokens = routing.order.data() + p;
+      for_each_tile(routing, chunk, [&](int64_t count, int64_t rows, const int64_t* tokens, bool first) {
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
         gemm(false, rows, rp, D, n.get(), Dp, 1, packed.down(e), packed.ld_down_gate, uv.get(), 2 * rp);
         gemm(false, rows, rp, D, n.get(), Dp, 1, packed.gate(e), packed.ld_down_gate, uv.get() + rp, 2 * rp);
@@ -340,7 +348,7 @@ void forward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& x
         if (saved_ptr != nullptr) save_uv(uv.get(), tokens, count, r, rp, saved_ptr);
         gemm(false, rows, Dp, rp, a.get(), rp, 1, packed.upw(e), packed.ld_up, out.get(), Dp);
         store_y(n.get(), out.get(), tokens, count, D, Dp, y_ptr);
-      }
+      });
     }
   });
 }
@@ -389,10 +397,7 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
       std::fill(d_norm, d_norm + part_norm, acc_t(0));
       const acc_t* up_t = packed.up_t.get() + e * D * rp;
       const acc_t* down_gate_t = packed.down_gate_t.get() + e * 2 * rp * Dp;
-      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
-        const int64_t count = std::min(kTileTokens, chunk.end - p);
-        const int64_t rows = round_up(count, kGemmRowAlign);
-        const int64_t* tokens = routing.order.data() + p;
+      for_each_tile(routing, chunk, [&](int64_t count, int64_t rows, const int64_t* tokens, bool first) {
         load_tile<scalar_t, acc_t>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_tile<scalar_t, acc_t>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         // u = n W_down, v = n W_gate: saved by the forward, or recomputed; da = gy W_up^T.
@@ -412,13 +417,13 @@ void backward_kernel(const Shapes& s, const Routing& routing, const at::Tensor& 
             dudv[i * 2 * rp + rp + j] = g * u * sig * (acc_t(1) + v * (acc_t(1) - sig));
           }
         // d W_up += a^T gy; d [W_down | W_gate] += n^T [du | dv] (K = the tile's tokens).
-        const bool accumulate = p != chunk.begin;
+        const bool accumulate = !first;
         gemm(accumulate, rp, Dp, count, a.get(), 1, rp, gy.get(), Dp, d_up, Dp);
         gemm(accumulate, Dp, 2 * rp, count, n.get(), 1, Dp, dudv.get(), 2 * rp, d_down_gate, 2 * rp);
         // dn = gy (the skip) + du W_down^T + dv W_gate^T.
         gemm(false, rows, Dp, 2 * rp, dudv.get(), 2 * rp, 1, down_gate_t, Dp, dn.get(), Dp);
         store_dx(dn.get(), gy.get(), xr.get(), rstd, weight_ptr, tokens, count, D, Dp, dx_ptr, d_norm);
-      }
+      });
     }
   });
 
@@ -523,10 +528,7 @@ void forward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& routi
     for (int64_t c = c_begin; c < c_end; ++c) {
       const Chunk& chunk = routing.chunks[c];
       const int64_t e = chunk.expert;
-      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
-        const int64_t count = std::min(kTileTokens, chunk.end - p);
-        const int64_t rows = round_up(count, kGemmRowAlign);
-        const int64_t* tokens = routing.order.data() + p;
+      for_each_tile(routing, chunk, [&](int64_t count, int64_t rows, const int64_t* tokens, bool first) {
         load_tile<scalar_t, float>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), nullptr, rstd);
         to_bf16(n.get(), rows * Dp, n16.get());
         bgemm(false, rows, 2 * rp, Dp, n16.get(), Dp, packed.down_gate.get() + e * packed.down_gate_size, 2 * rp,
@@ -539,7 +541,7 @@ void forward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& routi
         if (saved_ptr != nullptr) save_uv(uv.get(), tokens, count, r, rp, saved_ptr);
         bgemm(false, rows, Dp, rp, a16.get(), rp, packed.up.get() + e * packed.up_size, Dp, out.get(), Dp);
         store_y(n.get(), out.get(), tokens, count, D, Dp, y_ptr);
-      }
+      });
     }
   });
 }
@@ -592,10 +594,7 @@ void backward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& rout
       float* d_up = d_down_gate_t + part_dg;
       float* d_norm = d_up + part_up;
       std::fill(d_norm, d_norm + part_norm, 0.f);
-      for (int64_t p = chunk.begin; p < chunk.end; p += kTileTokens) {
-        const int64_t count = std::min(kTileTokens, chunk.end - p);
-        const int64_t rows = round_up(count, kGemmRowAlign);
-        const int64_t* tokens = routing.order.data() + p;
+      for_each_tile(routing, chunk, [&](int64_t count, int64_t rows, const int64_t* tokens, bool first) {
         load_tile<scalar_t, float>(x_ptr, tokens, count, rows, D, Dp, weight_ptr, eps, n.get(), xr.get(), rstd);
         load_tile<scalar_t, float>(gy_ptr, tokens, count, rows, D, Dp, nullptr, eps, gy.get(), nullptr, nullptr);
         for (int64_t i = 0; i < rows; i += 2) {  // rows is even (a multiple of kGemmRowAlign)
@@ -628,13 +627,13 @@ void backward_kernel_bf16(Bf16GemmFn bgemm, const Shapes& s, const Routing& rout
             dudv_t16[j * rows + i] = du;
             dudv_t16[(rp + j) * rows + i] = dv;
           }
-        const bool accumulate = p != chunk.begin;
+        const bool accumulate = !first;
         bgemm(accumulate, rp, Dp, rows, a_t16.get(), rows, gy_pairs.get(), Dp, d_up, Dp);
         bgemm(accumulate, 2 * rp, Dp, rows, dudv_t16.get(), rows, n_pairs.get(), Dp, d_down_gate_t, Dp);
         bgemm(false, rows, Dp, 2 * rp, dudv16.get(), 2 * rp, packed.down_gate_t.get() + e * packed.down_gate_size,
               Dp, dn.get(), Dp);
         store_dx(dn.get(), gy.get(), xr.get(), rstd, weight_ptr, tokens, count, D, Dp, dx_ptr, d_norm);
-      }
+      });
     }
   });
   write_weight_grads<scalar_t, float>(s, routing, partials.get(), part_size, part_dg, part_up, has_norm,
