@@ -1,4 +1,4 @@
-"""The `pill` command: demo, train, eval, generate.
+"""The `pill` command: demo, train, eval, generate, convert, info.
 
     pill demo [--method pill|lavin|llama_adapter_v2]     offline two-stage demo on handwritten digits
     pill train CONFIG.yaml [--resume]                    one training stage from a YAML / JSON config
@@ -6,6 +6,7 @@
     pill generate --adapter DIR --image IMG --question Q answer a question about an image
     pill convert --method M --checkpoint F.pth --base HF_DIR --output DIR
                                                          a seed's released checkpoint as an adapter directory
+    pill info                                            versions, the installed package and its kernels
 
 Every command takes --backend NAME (eager, triton, cuda, cpp, auto): the kernel backend of the fused ops, a
 run-time choice (adapters do not record it). The run config's format: `pill.recipe`.
@@ -203,6 +204,40 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def environment_report() -> list[str]:
+    """What a bug report needs: the releases in use, where pill_kernels was imported from, what its compiled
+    extension holds and which backends each op can run here."""
+    import platform
+
+    import torch
+
+    import pill_kernels
+
+    lines = [f"python {platform.python_version()} ({sys.executable})",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; "
+             f"{'GPU: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible'})"]
+    for name in ("triton", "transformers", "numpy", "safetensors"):
+        try:
+            from importlib.metadata import version
+            lines.append(f"{name} {version(name)}")
+        except Exception:  # PackageNotFoundError, or a broken install's metadata
+            lines.append(f"{name} not installed")
+    lines.append(f"pill-kernels {pill_kernels.__version__} imported from {Path(pill_kernels.__file__).parent}")
+    lines.append(pill_kernels.extension_info())
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate", "gated_attention"):
+        for device in devices:
+            lines.append(f"{op} on {device}: backends {', '.join(pill_kernels.available_backends(op, device))}"
+                         f" (auto picks {pill_kernels.explain(op, device)[0]})")
+    return lines
+
+
+def cmd_info(args) -> int:
+    for line in environment_report():
+        _say(line)
+    return 0
+
+
 def _add_backend(parser) -> None:
     from pill_kernels.dispatch import CHOICES
 
@@ -275,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--vision", default=None, help="JSON vision encoder spec for the run record (pill.recipe)")
     conv.add_argument("--prompt", default=None, help="JSON prompt spec for the run record (pill.recipe)")
     conv.set_defaults(func=cmd_convert)
+    info = sub.add_parser("info", help="versions, where pill_kernels is installed, its compiled kernels and "
+                                       "the backends each op can run here")
+    info.set_defaults(func=cmd_info)
     return parser
 
 

@@ -29,10 +29,9 @@ __version__ = "0.1.0"
 
 def extension_info() -> str:
     """What the compiled extension pill_kernels._C was built with, or why it is absent."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError as exc:
-        return f"pill_kernels._C is not built ({exc}); only the eager backend is available"
+    if compiled.IMPORT_ERROR is not None:
+        info = f"pill_kernels._C is not built ({compiled.IMPORT_ERROR}); only the eager backend is available"
+        return info + (f". {compiled.SOURCE_CHECKOUT_NOTE}" if compiled.SOURCE_CHECKOUT_NOTE else "")
     import torch
 
     return torch.ops.pill_kernels_C.build_info()

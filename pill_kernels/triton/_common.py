@@ -8,6 +8,10 @@ in launch code, never by loosening test tolerances (docs/kernels.md, "Triton und
 - its float32 -> bfloat16 conversion truncates instead of rounding to nearest even: `cast` rounds first.
 - libdevice's tanh fails: `tanh` below is written with a sigmoid.
 - run time grows with programs x loop iterations: interpreted launches use few, large tiles.
+- the interpreter of triton 3.6 (the GPU image's release) turns a loop bound into a Python int with
+  `int(array)` on a one-element array, which numpy 2.4 made an error (triton 3.8 squeezes first): every kernel
+  looping over a runtime bound fails there. A probe kernel run once at import (interpreter only) finds this, and
+  `unavailable_reason` names the fix instead of letting each launch fail. Compiled kernels on a GPU never touch numpy.
 """
 from __future__ import annotations
 
@@ -26,6 +30,37 @@ INTERPRET = type(_interpreter_probe).__name__ == "InterpretedFunction"
 _ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 
 
+@triton.jit
+def _runtime_bound_loop_probe(out_ptr, n):
+    total = 0
+    for _ in range(n):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels in this environment, or None."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _runtime_bound_loop_probe[(1,)](out, 3)
+    except Exception as exc:  # the interpreter wraps what failed in its own InterpreterError
+        import numpy
+
+        problem = (f"the Triton interpreter of triton {triton.__version__} fails on a loop over a runtime bound "
+                   f"with numpy {numpy.__version__} ({exc})")
+        if "0-dimensional arrays" in str(exc):
+            problem += (": triton before 3.8 converts one-element arrays with int(), an error since numpy 2.4. "
+                        "Install triton>=3.8 or numpy<2.4 to run the Triton kernels on CPU")
+        return problem + "; compiled kernels on a GPU are not affected"
+    if int(out.item()) != 3:
+        return f"the Triton interpreter of triton {triton.__version__} ran a 3-step loop {int(out.item())} times"
+    return None
+
+
+# Run at import, not at the first call: dispatch asks for the reason inside code that torch.compile traces.
+INTERPRETER_PROBLEM = interpreter_problem() if INTERPRET else None
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
@@ -33,7 +68,7 @@ def unavailable_reason(device: torch.device) -> str | None:
             return f"the Triton kernels need compute capability 8.0 or newer (bf16 MMA); {device} has {major}.x"
         return None
     if device.type == "cpu" and INTERPRET:
-        return None
+        return INTERPRETER_PROBLEM
     return (f"Triton kernels run on CUDA GPUs (and on CPU only under TRITON_INTERPRET=1, set before triton is "
             f"imported); got {device}")
 
