@@ -10,12 +10,13 @@ Each method's whole definition is one module of `pill.methods`; `pill.methods.ge
 """
 from .checkpoint import load_adapter, load_pretrained_adapter, read_adapter_config, save_adapter
 from .methods import LavinConfig, LlamaAdapterV2Config, PillConfig, inject_lavin, inject_llama_adapter_v2, inject_pill
-from .model import (MultimodalLlamaForCausalLM, adapter_parameters, compute_dtype, kernel_backend, set_compute_dtype,
-                    set_kernel_backend, set_stage, stage_parameters, trainable_parameter_report)
+from .model import (MultimodalLlamaForCausalLM, adapter_parameters, compute_dtype, enable_gradient_checkpointing,
+                    kernel_backend, set_compute_dtype, set_kernel_backend, set_stage, stage_parameters,
+                    trainable_parameter_report)
 
 __all__ = [
     "LavinConfig", "LlamaAdapterV2Config", "MultimodalLlamaForCausalLM", "PillConfig", "adapter_parameters",
-    "compute_dtype", "set_compute_dtype",
+    "compute_dtype", "enable_gradient_checkpointing", "set_compute_dtype",
     "inject_lavin", "inject_llama_adapter_v2", "inject_pill", "kernel_backend", "load_adapter",
     "load_pretrained_adapter", "read_adapter_config", "save_adapter", "set_kernel_backend", "set_stage",
     "stage_parameters", "trainable_parameter_report",

@@ -194,6 +194,8 @@ def cmd_demo(args) -> int:
         values["base_eval"] = False
     if args.packing:
         values["packing"] = True
+    if args.gradient_checkpointing:
+        values["gradient_checkpointing"] = True
     result = run_demo(DemoSettings(**values), llm=args.llm, cache=args.cache_dir, output_dir=args.output_dir,
                       progress=not args.no_progress)
     if args.json:
@@ -265,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "where this CPU runs it faster, at lower accuracy)")
     demo.add_argument("--packing", action="store_true",
                       help="pack each batch's examples into rows instead of padding them (train.packing)")
+    demo.add_argument("--gradient-checkpointing", action="store_true",
+                      help="recompute each layer's activations in the backward: less memory, slower steps "
+                           "(train.gradient_checkpointing)")
     demo.add_argument("--no-base-eval", action="store_true", help="skip the base model's evaluation")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")

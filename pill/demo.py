@@ -71,6 +71,7 @@ class DemoSettings:
     # Off: the demo's examples differ by a few tokens, so a padded batch wastes little and packed rows (wider,
     # attention over more keys) are not faster (benchmarks/RESULTS.md, "Packing").
     packing: bool = False
+    gradient_checkpointing: bool = False  # train.gradient_checkpointing: less activation memory, slower steps
 
 
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:
@@ -199,7 +200,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         config = TrainConfig(stage=stage, output_dir=str(out_dir / f"phase{phase}"), lr=lr, max_steps=steps,
                              batch_size=settings.batch_size, warmup_steps=max(1, steps // 10), seed=settings.seed,
                              progress=progress, dtype=dtype_name(dtype), packing=settings.packing,
-                             lr_scale=dict(lr_scale))
+                             lr_scale=dict(lr_scale), gradient_checkpointing=settings.gradient_checkpointing)
         _clear_run(Path(config.output_dir))
         threads = settings.threads or pick_threads(dtype=dtype)
         torch.set_num_threads(threads)
@@ -208,7 +209,9 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         trainer = Trainer(model, formatter, data, config, features=lookup, on_step=on_step)
         say(f"[demo] phase {phase}: {name}, method stage {stage}, {steps} steps of {settings.batch_size}, "
             f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters, {threads} thread(s)"
-            + "".join(f"; lr x {factor:g} for '{part}'" for part, factor in lr_scale.items()))
+            + "".join(f"; lr x {factor:g} for '{part}'" for part, factor in lr_scale.items())
+            + ("; gradient checkpointing" if any(getattr(layer, "gradient_checkpointing", False)
+                                                 for layer in model.model.layers) else ""))
         metrics = trainer.train()
         t = lap(f"train phase {phase} ({name})", t)
         say(f"[demo]   loss {metrics['recent_loss']:.3f} over the last steps "

@@ -265,6 +265,21 @@ def _features(mm: "MultimodalAdapter", images, image_features):
     return mm.encode_images(images)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them (less memory, one more
+    forward per layer), non-reentrant as the methods require. transformers 5.x calls it activation
+    checkpointing; the older name stays for the releases before the rename."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):
+        raise RuntimeError(f"{type(model).__name__}: enabling gradient checkpointing left every decoder layer "
+                           f"without it")
+
+
 def _refuse_reentrant_checkpointing(model) -> None:
     for layer in model.model.layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)

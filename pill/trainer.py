@@ -38,7 +38,8 @@ from .data import IGNORE, Collator, Example, PromptFormatter
 from .machine import DTYPE_CHOICES, choose_attention_dtype, choose_compute_dtype, dtype_name
 from .methods import get_method
 from .packing import PackedCollator, real_tokens
-from .model import adapter_parameters, compute_dtype, multimodal_of, set_compute_dtype, set_stage, upcast_half
+from .model import (adapter_parameters, compute_dtype, enable_gradient_checkpointing, multimodal_of,
+                    set_compute_dtype, set_stage, upcast_half)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -58,7 +59,10 @@ class TrainConfig:
     ``{"projector.blocks": 0.1}`` (`pill demo`'s LLaMA-Adapter V2 keeps its visual block slow so that caption
     training does not erase what it passes on). distributed: how several processes (torchrun) share the work:
     "ddp" replicates the model on every rank; "fsdp" shards every parameter over the ranks, the frozen base
-    included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it."""
+    included (FSDP2 `fully_shard` per decoder layer and at the root); a single process ignores it.
+    gradient_checkpointing: recompute each decoder layer's activations in the backward instead of keeping them
+    (non-reentrant): the activation memory of one layer instead of all, for one more forward per layer; the same
+    gradients."""
 
     stage: int = 1
     output_dir: str = "runs/pill"
@@ -84,6 +88,7 @@ class TrainConfig:
     distributed: str = "ddp"
     packing: bool = False
     lr_scale: dict = dataclasses.field(default_factory=dict)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -105,8 +110,9 @@ class TrainConfig:
             self.dtype = legacy
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"train.dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
-        if not isinstance(self.packing, bool):
-            raise ValueError(f"train.packing must be true or false, got {self.packing!r}")
+        for name in ("packing", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         self.betas = tuple(self.betas)
@@ -218,6 +224,8 @@ class Trainer:
                 dtype, attention = codes[int(choice[0])], codes[int(choice[1])]
                 self.dtype_reason = f"rank 0's choice ({self.dtype_reason} here)"
         set_compute_dtype(model, dtype, attention)
+        if config.gradient_checkpointing:  # before sharding: FSDP wraps the layers that checkpointing marks
+            enable_gradient_checkpointing(model)
         self.fsdp = self.world > 1 and config.distributed == "fsdp"
         if self.fsdp:
             shard_with_fsdp(model)

@@ -128,10 +128,12 @@ def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--cache-dir", cache, "--output-dir", str(out), "--train-images", "24", "--test-images", "8",
                "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4", "--no-progress",
-               "--json", str(tmp_path / "demo.json")])
+               "--gradient-checkpointing", "--json", str(tmp_path / "demo.json")])
     captured = capsys.readouterr()
     printed = captured.out
     assert "base model without adapters" in printed and "pill held-out multiple-choice accuracy" in printed
+    phase_lines = [line for line in printed.splitlines() if line.startswith("[demo] phase ")]
+    assert len(phase_lines) == 2 and all(line.endswith("; gradient checkpointing") for line in phase_lines)
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["base"]["total"] == result["adapted"]["total"] == 8
     assert 0 <= result["adapted"]["accuracy"] <= 1

@@ -165,6 +165,39 @@ def test_killed_run_resumes_to_the_same_parameters(method, packing, tmp_path):
     assert saved["pill_type"] == method and saved["stage"] == stage
 
 
+@pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
+def test_gradient_checkpointing_trains_to_the_same_parameters_recomputing_every_layer(method, tmp_path):
+    """train.gradient_checkpointing: three steps end at the parameters of the same run without it (float64; LaVIN's
+    dropout draws the same masks in the recomputation), and every decoder layer runs twice per micro-batch."""
+    examples, lookup = mc_examples(6, with_images=True)
+    stage = 2 if method != "lavin" else 1
+
+    def run(checkpointing):
+        torch.manual_seed(7)
+        model = inject(method, tiny_llm(dtype=torch.float64))
+        calls = []
+        for layer in model.model.layers:  # the recomputation re-runs the layer's forward, not its __call__
+            layer.self_attn.q_proj.register_forward_pre_hook(lambda module, args: calls.append(module))
+        cfg = TrainConfig(stage=stage, output_dir=str(tmp_path / str(checkpointing)), lr=1e-2, max_steps=3,
+                          batch_size=3, warmup_steps=1, progress=False, gradient_checkpointing=checkpointing)
+        trainer = Trainer(model, formatter_for(model), examples, cfg, features=lookup)
+        for _ in range(cfg.max_steps):
+            trainer.train_step()
+        return pill.adapter_parameters(model), len(calls)
+
+    plain, plain_calls = run(False)
+    checkpointed, checkpointed_calls = run(True)
+    assert checkpointed_calls == 2 * plain_calls > 0, (plain_calls, checkpointed_calls)
+    for name, want in plain.items():
+        torch.testing.assert_close(checkpointed[name], want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gradient_checkpointing_is_a_boolean_train_key():
+    assert TrainConfig.from_dict({"gradient_checkpointing": True}).gradient_checkpointing is True
+    with pytest.raises(ValueError, match="train.gradient_checkpointing must be true or false, got 'yes'"):
+        TrainConfig.from_dict({"gradient_checkpointing": "yes"})
+
+
 @pytest.mark.parametrize("damage", ["state json", "optimiser tensors"])
 def test_resuming_from_a_damaged_checkpoint_names_the_file(tmp_path, damage):
     examples, lookup = mc_examples(6)
