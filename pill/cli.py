@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .recipe import (ConfigError, build_formatter, feature_lookup, load_examples, load_for_inference,
+from .recipe import (ConfigError, build_formatter, feature_lookup, llm_spec, load_examples, load_for_inference,
                      load_run_config, pixel_lookup, record_run, relative_path, vision_spec)
 
 
@@ -75,7 +75,8 @@ def cmd_train(args) -> int:
     examples = load_examples(config, "train")
     cache = cache_dir(relative_path(config, config.get("cache_dir")))
     encoder = build_encoder(vision_spec(config))
-    model, tokenizer = load_llm(relative_path(config, config.get("llm")), cache=cache)
+    llm_path, bits = llm_spec(config)
+    model, tokenizer = load_llm(llm_path, cache=cache, bits=bits)
     image_token_id = max(model.config.vocab_size, len(tokenizer)) if method.image_placeholders else None
     model = method.inject(model, method_config, vision_dim=encoder.feature_dim, image_token_id=image_token_id,
                           vision_encoder=encoder)
@@ -196,6 +197,8 @@ def cmd_demo(args) -> int:
         values["packing"] = True
     if args.gradient_checkpointing:
         values["gradient_checkpointing"] = True
+    if args.base_bits is not None:
+        values["base_bits"] = args.base_bits
     result = run_demo(DemoSettings(**values), llm=args.llm, cache=args.cache_dir, output_dir=args.output_dir,
                       progress=not args.no_progress)
     if args.json:
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "where this CPU runs it faster, at lower accuracy)")
     demo.add_argument("--packing", action="store_true",
                       help="pack each batch's examples into rows instead of padding them (train.packing)")
+    demo.add_argument("--base-bits", type=int, default=None, choices=[4],
+                      help="load the frozen LLM in 4-bit NF4 (bitsandbytes: pip install '.[lowmem]'), as LaVIN-lite")
     demo.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute each layer's activations in the backward: less memory, slower steps "
                            "(train.gradient_checkpointing)")
@@ -324,11 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .llm import QuantizedBaseError
     from .seed_format import SeedCheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, SeedCheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, QuantizedBaseError, SeedCheckpointError, FileNotFoundError,
+            FileExistsError) as e:
         print(f"pill {args.command}: error: {e}", file=sys.stderr)
         return 2
 

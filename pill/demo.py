@@ -20,7 +20,7 @@ import torch
 
 from .data import LETTERS, Example, PromptFormatter, answer_text
 from .evaluate import evaluate_multiple_choice, format_report
-from .llm import cache_dir, load_llm
+from .llm import cache_dir, cast_base, load_llm
 from .machine import ThreadWatch, choose_attention_dtype, choose_compute_dtype, dtype_name, pick_threads
 from .model import set_compute_dtype
 from .recipe import record_run
@@ -72,6 +72,7 @@ class DemoSettings:
     # attention over more keys) are not faster (benchmarks/RESULTS.md, "Packing").
     packing: bool = False
     gradient_checkpointing: bool = False  # train.gradient_checkpointing: less activation memory, slower steps
+    base_bits: int | None = None  # 4: the frozen LLM in 4-bit NF4 (pill.llm.load_llm)
 
 
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:
@@ -156,15 +157,17 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     say(f"[demo] frozen EfficientNet-Lite0 features: {encoder.num_tokens} image tokens x {encoder.feature_dim} "
         f"per digit ({timings['encode images (cached after the first run)']:.1f} s)")
 
-    model, tokenizer = load_llm(llm, cache=cache)
+    model, tokenizer = load_llm(llm, cache=cache, bits=settings.base_bits)
     t = lap("load LLM", t)
     say(f"[demo] frozen LLM {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({timings['load LLM']:.1f} s)")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+        + (f", its projections in {settings.base_bits}-bit NF4" if settings.base_bits else "")
+        + f" ({timings['load LLM']:.1f} s)")
 
     torch.set_num_threads(settings.threads or pick_threads())
     dtype, why = choose_compute_dtype(model, settings.dtype)
     say(f"[demo] frozen base in {dtype_name(dtype)}: {why}")
-    model.to(dtype)  # the base model's evaluation runs in it too
+    cast_base(model, dtype)  # the base model's evaluation runs in it too
     rng = random.Random(settings.seed + 1)
     test_mc = digit_examples(test_idx, digits.images, digits.target, rng, "mc")
     results: dict = {"method": settings.method}
@@ -231,9 +234,10 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     say(format_report(result, f"[demo] {settings.method} held-out multiple-choice accuracy"))
     say(f"[demo]   e.g. {test_mc[0].messages[0]['content'].splitlines()[-1]!r} -> {result['predictions'][0]['output']!r}"
         f" (right: {'ABCD'[test_mc[0].answer]})")
-    record_run(Path(results["adapter"]), {"llm": llm or "smollm2", "cache_dir": cache, "prompt": {
-        "format": "chat", "system": "", "max_length": 256}, "vision": {
-        "type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}})
+    record_run(Path(results["adapter"]), {
+        "llm": {"path": llm or "smollm2", "bits": settings.base_bits}, "cache_dir": cache,
+        "prompt": {"format": "chat", "system": "", "max_length": 256},
+        "vision": {"type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}})
     say(f"[demo] adapter saved to {results['adapter']} (try: pill generate --adapter {results['adapter']} "
         f"--image DIGIT.png --question 'Which digit is shown? Options: one (A), two (B), three (C), four (D)')")
     say(f"[demo] total time {results['total_s']:.0f} s (" +

@@ -166,6 +166,47 @@ def quantization_config(bits: int, compute_dtype: torch.dtype = torch.float32, w
 
 
 
+def is_quantized(model) -> bool:
+    """Whether some weights of `model` are packed integers (a bitsandbytes 4-bit base)."""
+    return any(not p.is_floating_point() for p in model.parameters())
+
+
+def keep_quantized_base_trainable(model) -> None:
+    """Keep a bitsandbytes 4-bit base in the layout its training path reads. On a CPU with AVX512-BF16,
+    bitsandbytes repacks a 4-bit layer's weights for its inference kernel at the first forward in eval mode
+    without gradients, and its training path then computes wrong products from the repacked weights (measured:
+    `pill demo` evaluating the base first, then training a flat loss). Here the repacking is switched off (the
+    inference then dequantizes as training does) and weights already repacked are restored."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            try:
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+            except ImportError as exc:
+                raise QuantizedBaseError(f"{type(module).__name__}: its 4-bit weights were repacked for CPU "
+                                         f"inference and this bitsandbytes cannot restore them ({exc}); load the "
+                                         f"model again before injecting") from None
+            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+
+
+def cast_base(model, dtype: torch.dtype):
+    """`model.to(dtype)` for a full-precision model. transformers refuses to cast a quantized one: its floating
+    parameters (embeddings, norms, LM head) are cast instead, and its 4-bit layers dequantize to `dtype`."""
+    if not is_quantized(model):
+        return model.to(dtype)
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            if isinstance(getattr(module, "compute_dtype", None), torch.dtype):
+                module.compute_dtype = dtype
+    return model
+
+
 def load_llm(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
              cache: str | os.PathLike | None = None, bits: int | None = None):
     """(LlamaForCausalLM, tokenizer) from a local HF directory, a GGUF file or "smollm2" (the offline demo model).
@@ -182,6 +223,8 @@ def load_llm(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torc
         raise FileNotFoundError(f"llm: no *.safetensors weights in {directory}; pill-kernels loads safetensors only "
                                 f"(convert .bin checkpoints with `save_pretrained(safe_serialization=True)`)")
     model = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True, **quantized)
+    if quantized:
+        keep_quantized_base_trainable(model)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

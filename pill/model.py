@@ -297,10 +297,14 @@ def _refuse_reentrant_checkpointing(model) -> None:
 def attach_method(model, multimodal: "MultimodalAdapter", vision_encoder=None) -> MultimodalLlamaForCausalLM:
     """Freeze the base, move the new adapters to the model's device, make the model a MultimodalLlamaForCausalLM
     holding `multimodal`, apply the config's kernel backend and start at the method's first stage."""
+    from .llm import is_quantized, keep_quantized_base_trainable
+
     multimodal.set_vision_encoder(vision_encoder)
     device = model.get_input_embeddings().weight.device
     for p in model.parameters():
         p.requires_grad_(False)
+    if is_quantized(model):
+        keep_quantized_base_trainable(model)
     # Adapters stay fp32 (the seed keeps them fp32 under autocast) but live on the model's device.
     multimodal.to(device)
     for layer in model.model.layers:

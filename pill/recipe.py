@@ -23,6 +23,8 @@ import json
 import os
 from pathlib import Path
 
+from .llm import QUANTIZED_BITS
+
 RUN_RECORD = "pill_run.json"
 
 TOP_KEYS = {"llm", "vision", "method", "method_config", "init_adapter", "prompt", "data", "train", "eval",
@@ -74,7 +76,27 @@ def load_run_config(path: str | os.PathLike) -> dict:
         check_keys(spec, DATA_KEYS[kind], f"{path}: data.{split} ({kind})")
     config["_path"] = str(path)
     config["_dir"] = str(path.parent)
+    llm_spec(config)  # a bad llm entry fails here, before anything loads
     return config
+
+
+def llm_spec(config: dict, value=None) -> tuple[str | None, int | None]:
+    """(path, bits) of an `llm` entry (the config's unless `value` is given): a path (a Hugging Face directory, a
+    .gguf file, "smollm2") or a mapping {path: ..., bits: 4} for a 4-bit frozen base (`pill.llm.load_llm`)."""
+    value = config.get("llm") if value is None else value
+    bits = None
+    if isinstance(value, dict):
+        check_keys(value, {"path", "bits"}, f"{config.get('_path', 'config')}: llm")
+        value, bits = value.get("path"), value.get("bits")
+        if bits is not None and (isinstance(bits, bool) or bits not in QUANTIZED_BITS):
+            raise ConfigError(f"{config.get('_path', 'config')}: llm.bits must be one of {list(QUANTIZED_BITS)} "
+                              f"(a bitsandbytes NF4 base) or null, got {bits!r}")
+    return relative_path(config, value), bits
+
+
+def recorded_llm(path: str | None, bits: int | None):
+    """The run record's `llm`: the path alone for a full-precision base (as records before bits had it)."""
+    return {"path": path, "bits": bits} if bits is not None else path
 
 
 def relative_path(config: dict, value):
@@ -176,7 +198,7 @@ def record_run(adapter_dir: Path, config: dict) -> None:
     """Write how to rebuild the model around the adapter (LLM, vision encoder, prompt) next to it, so that
     `pill eval` / `pill generate` need only the adapter directory."""
     cache = config.get("cache_dir")
-    run = {"llm": relative_path(config, config.get("llm")), "vision": vision_spec(config),
+    run = {"llm": recorded_llm(*llm_spec(config)), "vision": vision_spec(config),
            "prompt": config.get("prompt") or {}, "cache_dir": relative_path(config, cache) if cache else None}
     tmp = adapter_dir / ".pill_run.json.tmp"
     tmp.write_text(json.dumps(run, indent=2))
@@ -197,16 +219,16 @@ def load_for_inference(adapter: str, config: dict | None, *, backend: str | None
     if (adapter_dir / RUN_RECORD).is_file():
         recorded = json.loads((adapter_dir / RUN_RECORD).read_text())
     config = config or {}
-    llm = relative_path(config, config["llm"]) if "llm" in config else recorded.get("llm")
+    llm, bits = llm_spec(config) if "llm" in config else llm_spec({}, recorded.get("llm"))
     vision = vision_spec(config) if "vision" in config else recorded.get("vision")
     prompt = config.get("prompt") or recorded.get("prompt") or {}
     cache = relative_path(config, config["cache_dir"]) if config.get("cache_dir") else recorded.get("cache_dir")
     if vision is None:
         raise ConfigError(f"{adapter_dir} has no pill_run.json: pass a config naming llm and vision")
     encoder = build_encoder(vision)
-    model, tokenizer = load_llm(llm, cache=cache)
+    model, tokenizer = load_llm(llm, cache=cache, bits=bits)
     model = pill.load_pretrained_adapter(model, adapter_dir, backend=backend)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and model.device.type != "cuda":  # a 4-bit base is placed when it loads
         model.cuda()
     encoder = model.multimodal.feature_encoder(encoder)  # e.g. with LaVIN's vision routers inside the tower
     formatter = build_formatter(tokenizer, model, encoder, prompt)

@@ -305,3 +305,37 @@ def test_info_reports_the_releases_the_package_and_its_backends(capsys):
     for op in ("routed_glu_adapter", "soft_routed_adapter", "modality_gate", "gated_attention"):
         backends = ", ".join(pill_kernels.available_backends(op, "cpu"))
         assert f"{op} on cpu: backends {backends} (auto picks {pill_kernels.explain(op, 'cpu')[0]})" in out
+
+
+@needs_efficientnet
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="the 4-bit base needs bitsandbytes, which is not installed: pip install '.[lowmem]'")
+def test_train_eval_generate_over_a_4bit_base(project, capsys):
+    """llm: {path, bits: 4} with gradient checkpointing: pill train runs over the 4-bit base, the run record says
+    so, and pill eval / generate rebuild the same 4-bit base (their answer is the greedy loop's over it)."""
+    root, config = project
+    config = {**config, "llm": {"path": "llm", "bits": 4},
+              "train": {**config["train"], "gradient_checkpointing": True, "save_every": 0}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "run.yaml")]) == 0
+    adapter = root / "run" / "adapter"
+    record = json.loads((adapter / "pill_run.json").read_text())
+    assert record["llm"] == {"path": str(root / "llm"), "bits": 4}
+    from pill.cli import load_for_inference
+
+    model = load_for_inference(str(adapter), None)[0]
+    packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    assert len(packed) == 7 * model.config.num_hidden_layers, packed
+    assert main(["eval", str(root / "run.yaml"), "--adapter", str(adapter), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(adapter), "--image", str(root / "img" / "red.png"),
+                 "--question", "Colour?", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed[:-1] == _greedy_answer_of_saved_adapter(adapter, root / "img" / "red.png", "Colour?", 8)
+
+
+def test_llm_bits_must_be_4(project, capsys):
+    root, config = project
+    (root / "run.yaml").write_text(yaml.safe_dump({**config, "llm": {"path": "llm", "bits": 3}}))
+    assert main(["train", str(root / "run.yaml")]) == 2
+    assert "llm.bits must be one of [4] (a bitsandbytes NF4 base) or null, got 3" in capsys.readouterr().err

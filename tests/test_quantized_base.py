@@ -29,8 +29,8 @@ needs_bitsandbytes = pytest.mark.skipif(
 
 
 def save_llama(directory, **config):
-    """A tiny GQA LLaMA saved in float32. Widths are multiples of 32: bitsandbytes' CPU kernel for inference
-    (no_grad) packs the 4-bit weights in blocks of 32 output rows."""
+    """A tiny GQA LLaMA saved in float32. Widths are multiples of 32, which bitsandbytes' CPU inference kernel
+    needs: `evaluated_base` runs it before the methods are injected."""
     torch.manual_seed(0)
     values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -66,10 +66,20 @@ def dequantized_twin(base_dir, quantized):
     return twin
 
 
+def evaluated_base(base_dir):
+    """The 4-bit base after one forward in eval mode without gradients (as `pill demo` evaluates the base before
+    training it). On a CPU with AVX512-BF16, bitsandbytes repacks the weights for its inference kernel there,
+    a layout its training path misreads; injecting a method must undo that."""
+    base = quantized_base(base_dir)
+    with torch.no_grad():
+        base(input_ids=torch.randint(3, VOCAB, (1, 5)))
+    return base
+
+
 def adapted_pair(base_dir, method, stage):
     """(the method over the 4-bit base, the method over its dequantized float64 twin), with the same random
     adapters, in `stage`."""
-    quantized = inject(method, quantized_base(base_dir))
+    quantized = inject(method, evaluated_base(base_dir))
     randomize_adapters(quantized)
     twin = inject(method, dequantized_twin(base_dir, quantized)).to(torch.float64)
     with torch.no_grad():
@@ -126,6 +136,21 @@ def test_the_method_over_a_4bit_base_equals_it_over_the_dequantized_weights(base
 
 def packed_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+
+
+@needs_bitsandbytes
+def test_the_base_evaluated_before_injection_is_repacked_here_and_restored_by_injection(base_dir):
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    base = evaluated_base(base_dir)
+    repacked = [n for n, m in base.named_modules()
+                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    assert repacked, "the evaluation no longer repacks the weights: evaluated_base tests nothing"
+    model = inject("pill", base)
+    assert not [n for n, m in model.named_modules()
+                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
 
 
 @needs_bitsandbytes
@@ -200,16 +225,18 @@ def test_the_trainer_trains_the_adapters_over_a_4bit_base_and_leaves_it_alone(tm
 
 
 @needs_bitsandbytes
-def test_a_bf16_compute_dtype_over_a_4bit_base(tmp_path):
+@pytest.mark.parametrize("method", ["pill", "llama_adapter_v2"])
+def test_a_bf16_compute_dtype_over_a_4bit_base(tmp_path, method):
     """set_compute_dtype reaches the 4-bit projections (they dequantize to bf16), the adapters stay fp32 and
-    get gradients, and the logits stay within bf16's error of the float64 twin's."""
+    get gradients (LLaMA-Adapter V2's tuned biases too, which bitsandbytes would cast in place), and the logits
+    stay within bf16's error of the float64 twin's."""
     save_llama(tmp_path)
-    quantized, twin = adapted_pair(tmp_path, "pill", 2)
+    quantized, twin = adapted_pair(tmp_path, method, 2)
     pill.set_compute_dtype(quantized, "bfloat16")
     projections = [m for m in quantized.model.layers.modules() if hasattr(m, "quant_state") or
                    (hasattr(m, "weight") and not m.weight.is_floating_point())]
     assert projections and all(m.compute_dtype == torch.bfloat16 for m in projections)
-    ids, features, extra = batch_for("pill")
+    ids, features, extra = batch_for(method)
     logits, _, grads = forward_and_grads(quantized, ids, features, extra, torch.float32)
     want, _, _ = forward_and_grads(twin, ids, features, extra, torch.float64)
     assert all(p.dtype == torch.float32 for p in pill.adapter_parameters(quantized).values())

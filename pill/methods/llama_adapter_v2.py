@@ -143,13 +143,15 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
 
     def _project(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A frozen projection plus its LoRA delta (V2.1), or the projection alone."""
-        out = module(x)
+        out = _frozen_projection(module, x)
         if self.pill_lora is not None:
             out = out + self.pill_lora[name](x).to(out.dtype)
         return out
 
     def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.pill_lora is None:
+        # The MLP's own call unless a projection needs more: a LoRA delta, or a quantized projection's tuned bias
+        # (`_frozen_projection`).
+        if self.pill_lora is None and self.mlp.gate_proj.weight.is_floating_point():
             return super()._feed_forward(hidden_states)
         mlp = self.mlp
         x = self.post_attention_layernorm(hidden_states)
@@ -259,6 +261,21 @@ class LlamaAdapterV2Multimodal(MultimodalAdapter):
         tuned = set(self.tuned_bias_names)
         return parameters_where(model, lambda n: n in tuned or any(part in n for part in fine_tuned) or (
             self.config.norm_tuning and "norm.weight" in n and not n.startswith("multimodal.")))
+
+
+def _frozen_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x). A quantized projection (bitsandbytes' 4-bit layer) casts its bias in place to its compute
+    dtype, which would turn the tuned fp32 bias into a bf16 parameter under a bf16 base: there the bias is held
+    out of the layer's call and added here."""
+    bias = module.bias
+    if bias is None or module.weight.is_floating_point():
+        return module(x)
+    module.bias = None
+    try:
+        out = module(x)
+    finally:
+        module.bias = bias
+    return out + bias.to(out.dtype)
 
 
 def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *, vision_dim: int,
