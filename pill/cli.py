@@ -213,6 +213,7 @@ def environment_report() -> list[str]:
     """What a bug report needs: the releases in use, where pill_kernels was imported from, what its compiled
     extension holds and which backends each op can run here."""
     import platform
+    from importlib.metadata import version
 
     import torch
 
@@ -223,7 +224,6 @@ def environment_report() -> list[str]:
              f"{'GPU: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible'})"]
     for name in ("triton", "transformers", "numpy", "safetensors"):
         try:
-            from importlib.metadata import version
             lines.append(f"{name} {version(name)}")
         except Exception:  # PackageNotFoundError, or a broken install's metadata
             lines.append(f"{name} not installed")

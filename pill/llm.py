@@ -165,10 +165,19 @@ def quantization_config(bits: int, compute_dtype: torch.dtype = torch.float32, w
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
-
 def is_quantized(model) -> bool:
     """Whether some weights of `model` are packed integers (a bitsandbytes 4-bit base)."""
     return any(not p.is_floating_point() for p in model.parameters())
+
+
+def set_quantized_compute_dtype(model, dtype: torch.dtype) -> None:
+    """The dtype the quantized layers of `model` (bitsandbytes' Linear4bit: packed integer weights, which a
+    parameter cast leaves alone) dequantize their weights to for each product."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(getattr(module, "compute_dtype", None), torch.dtype) and weight is not None \
+                and not weight.is_floating_point():
+            module.compute_dtype = dtype
 
 
 def keep_quantized_base_trainable(model) -> None:
@@ -198,12 +207,10 @@ def cast_base(model, dtype: torch.dtype):
     if not is_quantized(model):
         return model.to(dtype)
     with torch.no_grad():
-        for module in model.modules():
-            for p in module.parameters(recurse=False):
-                if p.is_floating_point():
-                    p.data = p.data.to(dtype)
-            if isinstance(getattr(module, "compute_dtype", None), torch.dtype):
-                module.compute_dtype = dtype
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    set_quantized_compute_dtype(model, dtype)
     return model
 
 

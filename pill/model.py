@@ -24,6 +24,7 @@ from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .hf_compat import CAUSAL_LM_CACHE_ARG, take_cache
+from .llm import is_quantized, keep_quantized_base_trainable, set_quantized_compute_dtype
 
 if TYPE_CHECKING:
     from .methods.base import MultimodalAdapter
@@ -297,8 +298,6 @@ def _refuse_reentrant_checkpointing(model) -> None:
 def attach_method(model, multimodal: "MultimodalAdapter", vision_encoder=None) -> MultimodalLlamaForCausalLM:
     """Freeze the base, move the new adapters to the model's device, make the model a MultimodalLlamaForCausalLM
     holding `multimodal`, apply the config's kernel backend and start at the method's first stage."""
-    from .llm import is_quantized, keep_quantized_base_trainable
-
     multimodal.set_vision_encoder(vision_encoder)
     device = model.get_input_embeddings().weight.device
     for p in model.parameters():
@@ -406,11 +405,7 @@ def set_compute_dtype(model, dtype: torch.dtype | str, attention_dtype: torch.dt
             want = dtype if id(p) not in full_precision else torch.promote_types(p.dtype, torch.float32)
             if p.is_floating_point() and p.dtype != want:
                 p.data = p.data.to(want)
-    for module in model.model.layers.modules():
-        # A quantized base's projections (bitsandbytes' Linear4bit) keep packed integer weights, which the cast
-        # above leaves alone, and dequantize them to their own compute dtype for each product.
-        if isinstance(getattr(module, "compute_dtype", None), torch.dtype) and not module.weight.is_floating_point():
-            module.compute_dtype = dtype
+    set_quantized_compute_dtype(model, dtype)
     if type(model.lm_head) in (nn.Linear, FullPrecisionLinear):
         model.lm_head.__class__ = FullPrecisionLinear if half else nn.Linear
     elif half:

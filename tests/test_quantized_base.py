@@ -134,6 +134,12 @@ def test_the_method_over_a_4bit_base_equals_it_over_the_dequantized_weights(base
         assert not torch.allclose(full_logits, want_logits, rtol=1e-4, atol=1e-4), where
 
 
+def repacked_layers(model):
+    """The 4-bit layers whose weights are in bitsandbytes' CPU inference layout."""
+    return [n for n, m in model.named_modules()
+            if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+
+
 def packed_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_floating_point()}
 
@@ -145,12 +151,9 @@ def test_the_base_evaluated_before_injection_is_repacked_here_and_restored_by_in
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
     base = evaluated_base(base_dir)
-    repacked = [n for n, m in base.named_modules()
-                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
-    assert repacked, "the evaluation no longer repacks the weights: evaluated_base tests nothing"
+    assert repacked_layers(base), "the evaluation no longer repacks the weights: evaluated_base tests nothing"
     model = inject("pill", base)
-    assert not [n for n, m in model.named_modules()
-                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    assert not repacked_layers(model)
 
 
 @needs_bitsandbytes
