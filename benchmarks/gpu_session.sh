@@ -2,10 +2,12 @@
 # What a lent GPU machine is for, in as few device calls as possible (device tool, from the repository root):
 #
 #   bash benchmarks/gpu_session.sh session   # the first call of a session, at most 9 minutes in all: build
-#                                            # (sm_90, 16 jobs), the GPU tests, the headline benchmarks (layer
-#                                            # level for the three methods, routed adapter, gated attention)
+#                                            # (sm_90, 16 jobs), the GPU tests, the 7B memory table (2.5 min at
+#                                            # most), the headline benchmarks (layer level for the three methods,
+#                                            # routed adapter, gated attention)
 #   bash benchmarks/gpu_session.sh bench     # the optional second call: every benchmark suite
 #   bash benchmarks/gpu_session.sh tests     # build the CUDA extension, the tests that use the GPU
+#   bash benchmarks/gpu_session.sh memory    # peak memory of training steps at LLaMA-7B and 13B shapes
 #   bash benchmarks/gpu_session.sh all       # tests and every suite (may not fit in one 10-minute call)
 #
 # Each part of `session` gets what is left of the 9 minutes (SESSION_SECONDS) under `timeout`, so the call always
@@ -56,6 +58,30 @@ if [[ $what == tests || $what == all || $what == session ]]; then
   echo "tests exit code $tests_status"
   [[ $tests_status == 0 ]] || failed=1
   tail -n 25 "$OUT/tests.log"
+fi
+
+if [[ $what == memory || $what == all || $what == session ]]; then
+  # Peak memory of a training step over a bf16 and a 4-bit base at LLaMA-7B's shape (13B for PILL outside a
+  # session). The image has no bitsandbytes and no network: carry its wheel (docs/measuring.md) in
+  # benchmarks/wheels/, installed here without dependencies.
+  if ! python3 -c "import bitsandbytes" > /dev/null 2>&1; then
+    for wheel in benchmarks/wheels/bitsandbytes-*.whl; do
+      [[ -f $wheel ]] && python3 -m pip install -q --no-deps --no-index "$wheel" > "$OUT/bnb_install.log" 2>&1
+    done
+  fi
+  memory_bases="full 4bit"
+  python3 -c "import bitsandbytes" > /dev/null 2>&1 || { memory_bases="full"; echo "no bitsandbytes: bf16 rows only"; }
+  # shellcheck disable=SC2086
+  run_limited $(( $(left) > 150 ? 150 : $(left) )) python3 benchmarks/training_memory.py --device cuda \
+    --shape llama-7b --bases $memory_bases --json "$OUT/memory_llama-7b.json" > "$OUT/memory.log" 2>&1
+  echo "memory (7B) exit code $?"
+  if [[ $what != session ]]; then
+    # shellcheck disable=SC2086
+    python3 benchmarks/training_memory.py --device cuda --shape llama-13b --methods pill --bases $memory_bases \
+      --json "$OUT/memory_llama-13b.json" >> "$OUT/memory.log" 2>&1
+    echo "memory (13B) exit code $?"
+  fi
+  grep '^|' "$OUT/memory.log"
 fi
 
 if [[ $what == bench || $what == all || $what == session ]]; then
