@@ -225,12 +225,13 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         if generated:
             types = torch.cat([types, types.new_zeros(types.shape[0], generated)], dim=1)
         inputs["mm_token_type_ids"] = types
-        if start < prompt_len:
-            embeds = prompt_embeds[:, start:]
-            if generated:
-                embeds = torch.cat([embeds, self.get_input_embeddings()(input_ids[:, prompt_len:])], dim=1)
-            inputs["inputs_embeds"] = embeds
-            inputs["input_ids"] = None
+        # Generated tokens are text, embedded from the table: an image token id that lies in the vocabulary
+        # (a tokenizer's added <image>) and is generated is not an image placeholder.
+        embeds = prompt_embeds[:, start:]
+        if generated:
+            embeds = torch.cat([embeds, self.get_input_embeddings()(input_ids[:, total - generated:])], dim=1)
+        inputs["inputs_embeds"] = embeds
+        inputs["input_ids"] = None
         return inputs
 
     # -- conveniences ------------------------------------------------------------------------------------

@@ -85,6 +85,35 @@ def test_cached_generation_types_the_tokens_after_an_image_at_the_prompts_end_as
     assert not torch.equal(logits[:, ids.shape[1]:-1].argmax(-1), expected[:, ids.shape[1] + 1:])
 
 
+@pytest.mark.parametrize("method", ["pill", "lavin"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_generated_image_token_id_in_the_vocabulary_is_text(method, use_cache):
+    """With the image token inside the vocabulary (a tokenizer's added <image>, as vLLM requires), the model may
+    generate its id; that token is text, not a placeholder awaiting features. Oracle: full recompute from
+    embeddings, generated tokens looked up in the embedding table and typed as text (so it does not depend on
+    the image token's id); the id is then set to a token the oracle generates."""
+    model = make_model(method)
+    ids, mask, inputs = left_padded_batch(method)
+    with torch.no_grad():
+        prompt_embeds, prompt_types = model.multimodal.embed(model, ids, inputs["image_features"])
+        extra = {"sequence_modality": prompt_types.any(dim=1)} if method == "lavin" else {}
+        generated = ids.new_zeros(ids.shape[0], 0)
+        for _ in range(NEW_TOKENS):
+            logits = model(inputs_embeds=torch.cat([prompt_embeds, model.get_input_embeddings()(generated)], dim=1),
+                           attention_mask=torch.cat([mask, torch.ones_like(generated)], dim=1),
+                           mm_token_type_ids=torch.cat([prompt_types, torch.zeros_like(generated)], dim=1),
+                           use_cache=False, **extra).logits
+            generated = torch.cat([generated, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    in_vocabulary = [t for t in generated.flatten().tolist() if t not in set(ids.flatten().tolist())]
+    assert in_vocabulary, "no generated token is absent from the prompts; pick other prompts"
+    image_token = in_vocabulary[0]
+    model.multimodal.image_token_id = image_token
+    ids = ids.masked_fill(ids == IMAGE_TOKEN, image_token)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=use_cache,
+                         eos_token_id=None, pad_token_id=0, **inputs)
+    assert torch.equal(got[:, ids.shape[1]:], generated), f"generate:\n{got[:, ids.shape[1]:]}\nloop:\n{generated}"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sampling_equals_sampling_loop_with_several_sequences_per_prompt(method):
     model = make_model(method)
