@@ -53,45 +53,63 @@ VISION_DIM, IMAGE_TOKENS = 1024, 32
 MiB = 2 ** 20
 
 
-def quantize_to_nf4(model: LlamaForCausalLM, compute_dtype: torch.dtype) -> LlamaForCausalLM:
-    """The decoder layers' nn.Linear projections replaced by bitsandbytes' NF4 `Linear4bit` on the weights'
-    device, as transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` loads them
-    (blocksize 64, no double quantization; embeddings, norms and LM head stay as they are). One projection at a
-    time, so that the full-precision weights go as their packed copies come."""
+def quantize_layer_to_nf4(layer: nn.Module, compute_dtype: torch.dtype) -> None:
+    """`layer`'s nn.Linear projections replaced by bitsandbytes' NF4 `Linear4bit` on the weights' device, as
+    transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` loads them (blocksize 64,
+    no double quantization), one at a time, so that each full-precision weight goes as its packed copy comes."""
     import bitsandbytes as bnb
 
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            packed = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                       compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=False,
+                                       device="meta")
+            packed.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                              compress_statistics=False, module=packed).to(child.weight.device)
+            if child.bias is not None:
+                packed.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, packed)
+            del child
+
+
+def quantize_to_nf4(model: LlamaForCausalLM, compute_dtype: torch.dtype) -> LlamaForCausalLM:
+    """The decoder layers' projections in NF4 (embeddings, norms and LM head stay as they are, as transformers
+    leaves them)."""
     for layer in model.model.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear:
-                    continue
-                packed = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                           compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=False,
-                                           device="meta")
-                packed.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                                  compress_statistics=False, module=packed).to(child.weight.device)
-                if child.bias is not None:
-                    packed.bias = nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, name, packed)
-                del child
+        quantize_layer_to_nf4(layer, compute_dtype)
     return model
 
 
 def build_base(shape: dict, device: str, base: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A LLaMA of `shape` with random weights in `dtype` on `device`, its decoder's projections in NF4 for
+    base="4bit". Made on the meta device and materialized one module at a time, each decoder layer quantized as
+    soon as it exists: a 4-bit 13B base never holds its full-precision weights at once (transformers' loader
+    quantizes shard by shard the same way), and no heap from a larger model stays resident."""
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **shape)
-    # Random weights made on the device in the compute dtype (a 13B base in fp32 need not fit first); the 4-bit
-    # base is quantized from them, as transformers quantizes a checkpoint's weights.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta"):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
-    if base == "4bit":
-        quantize_to_nf4(model, dtype)
+    inner = model.model
+    with torch.device(device):  # the rotary tables are computed from the config, not drawn
+        inner.rotary_emb = type(inner.rotary_emb)(config)
+    heads = [] if config.tie_word_embeddings else [model.lm_head]
+    with torch.no_grad():
+        for module in [inner.embed_tokens, inner.norm, *heads, *inner.layers]:
+            module.to_empty(device=device)
+            for p in module.parameters():
+                p.normal_(0.0, config.initializer_range) if p.dim() > 1 else p.fill_(1.0)
+            if base == "4bit" and module in inner.layers:
+                quantize_layer_to_nf4(module, dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = inner.embed_tokens.weight
     gc.collect()
     return model
 
