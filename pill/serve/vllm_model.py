@@ -1,0 +1,224 @@
+"""PILL on vLLM: vLLM's own LLaMA (its fused projections, rotary embedding, paged attention, weight loading)
+with PILL's adapter modules and fused ops in each decoder layer, as a multimodal model whose images arrive as
+precomputed vision-encoder features (vLLM's image embeddings input, `enable_mm_embeds=True`).
+
+Only vLLM imports this module, through `pill.serve.register`. The adapter's modules are the training model's
+(`pill.methods.pill`), with the same parameter names, so `adapter_model.safetensors` loads as saved, and the ops
+run through the same dispatch (`PILL_KERNELS_BACKEND`, else "auto").
+
+Which tokens are image tokens: vLLM hands the model the mask of a step's image positions only in
+`embed_input_ids` (built per request from each image's placeholder range and the tokens already computed, so
+it stays right under batching, chunked prefill and prefix-cache hits); the model keeps it for the `forward`
+that follows and passes it to every layer, as vLLM's own per-token vision-expert models do. Under
+torch.compile the mask is a graph input: a graph traced without it (vLLM's profiling run) would otherwise be
+reused for every later step, image tokens silently running as text."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from transformers import BatchFeature
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.utils import _merge_multimodal_embeddings
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
+from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
+                                        PromptReplacement, PromptUpdate)
+from vllm.sequence import IntermediateTensors
+
+import pill_kernels as pk
+
+from ..checkpoint import WEIGHTS_NAME, read_adapter_config
+from ..files import read_safetensors
+from ..methods.pill import ModalityGate, PillConfig, PillDecoderLayer, PillMultimodal, RoutedGLUAdapter
+from .model_dir import SERVED_ARCHITECTURE, ServingError
+
+
+class _ServedAdapter:
+    """What the served model directory says about its adapter (`pill.serve.prepare_served_model` wrote it)."""
+
+    def __init__(self, model_dir: str, hf_config) -> None:
+        self.path = os.path.join(model_dir, hf_config.pill_adapter)
+        self.record = read_adapter_config(self.path)
+        if self.record["pill_type"] != "pill":
+            raise ServingError(f"{self.path}: a {self.record['pill_type']} adapter; vLLM serves PILL only")
+        self.config = PillConfig.from_dict(self.record["config"])
+        if self.config.gate_per != "kv_head":
+            raise ServingError(f"{self.path}: gate_per={self.config.gate_per!r} is not served (kv_head only)")
+        self.image_token_id = int(hf_config.pill_image_token_id)
+        self.image_tokens = int(hf_config.pill_image_tokens)
+        self.vision_dim = int(self.record["vision_dim"])
+        self.stage = int(self.record["stage"])
+
+
+def _served_adapter(model_config) -> _ServedAdapter:
+    return _ServedAdapter(model_config.model, model_config.hf_config)
+
+
+class PillVllmDecoderLayer(LlamaDecoderLayer):
+    """vLLM's LLaMA layer with PILL's block (`pill.methods.pill.PillDecoderLayer`):
+
+        n = RMSNorm_att(x), a = n + A_att(n);  V <- tanh(a W_g) V at image tokens, per KV head, before the cache
+        h = x + Attn(a);  m = RMSNorm_ffn(h), u = m + A_visual|text(m);  out = h + FFN(u)
+
+    Between layers vLLM's convention: a layer returns (FFN(u), h), and the next one (or the final norm) adds
+    them."""
+
+    pill_gate_enabled = PillDecoderLayer.pill_gate_enabled
+    pill_expert_ids = PillDecoderLayer.pill_expert_ids
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
+        hf = config or vllm_config.model_config.hf_config
+        served = _served_adapter(vllm_config.model_config)
+        hidden, rank = hf.hidden_size, served.config.adapter_dim
+        self.kernel_backend = None  # the global dispatch: PILL_KERNELS_BACKEND, else auto
+        self.pill_attn_adapter = RoutedGLUAdapter(hidden, rank, ("attn",))
+        self.pill_ffn_experts = RoutedGLUAdapter(hidden, rank, ("text", "visual"))
+        self.pill_value_gate = ModalityGate(hidden, hf.num_key_value_heads)
+        self.pill_stage = served.stage
+        self.pill_is_last_layer = int(prefix.split(".")[-1]) == hf.num_hidden_layers - 1
+        self.pill_invert_last_layer = served.config.stage1_invert_last_layer
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                pill_image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if pill_image_mask is None:
+            raise RuntimeError("PillVllmDecoderLayer: no image mask reached the layer")
+        x = hidden_states if residual is None else hidden_states + residual
+        attn = self.self_attn
+        a = self.pill_attn_adapter(x, norm=self.input_layernorm)
+        qkv, _ = attn.qkv_proj(a)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        if self.pill_gate_enabled:
+            # Gated before vLLM writes V into its paged cache, so the cache holds gated values, as transformers'.
+            v = pk.modality_gate(a.to(v.dtype), self.pill_value_gate.weight.to(v.dtype),
+                                 v.view(v.shape[0], -1, attn.head_dim), pill_image_mask).reshape(v.shape)
+        q, k = attn.rotary_emb(positions, q, k)
+        out, _ = attn.o_proj(attn.attn(q, k, v))
+        h = x + out
+        u = self.pill_ffn_experts(h, self.pill_expert_ids(pill_image_mask), norm=self.post_attention_layernorm)
+        return self.mlp(u), h
+
+
+class PillProcessingInfo(BaseProcessingInfo):
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}
+
+    def served(self) -> _ServedAdapter:
+        return _served_adapter(self.ctx.model_config)
+
+    def _get_expected_hidden_size(self) -> int | None:
+        # The embeddings given are the vision encoder's features [tokens, C]; the projector maps them to the
+        # model's width inside the model.
+        return self.served().vision_dim
+
+
+class PillDummyInputsBuilder(BaseDummyInputsBuilder[PillProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<image>" * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options=None):
+        served = self.info.served()
+        return {"image": [torch.zeros(served.image_tokens, served.vision_dim)
+                          for _ in range(mm_counts.get("image", 0))]}
+
+
+class PillMultiModalProcessor(BaseMultiModalProcessor[PillProcessingInfo]):
+    """A prompt holds one image token per image; it becomes as many placeholders as the image has rows."""
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+                              ) -> Mapping[str, MultiModalFieldConfig]:
+        return dict(image_embeds=MultiModalFieldConfig.batched("image"))
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.served().image_token_id
+        images = mm_items.get_items("image", ImageEmbeddingItems)
+        return [PromptReplacement(modality="image", target=[image_token_id],
+                                  replacement=lambda item: [image_token_id] * images.get_feature_size(item))]
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0, "pill_image_mask": 0})
+class PillLlamaModel(LlamaModel):
+    """LlamaModel whose compiled graph takes the image mask as an input."""
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None, inputs_embeds: torch.Tensor | None = None,
+                pill_image_mask: torch.Tensor | None = None):
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                               pill_image_mask=pill_image_mask)
+
+
+@MULTIMODAL_REGISTRY.register_processor(PillMultiModalProcessor, info=PillProcessingInfo,
+                                        dummy_inputs=PillDummyInputsBuilder)
+class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<image>"
+        raise ValueError(f"{SERVED_ARCHITECTURE} takes images only, not {modality!r}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=PillVllmDecoderLayer)
+        served = _served_adapter(vllm_config.model_config)
+        self._adapter_path = served.path
+        self.multimodal = PillMultimodal(served.config, served.vision_dim,
+                                         vllm_config.model_config.hf_config.hidden_size, served.image_token_id)
+        self._pill_image_mask: torch.Tensor | None = None
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=PillVllmDecoderLayer):
+        return PillLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        features = kwargs.pop("image_embeds", None)
+        if features is None:
+            return []
+        if isinstance(features, torch.Tensor):
+            features = list(features) if features.dim() == 3 else [features]
+        # The projector in its own dtype, outside autocast, as in training (PillMultimodal.project).
+        return tuple(self.multimodal.project(f).to(self.model.embed_tokens.weight.dtype) for f in features)
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: MultiModalEmbeddings | None = None,
+                        *, is_multimodal: torch.Tensor | None = None) -> torch.Tensor:
+        mask = (torch.zeros_like(input_ids, dtype=torch.bool) if is_multimodal is None
+                else is_multimodal.to(input_ids.device, non_blocking=True))
+        self._pill_image_mask = mask
+        embeds = self.model.embed_input_ids(input_ids.masked_fill(mask, 0))
+        if not multimodal_embeddings or is_multimodal is None:
+            return embeds
+        return _merge_multimodal_embeddings(embeds, multimodal_embeddings, mask)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor | IntermediateTensors:
+        mask, self._pill_image_mask = self._pill_image_mask, None
+        tokens = inputs_embeds if inputs_embeds is not None else input_ids
+        if mask is None:  # a step that did not go through embed_input_ids (vLLM's profiling run): all text
+            mask = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        elif mask.shape[0] < tokens.shape[0]:  # a batch padded to a captured size: the padding is text
+            mask = torch.cat([mask, mask.new_zeros(tokens.shape[0] - mask.shape[0])])
+        elif mask.shape[0] > tokens.shape[0]:
+            raise RuntimeError(f"the image mask covers {mask.shape[0]} tokens, the step has {tokens.shape[0]}")
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds, pill_image_mask=mask)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = set(super().load_weights(weights))
+        tensors = read_safetensors(os.path.join(self._adapter_path, WEIGHTS_NAME))
+        params = {n: p for n, p in self.named_parameters() if ".pill_" in n or n.startswith("multimodal.")}
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ServingError(f"{self._adapter_path}: the adapter does not fit the served model: missing "
+                               f"{missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if tuple(p.shape) != tuple(tensors[name].shape):
+                    raise ServingError(f"{self._adapter_path}: {name} has shape {tuple(tensors[name].shape)}, the "
+                                       f"served model's {tuple(p.shape)}")
+                p.copy_(tensors[name].to(p.dtype))
+        return loaded | set(params)
