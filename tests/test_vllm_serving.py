@@ -53,11 +53,11 @@ def save_base(directory):
     return base
 
 
-def save_adapter(base, directory, method="pill", **config):
+def save_adapter(base, directory, method="pill", stage=2, **config):
     if method == "pill":
         model = pill.inject_pill(base, pill.PillConfig(adapter_dim=16, **config), vision_dim=VISION_DIM,
                                  image_token_id=IMAGE_ID)
-        pill.set_stage(model, 2)
+        pill.set_stage(model, stage)
     elif method == "lavin":
         model = pill.inject_lavin(base, pill.LavinConfig(adapter_dim=8), vision_dim=VISION_DIM,
                                   image_token_id=IMAGE_ID)
@@ -69,11 +69,12 @@ def save_adapter(base, directory, method="pill", **config):
     return model
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, 1], ids=["stage2", "stage1"])
+def served(request, tmp_path_factory):
+    """A served PILL adapter of each stage (stage 1: no gate, the last layer's experts swapped)."""
     root = tmp_path_factory.mktemp("serve")
     base = save_base(root / "base")
-    model = save_adapter(base, root / "adapter")
+    model = save_adapter(base, root / "adapter", stage=request.param)
     served_dir = prepare_served_model(root / "adapter", root / "base", root / "served", image_tokens=IMAGE_TOKENS)
     return root, model.eval(), served_dir
 

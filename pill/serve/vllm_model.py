@@ -60,6 +60,16 @@ def _served_adapter(model_config) -> _ServedAdapter:
     return _ServedAdapter(model_config.model, model_config.hf_config)
 
 
+def _refuse_parallelism(vllm_config: VllmConfig) -> None:
+    # Tensor parallelism shards V by KV heads, and the gate's weight would have to follow; pipeline parallelism
+    # is untested. Neither is run until it is tested.
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ServingError(f"{SERVED_ARCHITECTURE} runs on one device: tensor_parallel_size="
+                           f"{parallel.tensor_parallel_size}, pipeline_parallel_size="
+                           f"{parallel.pipeline_parallel_size} are not supported yet")
+
+
 class PillVllmDecoderLayer(LlamaDecoderLayer):
     """vLLM's LLaMA layer with PILL's block (`pill.methods.pill.PillDecoderLayer`):
 
@@ -165,6 +175,7 @@ class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
         raise ValueError(f"{SERVED_ARCHITECTURE} takes images only, not {modality!r}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        _refuse_parallelism(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=PillVllmDecoderLayer)
         served = _served_adapter(vllm_config.model_config)
         self._adapter_path = served.path
