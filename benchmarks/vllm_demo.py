@@ -119,11 +119,18 @@ def until_end(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
-def unused_token_id(prompts: list[list[int]], vocab_size: int, avoid: set[int]) -> int:
-    """The highest id of the vocabulary no prompt holds: vLLM replaces every occurrence of the image token in a
-    prompt, so one that is also text would be taken for an image."""
-    present = {t for ids in prompts for t in ids} | avoid
-    return next(t for t in range(vocab_size - 1, -1, -1) if t not in present)
+def served_image_token_id(tokenizer, prompts: list[list[int]]) -> int:
+    """The image token for vLLM: an id no prompt holds (vLLM replaces every occurrence of it in a prompt, so one
+    that is also text would be taken for an image), and one of the tokens the tokenizer spells "<image>" into:
+    vLLM profiles memory with a dummy prompt that `pill.serve` writes as the text "<image>", and start-up fails
+    ("Failed to apply prompt replacement") unless the image token is found in it. SmolLM2 has no <image> token of
+    its own ("<", "image", ">"), so "image" is taken."""
+    present = {t for ids in prompts for t in ids}
+    spelled = tokenizer("<image>", add_special_tokens=False)["input_ids"]
+    free = [t for t in spelled if t not in present and t not in tokenizer.all_special_ids]
+    if not free:
+        raise SystemExit(f"every token of '<image>' ({spelled}) occurs in a prompt: no image token id to serve with")
+    return free[len(free) // 2]
 
 
 def one_image_token(ids: list[int], adapter_id: int, served_id: int) -> list[int]:
@@ -179,8 +186,8 @@ def serve(args) -> dict:
     vocab = json.loads((Path(data["base_dir"]) / "config.json").read_text())["vocab_size"]
     served_id = data["adapter_image_token_id"]
     if not 0 <= served_id < vocab:
-        served_id = unused_token_id([q["prompt_ids"] for q in questions] + [q["base_prompt_ids"] for q in questions],
-                                    vocab, {eos, tokenizer.pad_token_id})
+        served_id = served_image_token_id(tokenizer, [q[key] for q in questions
+                                                      for key in ("prompt_ids", "base_prompt_ids")])
     prompts = [{"prompt_token_ids": one_image_token(q["prompt_ids"], data["adapter_image_token_id"], served_id),
                 "multi_modal_data": {"image": [q["features"]]}} for q in questions]
     assert all(p["prompt_token_ids"].count(served_id) == 1 for p in prompts), "one image token per prompt"
