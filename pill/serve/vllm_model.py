@@ -29,6 +29,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptReplacement, PromptUpdate)
+from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.sequence import IntermediateTensors
 
 import pill_kernels as pk
@@ -130,7 +131,7 @@ class PillProcessingInfo(BaseProcessingInfo):
 
 class PillDummyInputsBuilder(BaseDummyInputsBuilder[PillProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return "<image>" * mm_counts.get("image", 0)
+        return ""  # the profiling prompt is built from token ids (PillMultiModalProcessor.get_dummy_inputs)
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options=None):
         served = self.info.served()
@@ -140,6 +141,14 @@ class PillDummyInputsBuilder(BaseDummyInputsBuilder[PillProcessingInfo]):
 
 class PillMultiModalProcessor(BaseMultiModalProcessor[PillProcessingInfo]):
     """A prompt holds one image token per image; it becomes as many placeholders as the image has rows."""
+
+    def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> ProcessorInputs:
+        # vLLM's profiling prompt, as token ids: the image token id need not be what the tokenizer makes of any
+        # text (an adapter trained with an id past the vocabulary is served under an id of the caller's choice).
+        images = mm_counts.get("image", 0)
+        data = self.dummy_inputs.get_dummy_mm_data(seq_len, mm_counts, mm_options)
+        return ProcessorInputs(prompt=[self.info.served().image_token_id] * images,
+                               mm_data_items=self.info.parse_mm_data(data, validate=False))
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
                               ) -> Mapping[str, MultiModalFieldConfig]:
