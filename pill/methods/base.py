@@ -82,6 +82,9 @@ class Method:
     # (SeedKeys, base LlamaConfig, config overrides: dict, image_token_id or None) -> SeedConversion: the seed
     # repository's released checkpoint in this project's adapter layout (`pill.convert`).
     convert_seed: Callable[..., Any] | None = None
+    # (the adapter's saved method config) -> why vLLM cannot run this adapter exactly, or None where `pill.serve`
+    # serves it.
+    vllm_refusal: Callable[[dict], str | None] = lambda config: "no vLLM model is written for it"
 
 
 # ----------------------------------------------------------------------------------------------------------

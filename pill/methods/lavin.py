@@ -407,4 +407,6 @@ METHOD = Method(
     # The seed's learning rate is several times PILL's.
     demo_settings={"stage1_lr": 4e-3, "stage2_lr": 4e-3},
     convert_seed=convert_seed_checkpoint,
+    vllm_refusal=lambda config: ("LaVIN routes every layer by the whole request's modality, at every decoding "
+                                 "step too, and vLLM hands the model no per-request value at decoding steps"),
 )

@@ -453,4 +453,6 @@ METHOD = Method(
     demo_settings={"stage1_lr": 2e-3, "stage2_lr": 2e-3, "stage1_steps": 240, "stage2_steps": 40,
                    "stage1_lr_scale": {"projector.blocks": 0.1, "projector.clip_": 0.1}},
     convert_seed=convert_seed_checkpoint,
+    vllm_refusal=lambda config: ("its gated attention over per-request visual prompts is a second attention in "
+                                 "the last layers, which vLLM's paged attention has no place for"),
 )

@@ -283,9 +283,17 @@ def convert_seed_checkpoint(keys: SeedKeys, base, overrides: dict, image_token_i
                           tensors, notes)
 
 
+def _vllm_refusal(config: dict) -> str | None:
+    if config.get("gate_per", "kv_head") != "kv_head":
+        return (f"gate_per={config['gate_per']!r}: query-head gates act inside the attention on every cached key, "
+                f"where vLLM's attention has no hook; train with gate_per='kv_head'")
+    return None
+
+
 METHOD = Method(
     name="pill", config_class=PillConfig, inject=inject_pill, image_placeholders=True,
     # A 16-wide bottleneck fits the demo's 135M model and CPU budget (the seed's 32 is for 7B).
     demo_config={"adapter_dim": 16},
     convert_seed=convert_seed_checkpoint,
+    vllm_refusal=_vllm_refusal,
 )

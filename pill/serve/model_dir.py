@@ -10,22 +10,23 @@ from pathlib import Path
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from ..files import read_json, replace_directory
+from ..methods import get_method
 
 SERVED_ARCHITECTURE = "PillLlamaForCausalLM"
 ADAPTER_SUBDIR = "pill_adapter"
 # Tokenizer and generation files of a Hugging Face checkpoint that vLLM reads beside the weights.
 _BASE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "generation_config.json", "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")
-_REFUSED = {
-    "lavin": "LaVIN routes every layer by the whole request's modality, which vLLM does not hand to the model "
-             "at decoding steps",
-    "llama_adapter_v2": "LLaMA-Adapter V2 attends to per-request visual prompts in its own attention, which "
-                        "vLLM's paged attention has no place for",
-}
-
-
 class ServingError(ValueError):
     """An adapter or base that cannot be served as asked, with the reason."""
+
+
+def refusal(record: dict) -> str | None:
+    """Why vLLM cannot serve the adapter whose adapter_config.json is `record`, or None (each method's registry
+    record says, `Method.vllm_refusal`)."""
+    method = get_method(record["pill_type"])
+    why = method.vllm_refusal(record["config"])
+    return f"this {method.name} adapter is not served through vLLM: {why}" if why else None
 
 
 def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, output_dir: str | os.PathLike,
@@ -40,14 +41,9 @@ def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.Path
     query-head gates, an adapter trained on a base of another shape."""
     adapter_dir, base_dir, output_dir = Path(adapter_dir), Path(base_dir), Path(output_dir)
     record = read_adapter_config(adapter_dir)
-    method = record["pill_type"]
-    if method in _REFUSED:
-        raise ServingError(f"{adapter_dir}: {method} adapters are not served through vLLM: {_REFUSED[method]} "
-                           f"(docs/serving.md); use `pill generate` / `pill eval`")
-    if record["config"].get("gate_per", "kv_head") != "kv_head":
-        raise ServingError(f"{adapter_dir}: PILL with gate_per={record['config']['gate_per']!r} is not served "
-                           f"through vLLM: query-head gates act inside the attention on every cached key, where "
-                           f"vLLM's attention has no hook; train with gate_per='kv_head'")
+    refused = refusal(record)
+    if refused:
+        raise ServingError(f"{adapter_dir}: {refused} (docs/serving.md); use `pill generate` / `pill eval`")
     if not isinstance(image_tokens, int) or image_tokens < 1:
         raise ServingError(f"image_tokens must be a positive int (feature rows per image), got {image_tokens!r}")
     base_config = read_json(base_dir / "config.json", "a Hugging Face model configuration")

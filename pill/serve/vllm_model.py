@@ -37,7 +37,8 @@ import pill_kernels as pk
 from ..checkpoint import WEIGHTS_NAME, read_adapter_config
 from ..files import read_safetensors
 from ..methods.pill import ModalityGate, PillConfig, PillDecoderLayer, PillMultimodal, RoutedGLUAdapter
-from .model_dir import SERVED_ARCHITECTURE, ServingError
+from ..methods import get_method
+from .model_dir import SERVED_ARCHITECTURE, ServingError, refusal
 
 
 class _ServedAdapter:
@@ -46,11 +47,13 @@ class _ServedAdapter:
     def __init__(self, model_dir: str, hf_config) -> None:
         self.path = os.path.join(model_dir, hf_config.pill_adapter)
         self.record = read_adapter_config(self.path)
-        if self.record["pill_type"] != "pill":
-            raise ServingError(f"{self.path}: a {self.record['pill_type']} adapter; vLLM serves PILL only")
+        refused = refusal(self.record)
+        if refused:
+            raise ServingError(f"{self.path}: {refused}")
+        if get_method(self.record["pill_type"]).config_class is not PillConfig:
+            raise ServingError(f"{self.path}: {SERVED_ARCHITECTURE} serves PILL adapters, this one is "
+                               f"{self.record['pill_type']}")
         self.config = PillConfig.from_dict(self.record["config"])
-        if self.config.gate_per != "kv_head":
-            raise ServingError(f"{self.path}: gate_per={self.config.gate_per!r} is not served (kv_head only)")
         self.image_token_id = int(hf_config.pill_image_token_id)
         self.image_tokens = int(hf_config.pill_image_tokens)
         self.vision_dim = int(self.record["vision_dim"])
