@@ -41,20 +41,12 @@ MAX_NEW_TOKENS = 24  # pill demo's evaluation (pill/demo.py)
 
 def demo_questions(limit: int | None):
     """The held-out questions exactly as `pill demo` builds them (same seeds, same option shuffles), so that the
-    accuracy is comparable with the demo's report; the demo builds them inline, hence repeated here."""
-    import random
-
-    from sklearn.datasets import load_digits
-
-    from pill.demo import DemoSettings, digit_examples
+    accuracy is comparable with the demo's report."""
+    from pill.demo import DemoSettings, held_out_questions, split_digits
 
     settings = DemoSettings()
-    digits = load_digits()
-    order = list(range(len(digits.target)))
-    random.Random(settings.seed).shuffle(order)
-    test_idx = order[:settings.test_images]
-    questions = digit_examples(test_idx, digits.images, digits.target, random.Random(settings.seed + 1), "mc")
-    return questions[:limit]
+    digits, test_idx, _ = split_digits(settings)
+    return held_out_questions(digits, test_idx, settings)[0][:limit]
 
 
 def prepare(args) -> None:

@@ -75,6 +75,26 @@ class DemoSettings:
     base_bits: int | None = None  # 4: the frozen LLM in 4-bit NF4 (pill.llm.load_llm)
 
 
+def split_digits(settings: DemoSettings):
+    """scikit-learn's digits and the seeded split: (digits, held-out indices, training indices)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = list(range(len(digits.target)))
+    random.Random(settings.seed).shuffle(order)
+    if settings.train_images + settings.test_images > len(order):
+        raise ValueError(f"train_images + test_images must be at most {len(order)}")
+    return (digits, order[:settings.test_images],
+            order[settings.test_images:settings.test_images + settings.train_images])
+
+
+def held_out_questions(digits, test_idx, settings: DemoSettings) -> tuple[list[Example], random.Random]:
+    """The held-out multiple-choice questions, and the generator that goes on to draw the training examples
+    (the option shuffles of both come from it, in this order)."""
+    rng = random.Random(settings.seed + 1)
+    return digit_examples(test_idx, digits.images, digits.target, rng, "mc"), rng
+
+
 def digit_examples(indices, images, targets, rng: random.Random, kind: str) -> list[Example]:
     out = []
     for i in indices:
@@ -136,15 +156,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         return time.perf_counter()
 
     t = time.perf_counter()
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = list(range(len(digits.target)))
-    random.Random(settings.seed).shuffle(order)
-    if settings.train_images + settings.test_images > len(order):
-        raise ValueError(f"train_images + test_images must be at most {len(order)}")
-    test_idx = order[:settings.test_images]
-    train_idx = order[settings.test_images:settings.test_images + settings.train_images]
+    digits, test_idx, train_idx = split_digits(settings)
     say(f"[demo] method {settings.method}; {len(train_idx)} training digits, {len(test_idx)} held-out digits "
         f"(scikit-learn load_digits, upscaled to {settings.image_size}x{settings.image_size})")
 
@@ -168,8 +180,7 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     dtype, why = choose_compute_dtype(model, settings.dtype)
     say(f"[demo] frozen base in {dtype_name(dtype)}: {why}")
     cast_base(model, dtype)  # the base model's evaluation runs in it too
-    rng = random.Random(settings.seed + 1)
-    test_mc = digit_examples(test_idx, digits.images, digits.target, rng, "mc")
+    test_mc, rng = held_out_questions(digits, test_idx, settings)
     results: dict = {"method": settings.method}
     if settings.base_eval:
         base_formatter = PromptFormatter(tokenizer, image_token_id=None, image_tokens=0, system="", max_length=256)

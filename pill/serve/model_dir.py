@@ -17,6 +17,8 @@ ADAPTER_SUBDIR = "pill_adapter"
 # Tokenizer and generation files of a Hugging Face checkpoint that vLLM reads beside the weights.
 _BASE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "generation_config.json", "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")
+
+
 class ServingError(ValueError):
     """An adapter or base that cannot be served as asked, with the reason."""
 

@@ -14,6 +14,7 @@ torch.compile the mask is a graph input: a graph traced without it (vLLM's profi
 reused for every later step, image tokens silently running as text."""
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -36,16 +37,16 @@ import pill_kernels as pk
 
 from ..checkpoint import WEIGHTS_NAME, read_adapter_config
 from ..files import read_safetensors
-from ..methods.pill import ModalityGate, PillConfig, PillDecoderLayer, PillMultimodal, RoutedGLUAdapter
 from ..methods import get_method
+from ..methods.pill import ModalityGate, PillConfig, PillDecoderLayer, PillMultimodal, RoutedGLUAdapter
 from .model_dir import SERVED_ARCHITECTURE, ServingError, refusal
 
 
 class _ServedAdapter:
     """What the served model directory says about its adapter (`pill.serve.prepare_served_model` wrote it)."""
 
-    def __init__(self, model_dir: str, hf_config) -> None:
-        self.path = os.path.join(model_dir, hf_config.pill_adapter)
+    def __init__(self, path: str, image_token_id: int, image_tokens: int) -> None:
+        self.path = path
         self.record = read_adapter_config(self.path)
         refused = refusal(self.record)
         if refused:
@@ -54,14 +55,23 @@ class _ServedAdapter:
             raise ServingError(f"{self.path}: {SERVED_ARCHITECTURE} serves PILL adapters, this one is "
                                f"{self.record['pill_type']}")
         self.config = PillConfig.from_dict(self.record["config"])
-        self.image_token_id = int(hf_config.pill_image_token_id)
-        self.image_tokens = int(hf_config.pill_image_tokens)
+        self.image_token_id = image_token_id
+        self.image_tokens = image_tokens
         self.vision_dim = int(self.record["vision_dim"])
         self.stage = int(self.record["stage"])
 
 
+@functools.lru_cache(maxsize=None)
+def _read_served_adapter(path: str, image_token_id: int, image_tokens: int) -> _ServedAdapter:
+    return _ServedAdapter(path, image_token_id, image_tokens)
+
+
 def _served_adapter(model_config) -> _ServedAdapter:
-    return _ServedAdapter(model_config.model, model_config.hf_config)
+    """The served adapter, read once per process: every decoder layer and every request's prompt processing
+    asks for it."""
+    hf = model_config.hf_config
+    return _read_served_adapter(os.path.join(model_config.model, hf.pill_adapter), int(hf.pill_image_token_id),
+                                int(hf.pill_image_tokens))
 
 
 def _refuse_parallelism(vllm_config: VllmConfig) -> None:
