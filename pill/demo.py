@@ -73,6 +73,8 @@ class DemoSettings:
     packing: bool = False
     gradient_checkpointing: bool = False  # train.gradient_checkpointing: less activation memory, slower steps
     base_bits: int | None = None  # 4: the frozen LLM in 4-bit NF4 (pill.llm.load_llm)
+    # "vllm": the held-out questions also answered through vLLM's engine (pill.serve), reported beside
+    engine: str = "transformers"
 
 
 def split_digits(settings: DemoSettings):
@@ -245,10 +247,16 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     say(format_report(result, f"[demo] {settings.method} held-out multiple-choice accuracy"))
     say(f"[demo]   e.g. {test_mc[0].messages[0]['content'].splitlines()[-1]!r} -> {result['predictions'][0]['output']!r}"
         f" (right: {'ABCD'[test_mc[0].answer]})")
-    record_run(Path(results["adapter"]), {
-        "llm": {"path": llm or "smollm2", "bits": settings.base_bits}, "cache_dir": cache,
-        "prompt": {"format": "chat", "system": "", "max_length": 256},
-        "vision": {"type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}})
+    run = {"llm": {"path": llm or "smollm2", "bits": settings.base_bits}, "cache_dir": cache,
+           "prompt": {"format": "chat", "system": "", "max_length": 256},
+           "vision": {"type": "efficientnet-lite0", "image_size": settings.image_size, "grid": settings.grid}}
+    record_run(Path(results["adapter"]), run)
+    if settings.engine == "vllm":
+        results["vllm"] = _evaluate_through_vllm(results["adapter"], run, test_mc, lookup, result, say)
+        t = lap("evaluate through vLLM", t)
+        if results["vllm"]["same_outputs"] != len(test_mc):
+            results["failures"].append(f"vLLM answered {len(test_mc) - results['vllm']['same_outputs']} held-out "
+                                       f"questions otherwise than the transformers engine")
     say(f"[demo] adapter saved to {results['adapter']} (try: pill generate --adapter {results['adapter']} "
         f"--image DIGIT.png --question 'Which digit is shown? Options: one (A), two (B), three (C), four (D)')")
     say(f"[demo] total time {results['total_s']:.0f} s (" +
@@ -258,6 +266,27 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     with open(out_dir / "demo_result.json", "w") as f:
         json.dump(results, f, indent=2)
     return results
+
+
+def _evaluate_through_vllm(adapter: str, run: dict, questions, lookup, transformers_result: dict, say) -> dict:
+    """The held-out questions through vLLM's engine (`pill eval --engine vllm`'s), with the same features, and
+    how its outputs compare with the transformers engine's."""
+    from .evaluate import score_multiple_choice
+    from .recipe import inference_settings
+    from .serve.engine import VllmAnswerer
+
+    answerer = VllmAnswerer(adapter, inference_settings(adapter, {"llm": run["llm"]}), seed=0)
+    started = time.perf_counter()
+    result = score_multiple_choice(questions, answerer.generate_answers(questions, lookup, max_new_tokens=24))
+    seconds = time.perf_counter() - started
+    answerer.close()
+    same = sum(a["output"] == b["output"] for a, b in zip(result["predictions"], transformers_result["predictions"]))
+    same_parsed = sum(a["prediction"] == b["prediction"]
+                      for a, b in zip(result["predictions"], transformers_result["predictions"]))
+    say(format_report(result, "[demo] the same questions through vLLM's engine"))
+    say(f"[demo]   outputs equal to the transformers engine's: {same}/{len(questions)}, parsed answers "
+        f"{same_parsed}/{len(questions)} ({seconds:.1f} s)")
+    return dict(_summary(result), same_outputs=same, same_parsed_answers=same_parsed, answer_s=round(seconds, 1))
 
 
 def demo_failures(adapted: dict, base: dict | None, chance: float = 0.25) -> list[str]:

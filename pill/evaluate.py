@@ -80,11 +80,21 @@ def evaluate_multiple_choice(model, formatter: PromptFormatter, examples: list[E
                              max_new_tokens: int = 32, progress: bool = False) -> dict:
     """Accuracy, unparseable rate, per-category accuracy (for each key of the examples' `category`) and the
     predictions."""
+    check_multiple_choice(examples)
+    texts = generate_answers(model, formatter, examples, features, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    return score_multiple_choice(examples, texts)
+
+
+def check_multiple_choice(examples: list[Example]) -> None:
     for ex in examples:
         if ex.choices is None:
             raise ValueError(f"{ex.where}: not a multiple-choice item (no choices / answer)")
-    texts = generate_answers(model, formatter, examples, features, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, progress=progress)
+
+
+def score_multiple_choice(examples: list[Example], texts: list[str]) -> dict:
+    """`evaluate_multiple_choice`'s result for answers already generated (`texts`, one per example)."""
+    check_multiple_choice(examples)
     correct = 0
     unparsed = 0
     by_category: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))

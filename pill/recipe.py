@@ -205,6 +205,23 @@ def record_run(adapter_dir: Path, config: dict) -> None:
     os.replace(tmp, adapter_dir / RUN_RECORD)
 
 
+def inference_settings(adapter: str | os.PathLike, config: dict | None) -> dict:
+    """What rebuilds the model around a trained adapter: {llm, bits, vision, prompt, cache}, from the adapter's
+    pill_run.json and whatever `config` overrides."""
+    adapter_dir = Path(adapter)
+    recorded = {}
+    if (adapter_dir / RUN_RECORD).is_file():
+        recorded = json.loads((adapter_dir / RUN_RECORD).read_text())
+    config = config or {}
+    llm, bits = llm_spec(config) if "llm" in config else llm_spec({}, recorded.get("llm"))
+    vision = vision_spec(config) if "vision" in config else recorded.get("vision")
+    if vision is None:
+        raise ConfigError(f"{adapter_dir} has no pill_run.json: pass a config naming llm and vision")
+    return {"llm": llm, "bits": bits, "vision": vision, "prompt": config.get("prompt") or recorded.get("prompt") or {},
+            "cache": relative_path(config, config["cache_dir"]) if config.get("cache_dir")
+            else recorded.get("cache_dir")}
+
+
 def load_for_inference(adapter: str, config: dict | None, *, backend: str | None = None):
     """The model with the adapter loaded (its fused ops on `backend`), the prompt formatter, the vision encoder
     and the feature cache directory, from the adapter's pill_run.json and whatever `config` overrides."""
@@ -215,17 +232,9 @@ def load_for_inference(adapter: str, config: dict | None, *, backend: str | None
     from .vision import build_encoder
 
     adapter_dir = Path(adapter)
-    recorded = {}
-    if (adapter_dir / RUN_RECORD).is_file():
-        recorded = json.loads((adapter_dir / RUN_RECORD).read_text())
-    config = config or {}
-    llm, bits = llm_spec(config) if "llm" in config else llm_spec({}, recorded.get("llm"))
-    vision = vision_spec(config) if "vision" in config else recorded.get("vision")
-    prompt = config.get("prompt") or recorded.get("prompt") or {}
-    cache = relative_path(config, config["cache_dir"]) if config.get("cache_dir") else recorded.get("cache_dir")
-    if vision is None:
-        raise ConfigError(f"{adapter_dir} has no pill_run.json: pass a config naming llm and vision")
-    encoder = build_encoder(vision)
+    settings = inference_settings(adapter_dir, config)
+    llm, bits, prompt, cache = settings["llm"], settings["bits"], settings["prompt"], settings["cache"]
+    encoder = build_encoder(settings["vision"])
     model, tokenizer = load_llm(llm, cache=cache, bits=bits)
     model = pill.load_pretrained_adapter(model, adapter_dir, backend=backend)
     if torch.cuda.is_available() and model.device.type != "cuda":  # a 4-bit base is placed when it loads

@@ -55,6 +55,20 @@ def load_image(path: str | os.PathLike):
         raise ValueError(f"{path}: the image file is truncated or corrupt ({exc})") from None
 
 
+def efficientnet_pixels(images: Sequence, image_size: int) -> torch.Tensor:
+    """EfficientNet-Lite0's input: each image resized to image_size x image_size, scaled to [-1, 1]."""
+    arrays = [torch.from_numpy(image_to_array(im)).permute(2, 0, 1) for im in images]
+    out = torch.stack([F.interpolate(a[None], size=(image_size, image_size), mode="bilinear",
+                                     align_corners=False)[0] for a in arrays]).clamp(0, 1)
+    return (out - 0.5) / 0.5  # the TF-Lite models' (x - 127.5) / 127.5 input scaling
+
+
+def processor_pixels(processor, images: Sequence) -> torch.Tensor:
+    """A Hugging Face image processor's pixel_values for images given as PIL images or [0, 1] arrays."""
+    arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
+    return processor(images=arrays, return_tensors="pt")["pixel_values"]
+
+
 class EfficientNetLite0Encoder:
     """Frozen pretrained EfficientNet-Lite0; features [N, tokens, 1280] from its last feature map.
 
@@ -91,14 +105,15 @@ class EfficientNetLite0Encoder:
         self.num_tokens = (grid or side) ** 2
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        arrays = [torch.from_numpy(image_to_array(im)).permute(2, 0, 1) for im in images]
-        out = torch.stack([F.interpolate(a[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                         align_corners=False)[0] for a in arrays]).clamp(0, 1)
-        return (out - 0.5) / 0.5  # the TF-Lite models' (x - 127.5) / 127.5 input scaling
+        return efficientnet_pixels(images, self.image_size)
+
+    def to(self, device: str | torch.device) -> "EfficientNetLite0Encoder":
+        self.model.to(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.model.extract_features(pixels)
+        fmap = self.model.extract_features(pixels.to(next(self.model.parameters()).device))
         if self.grid is not None:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)
         return fmap.flatten(2).transpose(1, 2).contiguous()
@@ -152,8 +167,7 @@ class _LocalCheckpointEncoder:
         return f"{prefix}-{path.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        arrays = [(image_to_array(im) * 255).round().astype(np.uint8) for im in images]
-        return self.processor(images=arrays, return_tensors="pt")["pixel_values"]
+        return processor_pixels(self.processor, images)
 
     def encode(self, images: Sequence) -> torch.Tensor:
         return encode_in_batches(self, images)
@@ -221,6 +235,13 @@ class HFVisionEncoder(_LocalCheckpointEncoder):
         with torch.no_grad():
             probe = self(self.preprocess([np.zeros((32, 32, 3), dtype=np.float32)]))
         self.num_tokens = probe.shape[1]
+
+    def to(self, device: str | torch.device) -> "HFVisionEncoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self.projection is not None:
+            self.projection.to(self.device)
+        return self
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -308,6 +329,13 @@ class Blip2QFormerEncoder(_LocalCheckpointEncoder):
         self.dtype = dtype
         self.key = self._cache_key("blip2-qformer", path, weights)
 
+    def to(self, device: str | torch.device) -> "Blip2QFormerEncoder":
+        self.device = torch.device(device)
+        self.vision.to(self.device)
+        self.qformer.to(self.device)
+        self.query_tokens = self.query_tokens.to(self.device)
+        return self
+
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.vision(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
@@ -336,6 +364,21 @@ def build_encoder(spec: dict) -> EfficientNetLite0Encoder | HFVisionEncoder | Bl
             raise ValueError("vision: type 'blip2-qformer' needs path (a local BLIP-2 checkpoint directory)")
         return Blip2QFormerEncoder(**_only(spec, {"path", "batch_size"}, "vision"))
     raise ValueError(f"vision.type must be 'efficientnet-lite0', 'hf' or 'blip2-qformer', got {kind!r}")
+
+
+def image_preprocessor(spec: dict) -> Callable[[Sequence], torch.Tensor]:
+    """The `preprocess` of the encoder `build_encoder(spec)` builds (images -> its pixel input), without loading
+    the encoder's weights: for a process that prepares images for an encoder running elsewhere (a server's
+    front end)."""
+    spec = dict(spec)
+    kind = spec.get("type")
+    if kind == "efficientnet-lite0":
+        image_size = spec.get("image_size", 224)
+        return lambda images: efficientnet_pixels(images, image_size)
+    if kind in ("hf", "blip2-qformer") and "path" in spec:
+        processor = _image_processor(Path(spec["path"]).expanduser())
+        return lambda images: processor_pixels(processor, images)
+    return build_encoder(spec).preprocess  # the errors build_encoder gives for a bad spec
 
 
 def _only(spec: dict, allowed: set, where: str) -> dict:

@@ -1,6 +1,8 @@
 """PILL on vLLM: vLLM's own LLaMA (its fused projections, rotary embedding, paged attention, weight loading)
-with PILL's adapter modules and fused ops in each decoder layer, as a multimodal model whose images arrive as
-precomputed vision-encoder features (vLLM's image embeddings input, `enable_mm_embeds=True`).
+with PILL's adapter modules and fused ops in each decoder layer, as a multimodal model. Images arrive as pictures
+(the processor prepares them as the run's vision encoder does; the model runs the frozen encoder, then the
+adapter's projector) or as the encoder's precomputed features (vLLM's image embeddings input,
+`enable_mm_embeds=True`).
 
 Only vLLM imports this module, through `pill.serve.register`. The adapter's modules are the training model's
 (`pill.methods.pill`), with the same parameter names, so `adapter_model.safetensors` loads as saved, and the ops
@@ -14,8 +16,10 @@ torch.compile the mask is a graph input: a graph traced without it (vLLM's profi
 reused for every later step, image tokens silently running as text."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -27,7 +31,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptReplacement, PromptUpdate)
 from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -36,10 +40,13 @@ from vllm.sequence import IntermediateTensors
 import pill_kernels as pk
 
 from ..checkpoint import WEIGHTS_NAME, read_adapter_config
-from ..files import read_safetensors
+from ..files import read_json, read_safetensors
 from ..methods import get_method
 from ..methods.pill import ModalityGate, PillConfig, PillDecoderLayer, PillMultimodal, RoutedGLUAdapter
 from .model_dir import SERVED_ARCHITECTURE, ServingError, refusal
+
+# The size of the pictures vLLM profiles memory with (the encoder's own preprocessing resizes them).
+_DUMMY_IMAGE_SIZE = 224
 
 
 class _ServedAdapter:
@@ -59,6 +66,30 @@ class _ServedAdapter:
         self.image_tokens = image_tokens
         self.vision_dim = int(self.record["vision_dim"])
         self.stage = int(self.record["stage"])
+        run = os.path.join(self.path, "pill_run.json")
+        # The frozen vision encoder's spec (`pill.vision.build_encoder`), or None: features only.
+        self.vision = read_json(Path(run), "the adapter's run record").get("vision") if os.path.isfile(run) else None
+
+    @functools.cached_property
+    def preprocess(self):
+        """Pictures -> the encoder's pixel input, without the encoder's weights (the front end's part)."""
+        from ..vision import image_preprocessor
+
+        return image_preprocessor(self.vision)
+
+    def build_encoder(self, device: torch.device):
+        """The frozen encoder, in fp32 whatever vLLM's default dtype (training encoded images in fp32), on
+        `device`."""
+        from ..vision import build_encoder
+
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            with torch.device("cpu"):
+                encoder = build_encoder(self.vision)
+        finally:
+            torch.set_default_dtype(dtype)
+        return encoder.to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,6 +167,11 @@ class PillProcessingInfo(BaseProcessingInfo):
     def served(self) -> _ServedAdapter:
         return _served_adapter(self.ctx.model_config)
 
+    def get_default_tok_params(self):
+        # The run's chat template writes every special token (as training's formatter tokenizes a chat), so the
+        # rendered text is tokenized without adding any.
+        return dataclasses.replace(super().get_default_tok_params(), add_special_tokens=False)
+
     def _get_expected_hidden_size(self) -> int | None:
         # The embeddings given are the vision encoder's features [tokens, C]; the projector maps them to the
         # model's width inside the model.
@@ -147,13 +183,16 @@ class PillDummyInputsBuilder(BaseDummyInputsBuilder[PillProcessingInfo]):
         return ""  # the profiling prompt is built from token ids (PillMultiModalProcessor.get_dummy_inputs)
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options=None):
-        served = self.info.served()
-        return {"image": [torch.zeros(served.image_tokens, served.vision_dim)
-                          for _ in range(mm_counts.get("image", 0))]}
+        served, count = self.info.served(), mm_counts.get("image", 0)
+        if served.vision is not None:  # profile with the encoder running too
+            return {"image": self._get_dummy_images(width=_DUMMY_IMAGE_SIZE, height=_DUMMY_IMAGE_SIZE,
+                                                    num_images=count)}
+        return {"image": [torch.zeros(served.image_tokens, served.vision_dim) for _ in range(count)]}
 
 
 class PillMultiModalProcessor(BaseMultiModalProcessor[PillProcessingInfo]):
-    """A prompt holds one image token per image; it becomes as many placeholders as the image has rows."""
+    """A prompt holds one image token per image; it becomes as many placeholders as the image has feature rows.
+    Pictures become the encoder's pixel input here; features pass through."""
 
     def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> ProcessorInputs:
         # vLLM's profiling prompt, as token ids: the image token id need not be what the tokenizer makes of any
@@ -163,16 +202,29 @@ class PillMultiModalProcessor(BaseMultiModalProcessor[PillProcessingInfo]):
         return ProcessorInputs(prompt=[self.info.served().image_token_id] * images,
                                mm_data_items=self.info.parse_mm_data(data, validate=False))
 
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        served = self.info.served()
+        if served.vision is None:
+            raise ServingError(f"{served.path} has no run record naming its vision encoder: this server takes "
+                               f"images as precomputed features only (image embeddings)")
+        return BatchFeature({"pixel_values": served.preprocess(list(hf_data["images"]))})
+
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
                               ) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(image_embeds=MultiModalFieldConfig.batched("image"))
+        return dict(pixel_values=MultiModalFieldConfig.batched("image"),
+                    image_embeds=MultiModalFieldConfig.batched("image"))
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
-        image_token_id = self.info.served().image_token_id
-        images = mm_items.get_items("image", ImageEmbeddingItems)
-        return [PromptReplacement(modality="image", target=[image_token_id],
-                                  replacement=lambda item: [image_token_id] * images.get_feature_size(item))]
+        served = self.info.served()
+
+        def placeholders(item: int) -> list[int]:
+            # looked up per item: vLLM also asks for the updates of a request whose items are all cached
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            rows = images.get_feature_size(item) if isinstance(images, ImageEmbeddingItems) else served.image_tokens
+            return [served.image_token_id] * rows
+
+        return [PromptReplacement(modality="image", target=[served.image_token_id], replacement=placeholders)]
 
 
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
@@ -200,7 +252,9 @@ class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
         _refuse_parallelism(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=PillVllmDecoderLayer)
         served = _served_adapter(vllm_config.model_config)
+        self._served = served
         self._adapter_path = served.path
+        self._vision_encoder = None  # built on first use: not a submodule (its weights are not in the checkpoint)
         self.multimodal = PillMultimodal(served.config, served.vision_dim,
                                          vllm_config.model_config.hf_config.hidden_size, served.image_token_id)
         self._pill_image_mask: torch.Tensor | None = None
@@ -208,8 +262,19 @@ class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
     def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=PillVllmDecoderLayer):
         return PillLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
+    def _encode(self, pixels: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._vision_encoder is None:
+            self._vision_encoder = self._served.build_encoder(self.model.embed_tokens.weight.device)
+        if isinstance(pixels, torch.Tensor):
+            return list(self._vision_encoder(pixels))
+        return [self._vision_encoder(p[None])[0] for p in pixels]
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        features = kwargs.pop("image_embeds", None)
+        features, pixels = kwargs.pop("image_embeds", None), kwargs.pop("pixel_values", None)
+        if features is not None and pixels is not None:
+            raise RuntimeError("vLLM batched pictures and image features in one call; each item needs its own")
+        if pixels is not None:
+            features = self._encode(pixels)
         if features is None:
             return []
         if isinstance(features, torch.Tensor):
