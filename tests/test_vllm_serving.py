@@ -226,6 +226,11 @@ def test_an_adapter_for_another_base_or_a_4bit_base_is_refused(tmp_path):
     save_adapter(other, tmp_path / "other")
     with pytest.raises(ServingError, match="hidden_size: adapter 128, base 256"):
         prepare_served_model(tmp_path / "other", tmp_path / "base", tmp_path / "out", image_tokens=4)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "qwen2").mkdir()
+    (tmp_path / "qwen2" / "config.json").write_text(json.dumps(dict(config, model_type="qwen2")))
+    with pytest.raises(ServingError, match="serves adapters on LLaMA bases; this base is 'qwen2'"):
+        prepare_served_model(tmp_path / "other", tmp_path / "qwen2", tmp_path / "out", image_tokens=4)
     with pytest.raises(ServingError, match="no pill_run.json naming its base"):
         prepare_served_model(tmp_path / "other", None, tmp_path / "out", image_tokens=4)
     record_run(tmp_path / "other", {"llm": {"path": str(tmp_path / "base"), "bits": 4},

@@ -158,6 +158,9 @@ def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.Path
     if not isinstance(image_tokens, int) or image_tokens < 1:
         raise ServingError(f"image_tokens must be a positive int (feature rows per image), got {image_tokens!r}")
     base_config = read_json(base_dir / "config.json", "a Hugging Face model configuration")
+    if base_config.get("model_type") != "llama":
+        raise ServingError(f"{base_dir}: {SERVED_ARCHITECTURE} serves adapters on LLaMA bases; this base is "
+                           f"{base_config.get('model_type')!r} (its vLLM model is not written yet)")
     weights = sorted(base_dir.glob("*.safetensors"))
     if not weights:
         raise ServingError(f"base_dir: no *.safetensors weights in {base_dir}")
