@@ -107,7 +107,9 @@ def convert_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None
         return target
     if verbose:
         print(f"converting {gguf.name} to a safetensors checkpoint in {target} (once)", flush=True)
-    family = family_of_config(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), f"llm: {gguf}")
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    family = family_of_config(config, f"llm: {gguf}")
+    _check_gguf_head_dim(gguf, config, family)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = family.causal_lm.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
@@ -135,6 +137,27 @@ def convert_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _check_gguf_head_dim(gguf: Path, config, family) -> None:
+    """transformers reads no head dimension off a Qwen2 / Qwen3 GGUF and assumes one (Qwen3: 128, the released
+    models'); some releases then load the file's differently shaped weights into the model silently. The
+    weights' own head width is compared before loading."""
+    from gguf import GGUFReader
+
+    from .families import UnsupportedBaseError
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    query = next((t for t in GGUFReader(str(gguf)).tensors if t.name == "blk.0.attn_q.weight"), None)
+    if query is None:
+        raise UnsupportedBaseError(f"llm: {gguf}: no blk.0.attn_q.weight tensor; not a {family.label} GGUF file")
+    rows = int(query.shape[-1])  # GGUF lists dimensions innermost first: [in, out]
+    if rows != heads * head_dim:
+        raise UnsupportedBaseError(
+            f"llm: {gguf}: its {family.label} weights have heads {rows // heads} wide (blk.0.attn_q.weight: {rows} "
+            f"rows for {heads} heads), but transformers takes head_dim {head_dim} from this GGUF file (it does not "
+            f"read it for model_type {config.model_type!r}); load the model from its Hugging Face directory")
 
 
 def resolve_llm(path: str | os.PathLike | None, cache: str | os.PathLike | None = None) -> Path:

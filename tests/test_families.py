@@ -388,6 +388,77 @@ def test_load_llm_keeps_each_familys_class_and_biases(tmp_path):
         load_llm(windowed)
 
 
+GGUF_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def write_gguf(model, path):
+    """`model` as llama.cpp writes a Qwen2 / Qwen3 file (fp32 tensors under its names; a byte-level vocabulary)."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), config.model_type)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    tokens = list(bytes_to_unicode().values())[:config.vocab_size - 1] + ["<|endoftext|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_eos_token_id(len(tokens) - 1)
+    for name, tensor in model.state_dict().items():
+        module, kind = name.rsplit(".", 1)
+        if module.startswith("model.layers."):
+            index, module = module.removeprefix("model.layers.").split(".", 1)
+            writer.add_tensor(f"blk.{index}.{GGUF_TENSORS[module]}.{kind}", tensor.float().numpy())
+        else:
+            writer.add_tensor(f"{GGUF_TENSORS[module]}.{kind}", tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_file_loads_as_its_familys_class(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it in some releases
+    import transformers
+
+    from pill.llm import load_llm
+    from trainer_testing import char_tokenizer
+
+    # The model is what changed with the families; the vocabulary is transformers' conversion, as for a LLaMA
+    # GGUF, and a hand-written file's trips some releases' converters.
+    load_tokenizer = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kwargs: char_tokenizer()
+                        if "gguf_file" in kwargs else load_tokenizer(path, **kwargs))
+    vocab = {"vocab_size": 120, "tie_word_embeddings": False}
+    # transformers reads no head_dim off a Qwen3 GGUF and assumes the released models' 128.
+    for family, overrides in (("qwen2", {}), ("qwen3", {"head_dim": 128})):
+        base = make_base(family, dtype=torch.float32, **vocab, **overrides)
+        write_gguf(base, tmp_path / f"{family}.gguf")
+        model, _ = load_llm(tmp_path / f"{family}.gguf", cache=tmp_path / "cache")
+        assert type(model) is type(base)
+        for (name, p), (_, q) in zip(base.named_parameters(), model.named_parameters()):
+            assert torch.equal(p, q), f"{family}: {name}"
+    write_gguf(make_base("qwen3", dtype=torch.float32, **vocab), tmp_path / "narrow.gguf")
+    with pytest.raises(UnsupportedBaseError, match=r"narrow.gguf: its Qwen3 weights have heads 12 wide "
+                                                   r"\(blk.0.attn_q.weight: 48 rows for 4 heads\), but transformers "
+                                                   r"takes head_dim 128"):
+        load_llm(tmp_path / "narrow.gguf", cache=tmp_path / "cache")
+
+
 def test_seed_conversion_is_refused_onto_other_families(tmp_path):
     from pill.convert import convert_seed_checkpoint
 
