@@ -9,6 +9,7 @@ and Triton backends equal eager. Then what each family is refused (sliding windo
 LLaMA-Adapter V2's bias and norm tuning per family, adapter files, loading a checkpoint directory and seed
 conversion. The same on LLaMA is in test_models.py, test_generation.py and test_packing.py."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -241,6 +242,79 @@ def test_hidden_states_are_still_captured(family):
     ids, features, _ = batch_for("pill")
     out = model(input_ids=ids, image_features=features, output_hidden_states=True)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gradient_checkpointing_recomputes_the_family_layers(family):
+    model = make_model("llama_adapter_v2", family)
+    model.train()
+    params = all_adapter_params_trainable(model)
+    ids, features, extra = batch_for("llama_adapter_v2")
+    calls = []
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.register_forward_pre_hook(lambda module, args: calls.append(module))
+
+    def grads():
+        calls.clear()
+        loss = model(input_ids=ids, image_features=features, labels=ids, logits_to_keep="supervised", **extra).loss
+        return torch.autograd.grad(loss, list(params.values()), allow_unused=True), len(calls)
+
+    plain, plain_calls = grads()
+    pill.enable_gradient_checkpointing(model)
+    checkpointed, checkpointed_calls = grads()
+    # Each layer's keys, then each prompted layer's prompt keys; all of it again in the backward.
+    assert checkpointed_calls == 2 * plain_calls > 0
+    for name, a, b in zip(params, plain, checkpointed):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="the 4-bit base needs bitsandbytes: pip install 'pill-kernels[lowmem]'")
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["pill", "llama_adapter_v2"])
+def test_a_4bit_base_equals_its_dequantized_weights(method, family, tmp_path):
+    """As test_quantized_base.py on LLaMA: the oracle is the method over a float64 twin whose projections are
+    bitsandbytes' dequantization of the 4-bit ones (biases, Qwen3's norms and LLaMA-Adapter V2's tuned biases
+    beside Qwen2's stay full precision)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from pill.llm import load_llm
+    from trainer_testing import char_tokenizer
+
+    # Widths are multiples of 32 for bitsandbytes' CPU kernels; Qwen3's heads are wider than hidden / heads.
+    widths = dict(hidden_size=64, intermediate_size=128, **({"head_dim": 32} if family == "qwen3" else {}))
+    make_base(family, dtype=torch.float32, **widths).save_pretrained(tmp_path, safe_serialization=True)
+    char_tokenizer().save_pretrained(tmp_path)
+    quantized = inject(method, load_llm(tmp_path, bits=4)[0].eval())
+    twin = CLASSES[family][1].from_pretrained(tmp_path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if not getattr(module, "weight", torch.empty(0)).is_floating_point():
+                weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+                twin.get_submodule(name).weight.copy_(weight.to(torch.float64))
+    twin = inject(method, twin).to(torch.float64)
+    pill.set_stage(quantized, quantized.multimodal.config.stages[-1])
+    pill.set_stage(twin, twin.multimodal.config.stages[-1])
+    randomize_adapters(quantized)
+    with torch.no_grad():
+        for name, p in pill.adapter_parameters(twin).items():
+            p.copy_(pill.adapter_parameters(quantized)[name].to(torch.float64))
+    ids, features, extra = batch_for(method)
+    results = []
+    for model, dtype in ((quantized, torch.float32), (twin, torch.float64)):
+        params = pill.adapter_parameters(model)
+        out = model(input_ids=ids, image_features=features.to(dtype), labels=ids, logits_to_keep="supervised",
+                    **extra)
+        grads = torch.autograd.grad(out.loss, [p for p in params.values() if p.requires_grad])
+        results.append((out.logits.double(), out.loss.double(), [g.double() for g in grads]))
+    (logits, loss, grads), (want_logits, want_loss, want_grads) = results
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, want in zip(grads, want_grads):
+        scale = want.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(g / scale, want / scale, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
