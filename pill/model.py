@@ -316,7 +316,8 @@ def _refuse_reentrant_checkpointing(model) -> None:
 # Injection (the last step of every method's inject function)
 # ----------------------------------------------------------------------------------------------------------
 
-def attach_method(model, family: Family, multimodal: "MultimodalAdapter", vision_encoder=None) -> MultimodalCausalLM:
+def attach_method(model, family: Family, multimodal: "MultimodalAdapter",
+                  vision_encoder=None) -> MultimodalCausalLM:
     """Freeze the base, move the new adapters to the model's device, make the model its family's multimodal
     class holding `multimodal`, apply the config's kernel backend and start at the method's first stage."""
     multimodal.set_vision_encoder(vision_encoder)

@@ -31,8 +31,8 @@ class LlamaAdapterV2Config(MethodConfig):
     all but the first, as the seed's 31 of 32); bias_tuning: zero-init biases on q, o, gate, up, down
     projections (beside a pretrained bias, which stays frozen, where the base has one: Qwen2's q); norm_tuning:
     the residual stream's RMSNorm weights (each layer's two and the final one) trainable in stage 2, not Qwen3's
-    per-head q/k norms; visual_blocks / visual_heads: the
-    transformer blocks that turn image features into the K visual prompts (seed: 8 blocks of 16 heads);
+    per-head q/k norms; visual_blocks / visual_heads: the transformer blocks that turn image features into the
+    K visual prompts (seed: 8 blocks of 16 heads);
     lora_rank: LLaMA-Adapter V2.1's LoRA of this rank (scale 1, the seed's) on the q, k, v, o projections and the
     three FFN projections, trained in stage 2 (0: none, as BIAS-7B); new_gate: V2.1's scalar gate (init 1) on
     the prompt branch, trained in stage 2; visual_query_std: standard deviation of the learned visual queries at
@@ -331,7 +331,7 @@ def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *
     if config.bias_tuning:
         for index, layer in enumerate(model.model.layers):
             for leaf in _TUNED_BIAS_PROJECTIONS:
-                parent = "self_attn" if leaf.endswith(("q_proj", "o_proj")) else "mlp"
+                parent = "mlp" if leaf in _FFN_PROJECTIONS else "self_attn"
                 module = getattr(getattr(layer, parent), leaf)
                 # A quantized base's weights are packed integers: its tuned biases are fp32 parameters of their
                 # own beside them.
