@@ -20,12 +20,20 @@ import torch
 from .seed_format import SeedCheckpointError, SeedKeys, load_seed_checkpoint, seed_state_dict
 
 
+def _not_llama(where, model_type) -> ValueError:
+    return ValueError(f"base: {where} is a {model_type!r} model: the seed checkpoints are LLaMA adapters (LLaMA-7B / "
+                      f"13B), so conversion is onto a LLaMA base only; train on other families with `pill train`")
+
+
 def _base_config(base):
-    """A transformers LlamaConfig from `base`: a LlamaConfig, or an HF checkpoint directory / its config.json."""
-    from transformers import LlamaConfig
+    """A transformers LlamaConfig from `base`: a LlamaConfig, or an HF checkpoint directory / its config.json.
+    Another family's config is refused by name."""
+    from transformers import LlamaConfig, PretrainedConfig
 
     if isinstance(base, LlamaConfig):
         return base
+    if isinstance(base, PretrainedConfig):
+        raise _not_llama(type(base).__name__, getattr(base, "model_type", None))
     path = Path(base)
     if path.is_dir() and (path / "params.json").is_file() and list(path.glob("consolidated.*.pth")):
         raise SeedCheckpointError(meta_base_instructions(path))
@@ -36,7 +44,7 @@ def _base_config(base):
                                 f"first: see docs/convert.md)")
     config = LlamaConfig.from_json_file(str(config_file))
     if getattr(config, "model_type", "llama") != "llama":
-        raise ValueError(f"base: {config_file} is a {config.model_type!r} model, not 'llama'")
+        raise _not_llama(config_file, config.model_type)
     return config
 
 

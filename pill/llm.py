@@ -1,9 +1,13 @@
 """Loading the frozen LLM: a local Hugging Face checkpoint directory, a GGUF file, or the offline SmolLM2 demo model.
 
-A GGUF file is de-quantised by transformers (needs the `gguf` package) into a float LlamaForCausalLM, which is
-slow (about 15 s for 135M parameters) and refuses `save_pretrained`; so it is converted once into a safetensors
-checkpoint under the cache directory (keyed by the GGUF file's path, size and mtime) and later runs load that in
-well under a second.
+The model is built as its own family's class (`pill.families`: LLaMA, Mistral, Qwen2 / Qwen2.5, Qwen3; a Qwen2
+loaded as a LLaMA would lose its q/k/v biases), read off its config before any weight is loaded; other families,
+and configs the methods cannot run (sliding windows, for now), are refused by name.
+
+A GGUF file is de-quantised by transformers (needs the `gguf` package) into a float model of the architecture its
+metadata names, which is slow (about 15 s for 135M parameters) and refuses `save_pretrained`; so it is converted
+once into a safetensors checkpoint under the cache directory (keyed by the GGUF file's path, size and mtime) and
+later runs load that in well under a second.
 """
 from __future__ import annotations
 
@@ -82,10 +86,18 @@ def _gguf_cache_key(gguf: Path) -> str:
 
 
 def convert_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None, *, verbose: bool = True) -> Path:
-    """Convert a GGUF LLaMA into a safetensors checkpoint directory (model + tokenizer) in the cache, once.
-    Returns the directory. The write is atomic: a crash leaves no half-written checkpoint behind."""
+    """Convert a GGUF model of a supported family into a safetensors checkpoint directory (model + tokenizer) in
+    the cache, once. Returns the directory. The write is atomic: a crash leaves no half-written checkpoint
+    behind.
+
+    The family is the GGUF's ``general.architecture`` as transformers reads it: a Mistral that llama.cpp wrote
+    as "llama" (the usual case) loads as a LLaMA, which is the same block without Mistral v0.1's sliding window;
+    GGUF metadata carries no window, so a v0.1 Mistral should be loaded from its Hugging Face directory, where
+    the window is refused until it is supported."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .families import family_of_config
 
     gguf = Path(gguf)
     if not gguf.is_file():
@@ -95,8 +107,11 @@ def convert_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None
         return target
     if verbose:
         print(f"converting {gguf.name} to a safetensors checkpoint in {target} (once)", flush=True)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    family = family_of_config(config, f"llm: {gguf}")
+    _check_gguf_head_dim(gguf, config, family)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = LlamaForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = family.causal_lm.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
     # A GGUF-loaded model carries a gguf quantization_config although its weights are now plain floats; keeping
     # it would make the cached checkpoint look quantised.
@@ -122,6 +137,27 @@ def convert_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _check_gguf_head_dim(gguf: Path, config, family) -> None:
+    """transformers reads no head dimension off a Qwen2 / Qwen3 GGUF and assumes one (Qwen3: 128, the released
+    models'); some releases then load the file's differently shaped weights into the model silently. The
+    weights' own head width is compared before loading."""
+    from gguf import GGUFReader
+
+    from .families import UnsupportedBaseError
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    query = next((t for t in GGUFReader(str(gguf)).tensors if t.name == "blk.0.attn_q.weight"), None)
+    if query is None:
+        raise UnsupportedBaseError(f"llm: {gguf}: no blk.0.attn_q.weight tensor; not a {family.label} GGUF file")
+    rows = int(query.shape[-1])  # GGUF lists dimensions innermost first: [in, out]
+    if rows != heads * head_dim:
+        raise UnsupportedBaseError(
+            f"llm: {gguf}: its {family.label} weights have heads {rows // heads} wide (blk.0.attn_q.weight: {rows} "
+            f"rows for {heads} heads), but transformers takes head_dim {head_dim} from this GGUF file (it does not "
+            f"read it for model_type {config.model_type!r}); load the model from its Hugging Face directory")
 
 
 def resolve_llm(path: str | os.PathLike | None, cache: str | os.PathLike | None = None) -> Path:
@@ -216,10 +252,13 @@ def cast_base(model, dtype: torch.dtype):
 
 def load_llm(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
              cache: str | os.PathLike | None = None, bits: int | None = None):
-    """(LlamaForCausalLM, tokenizer) from a local HF directory, a GGUF file or "smollm2" (the offline demo model).
-    Only safetensors weights are read. bits=4 loads the decoder layers' projections in 4-bit NF4 through
-    bitsandbytes (`quantization_config`), on the GPU where there is one, else on the CPU."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    """(model, tokenizer) from a local HF directory, a GGUF file or "smollm2" (the offline demo model): the
+    model a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM as its config says
+    (`pill.families`). Only safetensors weights are read. bits=4 loads the decoder layers' projections in 4-bit
+    NF4 through bitsandbytes (`quantization_config`), on the GPU where there is one, else on the CPU."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .families import family_of_config
 
     quantized = {}
     if bits is not None:
@@ -229,7 +268,8 @@ def load_llm(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torc
     if not list(directory.glob("*.safetensors")):
         raise FileNotFoundError(f"llm: no *.safetensors weights in {directory}; pill-kernels loads safetensors only "
                                 f"(convert .bin checkpoints with `save_pretrained(safe_serialization=True)`)")
-    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True, **quantized)
+    family = family_of_config(AutoConfig.from_pretrained(str(directory)), f"llm: {directory}")
+    model = family.causal_lm.from_pretrained(str(directory), dtype=dtype, use_safetensors=True, **quantized)
     if quantized:
         keep_quantized_base_trainable(model)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -47,7 +47,7 @@ def gemm_seconds(tokens: int, hidden: int, width: int, dtype: torch.dtype, devic
 
 
 def choose_compute_dtype(model, requested: str = "auto", tokens: int = 1024) -> tuple[torch.dtype, str]:
-    """(dtype, why) for the frozen base of `model` (a LlamaForCausalLM, injected or not).
+    """(dtype, why) for the frozen base of `model` (a CausalLM of a supported family, injected or not).
 
     "float32" / "bfloat16" are taken as asked. "auto": bf16 on a CUDA GPU that supports it (the seeds' recipe),
     fp32 on a CPU, because training with a bf16 base measured lower held-out accuracy there (the PILL demo: 76-78%

@@ -1,10 +1,12 @@
-"""The multimodal model (`MultimodalLlamaForCausalLM`: forward and generate with image features) and the
-functions over a model with a method injected: stages, adapter parameters, kernel backend.
+"""The multimodal model (`MultimodalCausalLM`: forward and generate with image features) and the functions over
+a model with a method injected: stages, adapter parameters, kernel backend.
 
 The methods themselves live in `pill.methods` (one module each). Their inject functions
 (`inject_pill(model, PillConfig(), vision_dim=...)`, `inject_lavin`, `inject_llama_adapter_v2`) modify a
-transformers LlamaForCausalLM in place and return it: the decoder layers become the method's layer subclasses
-(base weights untouched and frozen), the model becomes a `MultimodalLlamaForCausalLM`, and ``model.multimodal``
+transformers CausalLM of a supported family (`pill.families`: LLaMA, Mistral, Qwen2 / Qwen2.5, Qwen3) in place
+and return it: the decoder layers become the method's layer classes for that family (base weights untouched and
+frozen), the model becomes the family's multimodal class (`MultimodalLlamaForCausalLM`,
+`MultimodalQwen2ForCausalLM`, ...: `MultimodalCausalLM` over the family's CausalLM), and ``model.multimodal``
 holds the method's model-level module (projector, modality token, prompts).
 
 Image features follow the LLaVA convention for PILL and LaVIN: the text holds ``image_token_id`` placeholders
@@ -20,9 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .families import FAMILIES, Family, family_of
 from .hf_compat import CAUSAL_LM_CACHE_ARG, take_cache
 from .llm import is_quantized, keep_quantized_base_trainable, set_quantized_compute_dtype
 
@@ -30,12 +32,13 @@ if TYPE_CHECKING:
     from .methods.base import MultimodalAdapter
 
 
-def check_llama(model) -> None:
-    if isinstance(model, MultimodalLlamaForCausalLM):
+def check_base(model) -> Family:
+    """The family of `model`, a plain transformers CausalLM the methods can be injected into; refused by name
+    otherwise: already injected, another family (its class named), a config the layers cannot run exactly
+    (sliding windows, for now)."""
+    if isinstance(model, MultimodalCausalLM):
         raise ValueError(f"this model already has the {model.multimodal.config.method!r} adapters injected")
-    if type(model) is not LlamaForCausalLM:
-        raise TypeError(f"expected a transformers LlamaForCausalLM, got {type(model).__name__}; PILL, LaVIN and "
-                        f"LLaMA-Adapter V2 are implemented for the LLaMA architecture (model_type 'llama')")
+    return family_of(model)
 
 
 IGNORE_INDEX = -100
@@ -55,16 +58,20 @@ class SupervisedCausalLMOutput(CausalLMOutputWithPast):
     targets: torch.LongTensor | None = None
 
 
-class MultimodalLlamaForCausalLM(LlamaForCausalLM):
-    """A LlamaForCausalLM with a method injected; created by the `inject_*` functions, never directly."""
+class MultimodalCausalLM:
+    """A CausalLM of a supported family with a method injected: the mixin before the family's class in
+    `MULTIMODAL_CLASSES` (``MultimodalQwen2ForCausalLM(MultimodalCausalLM, Qwen2ForCausalLM)``), whose forward,
+    generate and input preparation it extends (``super()`` is the family's). Created by the `inject_*`
+    functions, never directly."""
 
     multimodal: nn.Module  # the method's model-level module, a pill.methods.base.MultimodalAdapter
+    family: Family
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, image_features=None,
                 mm_token_type_ids=None, sequence_modality=None, visual_prompts=None, images=None, sequence_ids=None,
                 **kwargs):
-        """LlamaForCausalLM.forward plus ``image_features``, ``mm_token_type_ids`` [B, S] (derived from the
+        """The family CausalLM's forward plus ``image_features``, ``mm_token_type_ids`` [B, S] (derived from the
         placeholders when omitted), ``sequence_modality`` [B] (LaVIN; derived from the mask when omitted),
         precomputed ``visual_prompts`` [B, K, D] (LLaMA-Adapter V2), and ``images`` for the attached frozen
         vision encoder (instead of ``image_features``). The KV cache may be passed as ``past_key_values`` or
@@ -245,6 +252,19 @@ class MultimodalLlamaForCausalLM(LlamaForCausalLM):
         return [p for p in self.parameters() if p.requires_grad]
 
 
+def _multimodal_class(family: Family) -> type:
+    name = f"Multimodal{family.causal_lm.__name__}"
+    return type(name, (MultimodalCausalLM, family.causal_lm),
+                {"family": family, "__module__": __name__, "__qualname__": name,
+                 "__doc__": f"A {family.causal_lm.__name__} with a method injected (`MultimodalCausalLM`)."})
+
+
+# One class per family, named in this module so that injected models pickle.
+MULTIMODAL_CLASSES: dict[str, type] = {name: _multimodal_class(family) for name, family in FAMILIES.items()}
+globals().update({cls.__name__: cls for cls in MULTIMODAL_CLASSES.values()})
+MultimodalLlamaForCausalLM = MULTIMODAL_CLASSES["llama"]
+
+
 def _refuse_unsupported_decoding(model, kwargs: dict) -> None:
     """Beam search reorders the KV cache between steps, and the PILL query-head gates stored beside it would not
     follow; assisted decoding crops it. Neither is supported: refuse rather than decode wrongly."""
@@ -296,9 +316,10 @@ def _refuse_reentrant_checkpointing(model) -> None:
 # Injection (the last step of every method's inject function)
 # ----------------------------------------------------------------------------------------------------------
 
-def attach_method(model, multimodal: "MultimodalAdapter", vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Freeze the base, move the new adapters to the model's device, make the model a MultimodalLlamaForCausalLM
-    holding `multimodal`, apply the config's kernel backend and start at the method's first stage."""
+def attach_method(model, family: Family, multimodal: "MultimodalAdapter",
+                  vision_encoder=None) -> MultimodalCausalLM:
+    """Freeze the base, move the new adapters to the model's device, make the model its family's multimodal
+    class holding `multimodal`, apply the config's kernel backend and start at the method's first stage."""
     multimodal.set_vision_encoder(vision_encoder)
     device = model.get_input_embeddings().weight.device
     for p in model.parameters():
@@ -311,7 +332,7 @@ def attach_method(model, multimodal: "MultimodalAdapter", vision_encoder=None) -
         for name, p in layer.named_parameters():
             if name.startswith("pill_") and p.device != device:
                 p.data = p.data.to(device)
-    model.__class__ = MultimodalLlamaForCausalLM
+    model.__class__ = MULTIMODAL_CLASSES[family.name]
     model.multimodal = multimodal
     model.train(model.training)  # new submodules start in training mode; follow the model's mode
     set_kernel_backend(model, multimodal.config.backend)
@@ -324,7 +345,7 @@ def attach_method(model, multimodal: "MultimodalAdapter", vision_encoder=None) -
 # ----------------------------------------------------------------------------------------------------------
 
 def multimodal_of(model) -> "MultimodalAdapter":
-    if not isinstance(model, MultimodalLlamaForCausalLM):
+    if not isinstance(model, MultimodalCausalLM):
         raise TypeError(f"expected a model returned by inject_pill / inject_lavin / inject_llama_adapter_v2, got "
                         f"{type(model).__name__}")
     return model.multimodal

@@ -163,7 +163,7 @@ def _world() -> tuple[int, int]:
 
 
 class Trainer:
-    """Trains `model` (an injected MultimodalLlamaForCausalLM) on `examples` for `config.stage`.
+    """Trains `model` (an injected `pill.MultimodalCausalLM`) on `examples` for `config.stage`.
 
     features: image identity -> stacked features (e.g. a `pill.vision.FeatureCache` lookup), or preprocessed
     images when the method trains inside the vision tower (`MultimodalAdapter.takes_pixels`,
@@ -277,7 +277,7 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """The summed cross-entropy of the batch's supervised tokens and their count. The LM head runs only on
-        the positions whose next token is supervised (`MultimodalLlamaForCausalLM.forward`,
+        the positions whose next token is supervised (`MultimodalCausalLM.forward`,
         ``logits_to_keep="supervised"``)."""
         model = self.ddp_model or self.model
         out = model(**batch, logits_to_keep="supervised", use_cache=False)

@@ -5,6 +5,10 @@ They share nothing with `pill` but the weights: eager attention with an S x S sc
 on every token selected with `where`, the MAG mask expanded to the value width, LaVIN's modality token as a
 real position 0 that no other token may attend to, LaVIN's grouped 1x1 convolutions through `conv1d`, and
 LLaMA-Adapter V2's prompt branch with its own softmax.
+
+The block is the one the base's modules have, told from the modules themselves (not from `pill.families`):
+projections with whatever biases they carry, and where the attention has ``q_norm`` / ``k_norm`` (Qwen3) a
+per-head RMSNorm of the projected queries and keys before RoPE (and of LLaMA-Adapter V2's prompt keys).
 """
 from __future__ import annotations
 
@@ -16,6 +20,29 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 def _rms(norm, x):
     """RMSNorm at the input's precision (transformers' module rounds through fp32 even for fp64 inputs)."""
     return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def _rms_fp32(norm, x):
+    """RMSNorm over the last dimension in transformers' rounding order (normalised in fp32, then cast back and
+    scaled), which the frozen per-head q/k norms of the base keep: written out here so that fp64 results agree
+    to fp64 precision, not to fp32's."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _head_norm(attn, name, t):
+    """t [B, S, heads, hd] through the attention's per-head norm `name` (q_norm / k_norm) if it has one."""
+    norm = getattr(attn, name, None)
+    return t if norm is None else _rms_fp32(norm, t)
+
+
+def _linear(module, x, delta=None):
+    """x W^T + b (+ a tuned bias held beside the pretrained one)."""
+    out = x @ module.weight.t()
+    if module.bias is not None:
+        out = out + module.bias
+    return out if delta is None else out + delta
 
 
 def _glu(x, expert):
@@ -49,11 +76,11 @@ def _embed(model, input_ids, image_features):
     return embeds, placeholders
 
 
-def _qkv(attn, x):
+def _qkv(attn, x, q_delta=None):
     b, s, _ = x.shape
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    q = _head_norm(attn, "q_norm", _linear(attn.q_proj, x, q_delta).view(b, s, -1, attn.head_dim)).transpose(1, 2)
+    k = _head_norm(attn, "k_norm", _linear(attn.k_proj, x).view(b, s, -1, attn.head_dim)).transpose(1, 2)
+    v = _linear(attn.v_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
     return q, k, v
 
 
@@ -136,21 +163,28 @@ def llama_adapter_v2_seed_logits(model, input_ids, image_features=None, attentio
     position_ids = torch.arange(s)[None].expand(b, s)
     cos, sin = model.model.rotary_emb(x, position_ids)
     for layer in model.model.layers:
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
+        # Bias tuning on a projection that already has a pretrained bias adds a second, zero-init one.
+        delta = {name: p.to(x.dtype) for name, p in getattr(layer, "pill_bias", {}).items()}
         xn = layer.input_layernorm(x)
-        q, k, v = _qkv(attn, xn)
+        q, k, v = _qkv(attn, xn, delta.get("q_proj"))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         o = _attention(q, k, v, attention_mask)
         if layer.pill_has_prompt:
             adapter = layer.pill_prompt.to(x.dtype)[None].expand(b, -1, -1)
             if visual is not None:
                 adapter = adapter + visual
-            ak = attn.k_proj(adapter).view(b, -1, k.shape[1], attn.head_dim).transpose(1, 2)
-            av = attn.v_proj(adapter).view(b, -1, k.shape[1], attn.head_dim).transpose(1, 2)
+            # The prompts' keys and values: the base's key / value path without RoPE (k norm included).
+            ak = _head_norm(attn, "k_norm", _linear(attn.k_proj, adapter).view(b, -1, k.shape[1], attn.head_dim))
+            ak = ak.transpose(1, 2)
+            av = _linear(attn.v_proj, adapter).view(b, -1, k.shape[1], attn.head_dim).transpose(1, 2)
             rep = q.shape[1] // k.shape[1]
             ak, av = ak.repeat_interleave(rep, 1), av.repeat_interleave(rep, 1)
             sa = torch.softmax(q @ ak.transpose(-1, -2) / attn.head_dim ** 0.5, dim=-1)
             o = o + torch.tanh(layer.pill_prompt_gate.to(x.dtype))[None, :, None, None] * (sa @ av)
-        h = x + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-        x = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1), delta.get("o_proj"))
+        hn = layer.post_attention_layernorm(h)
+        swiglu = F.silu(_linear(mlp.gate_proj, hn, delta.get("gate_proj"))) * _linear(mlp.up_proj, hn,
+                                                                                      delta.get("up_proj"))
+        x = h + _linear(mlp.down_proj, swiglu, delta.get("down_proj"))
     return _finish(model, x)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import pill
 from conftest import IMAGE_TOKEN, VISION_DIM, make_llama, multimodal_batch, randomize_adapters
@@ -402,10 +402,9 @@ def test_an_interrupted_save_cleans_up_and_keeps_the_previous_adapter(tmp_path, 
 
 
 def test_bad_model_level_inputs_raise_clear_errors():
-    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
-                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(TypeError, match="expected a transformers LlamaForCausalLM, got MistralForCausalLM"):
-        pill.inject_pill(mistral, vision_dim=8, image_token_id=60)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(TypeError, match=r"expected a transformers LlamaForCausalLM \(LLaMA\), .*got GPT2LMHeadModel"):
+        pill.inject_pill(gpt2, vision_dim=8, image_token_id=60)
     model = make_model("pill")
     with pytest.raises(ValueError, match="already has the 'pill' adapters injected"):
         pill.inject_lavin(model, vision_dim=8, image_token_id=60)

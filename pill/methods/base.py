@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import (ALL_ATTENTION_FUNCTIONS, LlamaDecoderLayer,
-                                                      apply_rotary_pos_emb, eager_attention_forward)
+from transformers.modeling_layers import GradientCheckpointingLayer
+# The four families' modules hold identical copies of these two (pill.families).
+from transformers.models.llama.modeling_llama import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
+                                                      eager_attention_forward)
 
 from pill_kernels.dispatch import CHOICES
+
+from ..families import FAMILIES, LLAMA, Family
 
 # ----------------------------------------------------------------------------------------------------------
 # Config and registry record
@@ -139,17 +144,23 @@ def attention_structure(attention_mask: torch.Tensor | None, sequence_ids: torch
     return {"key_padding_mask": key_padding_from_attention_mask(attention_mask, batch, seq_k)}
 
 
-class MultimodalDecoderLayer(LlamaDecoderLayer):
-    """Base of the method layers, subclasses of transformers' LlamaDecoderLayer; never instantiated directly.
+class MultimodalDecoderLayer(GradientCheckpointingLayer):
+    """Base of the method layers; never instantiated directly.
 
-    Injection swaps each layer's class for a method's subclass and adds the adapter submodules; the base weights
-    stay where they are. Because the subclass's forward goes through GradientCheckpointingLayer's wrapper,
-    gradient checkpointing still recomputes the patched layers (overriding ``forward`` on an instance would
-    bypass it). ``kernel_backend`` is the backend of the layer's fused ops (None: pill_kernels' default);
-    ``attention_dtype`` the dtype its attention runs in when that differs from the activations' (set by
-    `pill.set_compute_dtype`: a CPU's flash attention can be several times slower in bf16 than in fp32).
+    A method's layer (`PillDecoderLayer`, ...) is combined with each family's transformers decoder layer into
+    one class per family (`register_family_layers`: ``PillQwen2DecoderLayer(PillDecoderLayer,
+    Qwen2DecoderLayer)``), whose ``family`` says how its attention differs (`pill.families`). Injection swaps
+    each layer's class for the method's class of the model's family and adds the adapter submodules; the base
+    weights stay where they are. The layer stays an instance of its family's decoder layer, which transformers'
+    output capture (``output_hidden_states``) looks for. Because the forward goes through
+    GradientCheckpointingLayer's wrapper, gradient checkpointing still recomputes the patched layers
+    (overriding ``forward`` on an instance would bypass it). ``kernel_backend`` is the backend of the layer's
+    fused ops (None: pill_kernels' default); ``attention_dtype`` the dtype its attention runs in when that
+    differs from the activations' (set by `pill.set_compute_dtype`: a CPU's flash attention can be several
+    times slower in bf16 than in fp32).
     """
 
+    family: ClassVar[Family] = LLAMA
     kernel_backend: str | None = None
     attention_dtype: torch.dtype | None = None
 
@@ -170,13 +181,15 @@ class MultimodalDecoderLayer(LlamaDecoderLayer):
         return module(x)
 
     def _qkv(self, attn_input: torch.Tensor):
+        """q [B, H, S, hd], k [B, Hkv, S, hd] before RoPE, v [B, S, Hkv, hd] (for the value gate): the
+        projections with their biases, and the family's per-head q/k norms where transformers applies them."""
         attn = self.self_attn
         batch, seq = attn_input.shape[:2]
-        q = self._project("q_proj", attn.q_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        k = self._project("k_proj", attn.k_proj, attn_input).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        # [B, S, Hkv, hd] for the value gate
+        q = self._project("q_proj", attn.q_proj, attn_input).view(batch, seq, -1, attn.head_dim)
+        k = self._project("k_proj", attn.k_proj, attn_input).view(batch, seq, -1, attn.head_dim)
+        q, k = self.family.query_key_norms(attn, q, k)
         v = self._project("v_proj", attn.v_proj, attn_input).view(batch, seq, -1, attn.head_dim)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def _standard_attention(self, q, k, v, attention_mask, kwargs) -> torch.Tensor:
         attn = self.self_attn
@@ -353,7 +366,30 @@ def check_vision_dim(vision_dim: int) -> None:
         raise ValueError(f"vision_dim must be the positive feature width C of the vision encoder, got {vision_dim!r}")
 
 
-def swap_layers(model, layer_class, init) -> None:
+_FAMILY_LAYERS: dict[tuple[type, str], type] = {}
+
+
+def register_family_layers(method_layer: type) -> None:
+    """Create `method_layer`'s class for every family (``Pill`` + ``Qwen2DecoderLayer`` ->
+    ``PillQwen2DecoderLayer``), named in the method's module so that injected models pickle."""
+    module = sys.modules[method_layer.__module__]
+    prefix = method_layer.__name__.removesuffix("DecoderLayer")
+    for family in FAMILIES.values():
+        name = prefix + family.decoder_layer.__name__
+        layer_class = type(name, (method_layer, family.decoder_layer),
+                           {"family": family, "__module__": module.__name__, "__qualname__": name,
+                            "__doc__": f"{method_layer.__name__} on a {family.label} block."})
+        setattr(module, name, layer_class)
+        _FAMILY_LAYERS[method_layer, family.name] = layer_class
+
+
+def swap_layers(model, method_layer: type, family: Family, init) -> None:
+    """Every decoder layer of `model` (of `family`) becomes `method_layer`'s class for that family; `init(index,
+    layer)` then adds the adapters."""
+    layer_class = _FAMILY_LAYERS[method_layer, family.name]
     for index, layer in enumerate(model.model.layers):
+        if type(layer) is not family.decoder_layer:
+            raise TypeError(f"layer {index} of the {family.label} model is a {type(layer).__name__}, not a "
+                            f"{family.decoder_layer.__name__}")
         layer.__class__ = layer_class
         init(index, layer)

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import pill_kernels as pk
 
 from ..hf_compat import take_cache
-from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..model import MultimodalCausalLM, attach_method, check_base
 from ..packing import number_of_examples, per_example_any
 from ..seed_format import (AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config,
                            layer_indices)
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
-                   parameters_where, pop_multimodal, rms_norm_args, swap_layers)
+                   parameters_where, pop_multimodal, register_family_layers, rms_norm_args, swap_layers)
 
 
 @dataclass
@@ -165,6 +165,9 @@ class LavinDecoderLayer(MultimodalDecoderLayer):
         return weights, self._feed_forward(h)
 
 
+register_family_layers(LavinDecoderLayer)
+
+
 class LavinMultimodal(MultimodalAdapter):
     method = "lavin"
 
@@ -294,19 +297,20 @@ class RoutedVisionEncoder:
 
 
 def inject_lavin(model, config: LavinConfig | None = None, *, vision_dim: int, image_token_id: int,
-                 vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Add LaVIN's mixture-of-modality adapters to `model` (a transformers LlamaForCausalLM) in place; returns
-    the model.
+                 vision_encoder=None) -> MultimodalCausalLM:
+    """Add LaVIN's mixture-of-modality adapters to `model` (a transformers CausalLM of a supported family,
+    `pill.families`) in place; returns the model.
 
     Routing is soft and per sequence, from a learned modality token that attends only to itself (as in the
     seed), so a sequence's output never depends on the rest of the batch.
     """
     config = config or LavinConfig()
-    check_llama(model)
+    family = check_base(model)
     check_vision_dim(vision_dim)
     hc = model.config
-    swap_layers(model, LavinDecoderLayer, lambda i, layer: layer.pill_init(hc, config))
-    return attach_method(model, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
+    swap_layers(model, LavinDecoderLayer, family, lambda i, layer: layer.pill_init(hc, config))
+    return attach_method(model, family, LavinMultimodal(config, vision_dim, hc.hidden_size, image_token_id),
+                         vision_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import pill_kernels as pk
 
 from ..hf_compat import take_cache
-from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..model import MultimodalCausalLM, attach_method, check_base
 from ..packing import number_of_examples, row_examples
 from ..seed_format import (AdapterTensors, SeedCheckpointError, SeedConversion, SeedKeys, build_method_config,
                            layer_indices, rope_rows_to_hf)
 from .base import (Method, MethodConfig, MultimodalAdapter, MultimodalDecoderLayer, attention_structure,
-                   check_vision_dim, parameters_where, pop_multimodal, swap_layers)
+                   check_vision_dim, parameters_where, pop_multimodal, register_family_layers, swap_layers)
 
 
 @dataclass
@@ -29,8 +29,10 @@ class LlamaAdapterV2Config(MethodConfig):
 
     prompt_len: prompts per layer K (seed: 10); prompt_layers: how many of the last layers get prompts (None:
     all but the first, as the seed's 31 of 32); bias_tuning: zero-init biases on q, o, gate, up, down
-    projections; norm_tuning: RMSNorm weights trainable in stage 2; visual_blocks / visual_heads: the
-    transformer blocks that turn image features into the K visual prompts (seed: 8 blocks of 16 heads);
+    projections (beside a pretrained bias, which stays frozen, where the base has one: Qwen2's q); norm_tuning:
+    the residual stream's RMSNorm weights (each layer's two and the final one) trainable in stage 2, not Qwen3's
+    per-head q/k norms; visual_blocks / visual_heads: the transformer blocks that turn image features into the
+    K visual prompts (seed: 8 blocks of 16 heads);
     lora_rank: LLaMA-Adapter V2.1's LoRA of this rank (scale 1, the seed's) on the q, k, v, o projections and the
     three FFN projections, trained in stage 2 (0: none, as BIAS-7B); new_gate: V2.1's scalar gate (init 1) on
     the prompt branch, trained in stage 2; visual_query_std: standard deviation of the learned visual queries at
@@ -121,13 +123,16 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
     """LLaMA-Adapter V2 block (docs/methods.md, LLaMA-Adapter V2). Layers with prompts compute
 
         O = softmax(QK^T/sqrt(d) + M) V + tanh(g) * softmax(Q K_p^T/sqrt(d)) V_p,
-        K_p, V_p = (P_l + Vq) W_k, (P_l + Vq) W_v   (frozen projections, no RoPE)
+        K_p, V_p = knorm((P_l + Vq) W_k + b_k), (P_l + Vq) W_v + b_v   (the base's key and value path: frozen
+                   projections with the family's biases and key norm, no RoPE)
 
     in one gated-attention call; layers without prompts are the plain block (with tuned biases / norms).
+    ``pill_bias`` holds the tuned biases of projections that already had a pretrained one (which stays frozen).
     """
 
     def pill_init(self, config, adapter_config: LlamaAdapterV2Config, has_prompt: bool) -> None:
         self.pill_has_prompt = has_prompt
+        self.pill_bias = nn.ParameterDict()  # filled by inject_llama_adapter_v2 (bias tuning)
         if has_prompt:
             self.pill_prompt = nn.Parameter(torch.randn(adapter_config.prompt_len, config.hidden_size))
             self.pill_prompt_gate = nn.Parameter(torch.zeros(config.num_attention_heads))
@@ -142,16 +147,20 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
                 for name, p in projections.items()})
 
     def _project(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A frozen projection plus its LoRA delta (V2.1), or the projection alone."""
+        """A frozen projection plus its tuned bias where that is held apart from a pretrained one, and its LoRA
+        delta (V2.1)."""
         out = _frozen_projection(module, x)
+        if name in self.pill_bias:
+            out = out + self.pill_bias[name].to(out.dtype)
         if self.pill_lora is not None:
             out = out + self.pill_lora[name](x).to(out.dtype)
         return out
 
     def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The MLP's own call unless a projection needs more: a LoRA delta, or a quantized projection's tuned bias
-        # (`_frozen_projection`).
-        if self.pill_lora is None and self.mlp.gate_proj.weight.is_floating_point():
+        # The MLP's own call unless a projection needs more: a LoRA delta, a tuned bias beside a pretrained one,
+        # or a quantized projection's tuned bias (`_frozen_projection`).
+        if (self.pill_lora is None and not any(name in self.pill_bias for name in _FFN_PROJECTIONS)
+                and self.mlp.gate_proj.weight.is_floating_point()):
             return super()._feed_forward(hidden_states)
         mlp = self.mlp
         x = self.post_attention_layernorm(hidden_states)
@@ -172,8 +181,10 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
             prompt, prompt_segment_ids = self._prompts(x.dtype, batch, mm)
             # Under the autocast of a half-precision base (pill.set_compute_dtype) the tuned fp32 norm gives fp32 x
             # while the projections give half precision: the attention inputs all follow q.
-            # The prompts' keys and values come from the frozen projections alone (no LoRA, no RoPE), as the seed.
-            prompt_k = attn.k_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
+            # The prompts' keys and values come from the base's frozen key and value path (projection with the
+            # family's bias, Qwen3's key norm; no LoRA, no RoPE), as the seed's from its frozen wk, wv.
+            prompt_k = attn.k_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim)
+            prompt_k = self.family.key_norm(attn, prompt_k).transpose(1, 2).to(q.dtype)
             prompt_v = attn.v_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
             if hasattr(self, "pill_new_gate"):  # V2.1 scales the whole prompt branch, which is linear in V_p
                 prompt_v = prompt_v * self.pill_new_gate.to(prompt_v.dtype)
@@ -205,6 +216,9 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
         if visual is not None:
             prompt = prompt + visual.to(dtype)
         return prompt.reshape(batch, -1, prompt.shape[-1]), slots.repeat_interleave(num_prompts, dim=1)
+
+
+register_family_layers(LlamaAdapterV2DecoderLayer)
 
 
 class LlamaAdapterV2Multimodal(MultimodalAdapter):
@@ -254,13 +268,27 @@ class LlamaAdapterV2Multimodal(MultimodalAdapter):
         return prompts
 
     def stage_parameters(self, model, stage: int) -> dict[str, nn.Parameter]:
-        fine_tuned = (".pill_lora.", ".pill_new_gate")  # V2.1's additions train with the biases and norms
+        # V2.1's additions and the biases held beside pretrained ones train with the biases and norms.
+        fine_tuned = (".pill_lora.", ".pill_new_gate", ".pill_bias.")
         if stage == 1:  # gates, visual projector, adaption prompts (the seed's pretrain phase)
             return parameters_where(model, lambda n: n.startswith("multimodal.") or (
                 ".pill_" in n and not any(part in n for part in fine_tuned)))
         tuned = set(self.tuned_bias_names)
         return parameters_where(model, lambda n: n in tuned or any(part in n for part in fine_tuned) or (
-            self.config.norm_tuning and "norm.weight" in n and not n.startswith("multimodal.")))
+            self.config.norm_tuning and is_tuned_norm(n)))
+
+
+# The RMSNorms norm tuning trains: the residual stream's (the seed's attention_norm, ffn_norm and final norm).
+# Qwen3's per-head q_norm / k_norm stay frozen: they set each head's query / key scale, which the prompt keys
+# share (docs/methods.md, "Base model families").
+_TUNED_LAYER_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight")
+_FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The projections bias tuning gives a zero-init bias (the seed's wq, wo, w1, w3, w2).
+_TUNED_BIAS_PROJECTIONS = ("q_proj", "o_proj") + _FFN_PROJECTIONS
+
+
+def is_tuned_norm(name: str) -> bool:
+    return name == "model.norm.weight" or (name.startswith("model.layers.") and name.endswith(_TUNED_LAYER_NORMS))
 
 
 def _frozen_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -279,12 +307,17 @@ def _frozen_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *, vision_dim: int,
-                            vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Add LLaMA-Adapter V2 to `model` (a transformers LlamaForCausalLM) in place: gated adaption prompts in the
-    last layers with visual features added, zero-init biases (bias tuning) and trainable norms; returns the
-    model."""
+                            vision_encoder=None) -> MultimodalCausalLM:
+    """Add LLaMA-Adapter V2 to `model` (a transformers CausalLM of a supported family, `pill.families`) in
+    place: gated adaption prompts in the last layers with visual features added, zero-init biases (bias tuning)
+    and trainable norms; returns the model.
+
+    A projection without a bias gets its tuned bias as its own ``bias`` (the seed's layout); one with a
+    pretrained bias (Qwen2's q_proj, a base with ``attention_bias`` or ``mlp_bias``) keeps it frozen and gets
+    the tuned one beside it, in the layer's ``pill_bias``: the method adds new zero-init biases, it does not
+    fine-tune the base's."""
     config = config or LlamaAdapterV2Config()
-    check_llama(model)
+    family = check_base(model)
     check_vision_dim(vision_dim)
     hc = model.config
     prompt_layers = config.prompt_layers if config.prompt_layers is not None else max(hc.num_hidden_layers - 1, 1)
@@ -292,20 +325,24 @@ def inject_llama_adapter_v2(model, config: LlamaAdapterV2Config | None = None, *
         raise ValueError(f"LlamaAdapterV2Config.prompt_layers ({prompt_layers}) exceeds the model's "
                          f"{hc.num_hidden_layers} layers")
     first_prompted = hc.num_hidden_layers - prompt_layers
-    swap_layers(model, LlamaAdapterV2DecoderLayer, lambda i, layer: layer.pill_init(hc, config, i >= first_prompted))
+    swap_layers(model, LlamaAdapterV2DecoderLayer, family,
+                lambda i, layer: layer.pill_init(hc, config, i >= first_prompted))
     multimodal = LlamaAdapterV2Multimodal(config, vision_dim, hc.hidden_size)
     if config.bias_tuning:
-        for name, module in model.model.layers.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Linear) and leaf in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        for index, layer in enumerate(model.model.layers):
+            for leaf in _TUNED_BIAS_PROJECTIONS:
+                parent = "mlp" if leaf in _FFN_PROJECTIONS else "self_attn"
+                module = getattr(getattr(layer, parent), leaf)
+                # A quantized base's weights are packed integers: its tuned biases are fp32 parameters of their
+                # own beside them.
+                dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+                bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=module.weight.device))
                 if module.bias is None:
-                    # A quantized base's weights are packed integers: its tuned biases are fp32 parameters of
-                    # their own beside them.
-                    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
-                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype,
-                                                           device=module.weight.device))
-                multimodal.tuned_bias_names.append(f"model.layers.{name}.bias")
-    return attach_method(model, multimodal, vision_encoder)
+                    module.bias = bias
+                    multimodal.tuned_bias_names.append(f"model.layers.{index}.{parent}.{leaf}.bias")
+                else:
+                    layer.pill_bias[leaf] = bias
+    return attach_method(model, family, multimodal, vision_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import torch.nn as nn
 import pill_kernels as pk
 
 from ..hf_compat import take_cache
-from ..model import MultimodalLlamaForCausalLM, attach_method, check_llama
+from ..model import MultimodalCausalLM, attach_method, check_base
 from ..seed_format import AdapterTensors, SeedConversion, SeedKeys, build_method_config
 from .base import (Method, MethodConfig, MLPProjector, MultimodalAdapter, MultimodalDecoderLayer, check_vision_dim,
-                   attention_structure, image_mask, parameters_where, pop_multimodal, rms_norm_args, swap_layers)
+                   attention_structure, image_mask, parameters_where, pop_multimodal, register_family_layers,
+                   rms_norm_args, swap_layers)
 
 
 @dataclass
@@ -195,6 +196,9 @@ class PillDecoderLayer(MultimodalDecoderLayer):
         return gate_logits, image
 
 
+register_family_layers(PillDecoderLayer)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model level, stages, injection
 # ----------------------------------------------------------------------------------------------------------
@@ -218,20 +222,21 @@ class PillMultimodal(MultimodalAdapter):
 
 
 def inject_pill(model, config: PillConfig | None = None, *, vision_dim: int, image_token_id: int,
-                vision_encoder=None) -> MultimodalLlamaForCausalLM:
-    """Add PILL to `model` (a transformers LlamaForCausalLM) in place, in all layers: attention adapter, MAG,
-    MoMAE; returns the model.
+                vision_encoder=None) -> MultimodalCausalLM:
+    """Add PILL to `model` (a transformers CausalLM of a supported family, `pill.families`) in place, in all
+    layers: attention adapter, MAG, MoMAE; returns the model.
 
     At initialisation a text-only input gives the base model's logits (zero up-projections; MAG only touches
     image tokens). The model starts in stage 1 (training order); ``set_stage(model, 2)`` moves on.
     """
     config = config or PillConfig()
-    check_llama(model)
+    family = check_base(model)
     check_vision_dim(vision_dim)
     hc = model.config
     last = hc.num_hidden_layers - 1
-    swap_layers(model, PillDecoderLayer, lambda i, layer: layer.pill_init(hc, config, i == last))
-    return attach_method(model, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id), vision_encoder)
+    swap_layers(model, PillDecoderLayer, family, lambda i, layer: layer.pill_init(hc, config, i == last))
+    return attach_method(model, family, PillMultimodal(config, vision_dim, hc.hidden_size, image_token_id),
+                         vision_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------
