@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="pill", choices=method_names())
     demo.add_argument("--cache-dir", default=None, help="default $PILL_CACHE_DIR or ~/.cache/pill-kernels")
     demo.add_argument("--output-dir", default=None, help="default <cache>/demo-runs/<method>")
-    demo.add_argument("--llm", default=None, help="another LLaMA checkpoint (HF dir or .gguf) instead of SmolLM2")
+    demo.add_argument("--llm", default=None, help="another base instead of SmolLM2: a Hugging Face directory or "
+                                                   ".gguf of LLaMA, Mistral, Qwen2 or Qwen3")
     for name in ("train-images", "test-images", "stage1-steps", "stage2-steps", "batch-size", "seed"):
         demo.add_argument(f"--{name}", type=int, default=None)
     demo.add_argument("--threads", type=int, default=None,

@@ -4,7 +4,7 @@ adapter for inference from it. `pill.cli` and `pill.demo` both build on this mod
 
 A run config (YAML or JSON; unknown keys are refused, naming the key):
 
-    llm: path/to/hf-llama-dir | model.gguf | smollm2
+    llm: path/to/hf-model-dir | model.gguf | smollm2                      # LLaMA, Mistral, Qwen2 or Qwen3
     vision: {type: efficientnet-lite0, image_size: 224, grid: null}     # or {type: hf, path: ..., feature_layer: -2}
     method: pill                                                       # pill | lavin | llama_adapter_v2
     method_config: {adapter_dim: 32}                                   # the method's config fields
