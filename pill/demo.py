@@ -241,8 +241,6 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
     # A few held-out items as asked and answered, to check the saved adapter against (tests, users).
     results["examples"] = [{"image": ex.image_ids[0], "question": ex.messages[0]["content"], "output": p["output"]}
                            for ex, p in zip(test_mc[:4], result["predictions"])]
-    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    results["total_s"] = round(time.perf_counter() - started, 1)
     results["adapter"] = str(out_dir / "phase2" / "adapter")
     say(format_report(result, f"[demo] {settings.method} held-out multiple-choice accuracy"))
     say(f"[demo]   e.g. {test_mc[0].messages[0]['content'].splitlines()[-1]!r} -> {result['predictions'][0]['output']!r}"
@@ -257,6 +255,8 @@ def _run_demo(settings: DemoSettings, *, llm, cache, output_dir, progress, say) 
         if results["vllm"]["same_outputs"] != len(test_mc):
             results["failures"].append(f"vLLM answered {len(test_mc) - results['vllm']['same_outputs']} held-out "
                                        f"questions otherwise than the transformers engine")
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    results["total_s"] = round(time.perf_counter() - started, 1)
     say(f"[demo] adapter saved to {results['adapter']} (try: pill generate --adapter {results['adapter']} "
         f"--image DIGIT.png --question 'Which digit is shown? Options: one (A), two (B), three (C), four (D)')")
     say(f"[demo] total time {results['total_s']:.0f} s (" +
