@@ -23,12 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="the demo's trained adapter (with its pill_run.json)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from PIL import Image
 
     from pill.demo import DemoSettings, held_out_questions, split_digits
