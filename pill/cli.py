@@ -42,6 +42,20 @@ def _init_distributed():
     return torch.distributed.get_rank(), world
 
 
+def _end_distributed() -> None:
+    """Leave the process group after the last collective. torch 2.13's gloo backend joins its worker threads in
+    `destroy_process_group` while holding the GIL, and a worker still finishing the last collective may be
+    waiting for the GIL: a deadlock (seen in CI, rank 1 hanging after training). A barrier, then a pause that
+    releases the GIL, lets the workers finish first."""
+    import time
+
+    import torch
+
+    torch.distributed.barrier()
+    time.sleep(0.5)
+    torch.distributed.destroy_process_group()
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -95,7 +109,7 @@ def cmd_train(args) -> int:
     if rank != 0:
         tconfig.progress = False
         metrics = trainer.train(resume=args.resume)
-        torch.distributed.destroy_process_group()
+        _end_distributed()
         return 0
     _say(pill.trainable_parameter_report(model))
     _say(f"frozen base in {dtype_name(pill.compute_dtype(model))}: {trainer.dtype_reason}")
@@ -107,7 +121,7 @@ def cmd_train(args) -> int:
     metrics = trainer.train(resume=args.resume)
     record_run(Path(tconfig.output_dir) / "adapter", config)
     if world > 1:
-        torch.distributed.destroy_process_group()
+        _end_distributed()
     _say(f"done: step {trainer.step}, recent loss {metrics.get('recent_loss')}; adapter in "
          f"{Path(tconfig.output_dir) / 'adapter'}")
     return 0
