@@ -75,3 +75,14 @@ def multimodal_batch(batch=2, seq=11, image_tokens=3, images=(True, False), visi
     n_images = sum(bool(x) for x in images[:batch])
     features = torch.randn(n_images, image_tokens, vision_dim, dtype=dtype) if n_images else None
     return ids, features
+
+
+def assert_gradients_match(names, grads, expected, tol, what=""):
+    """Each gradient equals its independent formulation's (None there: none or zero here)."""
+    for name, g, sg in zip(names, grads, expected):
+        if sg is None:
+            assert g is None or g.abs().max() == 0, name
+            continue
+        assert g is not None, f"no gradient for {name}"
+        torch.testing.assert_close(g, sg, rtol=tol * 10, atol=tol, msg=lambda m: f"{what}{name}: {m}")
+

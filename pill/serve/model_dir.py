@@ -12,6 +12,7 @@ token takes the next free id. `prepare_served_model` checks the agreement on sam
 the directory if the served prompts would differ from the trained ones."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -170,7 +171,7 @@ def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.Path
         raise ServingError(f"{adapter_dir} was trained on another base than {base_dir}: " + "; ".join(mismatched))
 
     base_tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    served_tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    served_tokenizer = copy.deepcopy(base_tokenizer)  # may gain "<image>"; the base's stays training's
     # An added token: the tokenizer splits the text around it before anything else (a word of the vocabulary
     # that merely spells "<image>" would not do).
     add_image_token = IMAGE_MARKER not in served_tokenizer.get_added_vocab()
