@@ -10,7 +10,10 @@ a quarter of the keys image tokens. Variants:
 - prompt: LLaMA-Adapter V2's branch over 10 prompts: `triton` vs `eager`, against `sdpa` without it;
 - gate+packed, prompt+packed: the same on packed rows of 4 examples each (`segment_ids`; 10 prompts per example
   with `prompt_segment_ids`): the Triton kernel skips the key blocks of other examples, eager masks them; both
-  against `sdpa` causal over the whole row.
+  against `sdpa` causal over the whole row;
+- gate+window: PILL's gate on a sliding-window layer (Mistral, Qwen's sliding layers) with a window of a
+  quarter of the sequence: the Triton kernel skips the key blocks outside the window, eager masks them; against
+  `sdpa` with the same window as a boolean mask.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ HEADS, HEAD_DIM, HIDDEN, PROMPTS = (32, 128, 4096, 10) if FULL else (2, 16, 24, 
 SHAPES = [(4, 512), (4, 1024), (2, 2048), (1, 8192)] if FULL else [(1, 19)]
 BACKENDS = {"plain": ["sdpa", "eager", "triton"], "gate": ["sdpa", "eager", "two_launch", "triton"],
             "prompt": ["sdpa", "eager", "triton"], "gate+packed": ["sdpa", "eager", "triton"],
-            "prompt+packed": ["sdpa", "eager", "triton"]}
+            "prompt+packed": ["sdpa", "eager", "triton"], "gate+window": ["sdpa", "eager", "triton"]}
 CASES = [(variant, backend) for variant, backends in BACKENDS.items() for backend in backends]
 
 
@@ -53,6 +56,10 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
     prompt_segments = (torch.arange(PROMPTS * examples, device=DEVICE) // PROMPTS)[None].expand(batch, -1)
     prompt_gate = torch.randn(HEADS, **kw)
     gate, prompt = variant.startswith("gate"), variant.startswith("prompt")
+    window = max(seq // 4, 1) if variant.endswith("+window") else None
+    positions = torch.arange(seq, device=DEVICE)
+    distance = positions[:, None] - positions[None, :]
+    window_mask = (distance >= 0) & (distance < window) if window else None
     leaves = [q, k, v] + ([attn_input, w_gate] if gate and backend != "sdpa" else []) + \
         ([prompt_k, prompt_v, prompt_gate] if prompt and backend != "sdpa" else [])
     for t in leaves:
@@ -61,6 +68,8 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
 
     def attention():
         if backend == "sdpa":
+            if window:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if variant == "gate" and backend == "two_launch":
             v_tokens = v.transpose(1, 2).reshape(batch * seq, HEADS, HEAD_DIM)
@@ -77,7 +86,7 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
             extra["segment_ids"] = segments
             if prompt:
                 extra["prompt_segment_ids"] = prompt_segments
-        return pk.gated_attention(q, k, v, **extra, backend=backend)
+        return pk.gated_attention(q, k, v, **extra, window=window, backend=backend)
 
     def step():
         out = attention()
@@ -87,5 +96,5 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
 
     step()
     benchmark.extra_info.update(op="gated_attention", backend=backend, pass_=pass_, variant=variant, batch=batch,
-                                seq=seq, heads=HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE), device=str(DEVICE))
+                                seq=seq, window=window, heads=HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE), device=str(DEVICE))
     benchmark(step)

@@ -11,7 +11,10 @@ every layer), grouped-query attention, a SwiGLU MLP. They differ in three places
   the projection (and its bias) and before RoPE: `Family.query_key_norms`, `Family.key_norm`;
 - sliding-window attention: Mistral's on every layer when ``config.sliding_window`` is set, Qwen2's and
   Qwen3's on the layers that ``config.layer_types`` marks ``"sliding_attention"`` (``use_sliding_window``,
-  ``max_window_layers``). Not supported yet: `check_config` refuses such a config by name.
+  ``max_window_layers``): `Family.layer_windows`. A query sees the keys at most ``window - 1`` positions
+  before its own; the method layers apply the window wherever they attend (the model's per-type masks, flash
+  attention's argument, the gated-attention op's ``window``), and a sliding-window KV cache returns only the
+  keys within it.
 
 A model's family is looked up by its exact class (`family_of`): a subclass may change the forward the method
 layers re-implement, so it is refused rather than assumed. Other families are refused by name.
@@ -134,21 +137,21 @@ def family_of_config(config, where: str = "model") -> Family:
 
 
 def check_config(family: Family, config, where: str) -> None:
-    """Refuse, by name, what the method layers cannot run exactly: sliding-window attention (for now)."""
-    windows = family.layer_windows(config)
-    odd = sorted({w for w in windows if isinstance(w, str)})
+    """Refuse, by name, a layer type the method layers do not implement (transformers' families have full and
+    sliding-window attention layers; a sliding layer needs a window, without which transformers' mask builder
+    fails too)."""
+    odd = sorted({w for w in family.layer_windows(config) if isinstance(w, str)})
     if odd:
-        raise UnsupportedBaseError(f"{where} ({family.label}): config.layer_types holds {odd}; only "
-                                   f"'full_attention' layers are supported")
-    windowed = [i for i, w in enumerate(windows) if w is not None]
-    if not windowed:
-        return
-    if family is MISTRAL:
-        fields = f"config.sliding_window={config.sliding_window} (every layer)"
-    else:
-        fields = (f"config.use_sliding_window={getattr(config, 'use_sliding_window', None)}, "
-                  f"sliding_window={config.sliding_window}, max_window_layers="
-                  f"{getattr(config, 'max_window_layers', None)}: layer_types makes layers {windowed} "
-                  f"'sliding_attention'")
-    raise UnsupportedBaseError(f"{where} ({family.label}): sliding-window attention is not supported yet: "
-                               f"{fields}")
+        raise UnsupportedBaseError(f"{where} ({family.label}): config.layer_types holds {odd} (with "
+                                   f"config.sliding_window={getattr(config, 'sliding_window', None)}); supported are "
+                                   f"'full_attention' layers and 'sliding_attention' layers with a window")
+
+
+def window_layer_types(family: Family, config) -> dict[str, int | None] | None:
+    """{layer type: window} of a model whose layers' windows differ (Qwen2 / Qwen3 with ``max_window_layers``
+    full layers, then sliding ones): the keys of the per-type attention masks the model takes (transformers
+    builds one mask per type in ``config.layer_types``); None when every layer has the same window."""
+    windows = family.layer_windows(config)
+    if len(set(windows)) <= 1:
+        return None
+    return dict(zip(config.layer_types, windows))

@@ -31,6 +31,7 @@ import torch
 from pill_kernels.reference import segment_starts
 
 from .data import IGNORE, Collator, Example
+from .families import family_of_config, window_layer_types
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -147,23 +148,36 @@ def packed_model_inputs(config, sequence_ids, inputs_embeds, attention_mask, pos
     starts = segment_starts(sequence_ids)
     if position_ids is None:
         position_ids = positions_in_segments(sequence_ids)
-    runs = starts.long().cumsum(-1)  # segment numbers
-    seq = sequence_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=sequence_ids.device).tril()
-    allowed = (causal & (runs[:, :, None] == runs[:, None, :]))[:, None]
     implementation = config._attn_implementation
-    if implementation == "sdpa":
-        mask = allowed
-    elif implementation == "eager":
-        dtype = torch.promote_types(inputs_embeds.dtype, torch.float32)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
-                                                                                          torch.finfo(dtype).min)
-    else:
+    if implementation not in ("sdpa", "eager"):
         raise ValueError(f"packed rows need attn_implementation 'sdpa' or 'eager' (a block-diagonal mask); this "
                          f"model uses {implementation!r}")
+    runs = starts.long().cumsum(-1)  # segment numbers
+    family = family_of_config(config)
+    per_type = window_layer_types(family, config)
+    if per_type is None:
+        mask = _block_diagonal_mask(runs, family.layer_windows(config)[0], implementation, inputs_embeds.dtype)
+    else:  # the model hands each layer the mask of its type
+        mask = {layer_type: _block_diagonal_mask(runs, window, implementation, inputs_embeds.dtype)
+                for layer_type, window in per_type.items()}
     if labels is not None:
         labels = labels.masked_fill(starts.to(labels.device), IGNORE)
     return sequence_ids, mask, position_ids, labels
+
+
+def _block_diagonal_mask(runs: torch.Tensor, window: int | None, implementation: str, dtype: torch.dtype):
+    """[R, 1, W, W]: causal within each run (and within `window` positions), boolean for sdpa, additive for
+    eager."""
+    seq = runs.shape[1]
+    positions = torch.arange(seq, device=runs.device)
+    distance = positions[:, None] - positions[None, :]
+    causal = (distance >= 0) & (distance < window) if window else distance >= 0
+    allowed = (causal & (runs[:, :, None] == runs[:, None, :]))[:, None]
+    if implementation == "sdpa":
+        return allowed
+    dtype = torch.promote_types(dtype, torch.float32)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                      torch.finfo(dtype).min)
 
 
 def per_example_any(sequence_ids: torch.Tensor, flags: torch.Tensor | None, count: int) -> torch.Tensor:

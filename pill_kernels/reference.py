@@ -138,13 +138,17 @@ def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
     return segment_starts(segment_ids).long().cumsum(-1)
 
 
-def _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, device, segment_ids=None):
-    """[B, 1, S, Skv] True where a query may attend to a key: causal (query i at key position Skv - S + i), real
-    keys only, and keys of the query's own segment."""
+def _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, device, segment_ids=None, window=None):
+    """[B, 1, S, Skv] True where a query may attend to a key: causal (query i at key position Skv - S + i), within
+    the last `window` positions up to the query's own when there is a window, real keys only, and keys of the
+    query's own segment."""
     allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool, device=device)
     if causal:
         rows = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
-        allowed = allowed & (torch.arange(seq_k, device=device)[None, :] <= rows)
+        columns = torch.arange(seq_k, device=device)[None, :]
+        allowed = allowed & (columns <= rows)
+        if window:
+            allowed = allowed & (columns > rows - window)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
     if segment_ids is not None:
@@ -176,6 +180,7 @@ def gated_attention(
     scale: float | None = None,
     segment_ids: torch.Tensor | None = None,
     prompt_segment_ids: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention with PILL's per-query-head value gate and LLaMA-Adapter V2's prompt branch.
 
@@ -188,7 +193,11 @@ def gated_attention(
 
     Packed rows: segment_ids [B, Skv] (integers): a query sees only keys of its own segment, a maximal run of
     equal ids; prompt_segment_ids [B, K]: a query sees only the prompts whose id equals its segment's id (none:
-    zeros from the prompt branch). Returns [B, H, S, hd].
+    zeros from the prompt branch).
+
+    Sliding window (``window``, with ``causal``): query i sees only the keys at positions Skv - S + i - window + 1
+    .. Skv - S + i, its own included, as transformers' sliding-window layers (Mistral, Qwen2 / Qwen3's
+    "sliding_attention"); the prompt branch is not windowed. Returns [B, H, S, hd].
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
@@ -196,7 +205,7 @@ def gated_attention(
     scale = head_dim ** -0.5 if scale is None else scale
     k, v = _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask)
     scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device, segment_ids)
+    allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device, segment_ids, window)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
     out = probs @ v
@@ -216,7 +225,7 @@ def gated_attention(
 
 def gated_attention_sdpa(q, k, v, gate_logits=None, image_mask=None, key_padding_mask=None, prompt_k=None,
                          prompt_v=None, prompt_gate=None, causal: bool = True, scale: float | None = None,
-                         segment_ids=None, prompt_segment_ids=None):
+                         segment_ids=None, prompt_segment_ids=None, window=None):
     """`gated_attention` through ``F.scaled_dot_product_attention``: the gate applied to the values, the masks
     as one boolean mask, the prompt branch as a second sdpa call. Same arguments and result."""
     batch, heads, seq_q, head_dim = q.shape
@@ -225,8 +234,9 @@ def gated_attention_sdpa(q, k, v, gate_logits=None, image_mask=None, key_padding
     scale = head_dim ** -0.5 if scale is None else scale
     k, v = _expand_heads_and_gate_values(q, k, v, gate_logits, image_mask)
     allowed = None
-    if causal and seq_q > 1 or key_padding_mask is not None or segment_ids is not None:
-        allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device, segment_ids)
+    windowed = causal and window and seq_k > window
+    if causal and seq_q > 1 or windowed or key_padding_mask is not None or segment_ids is not None:
+        allowed = _allowed_keys(batch, seq_q, seq_k, causal, key_padding_mask, q.device, segment_ids, window)
     out = _masked_sdpa(q, k, v, allowed, scale)
     if prompt_k is not None:
         pk = prompt_k.repeat_interleave(group, dim=1)

@@ -87,9 +87,10 @@ def modality_gate_definition(x, w_gate, v, image_mask):
 
 
 def gated_attention_definition(q, k, v, gate_logits=None, image_mask=None, key_padding_mask=None, prompt_k=None,
-                               prompt_v=None, prompt_gate=None, causal=True, scale=None):
+                               prompt_v=None, prompt_gate=None, causal=True, scale=None, window=None):
     """Attention with explicit exponentials per (query head, key): probabilities from exp(s - max) / sum over
-    the allowed keys, the image keys' gate applied to the probabilities, grouped heads indexed, not repeated."""
+    the allowed keys (a window: the last `window` positions up to the query's), the image keys' gate applied to
+    the probabilities, grouped heads indexed, not repeated."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k, group = k.shape[2], heads // k.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
@@ -98,7 +99,8 @@ def gated_attention_definition(q, k, v, gate_logits=None, image_mask=None, key_p
     scores = torch.einsum("bhid,bhjd->bhij", q, keys) * scale
     allowed = torch.ones(batch, 1, seq_q, seq_k, dtype=torch.bool)
     if causal:
-        allowed = allowed & (torch.arange(seq_k)[None, :] <= torch.arange(seq_q)[:, None] + seq_k - seq_q)
+        distance = torch.arange(seq_q)[:, None] + seq_k - seq_q - torch.arange(seq_k)[None, :]
+        allowed = allowed & (distance >= 0) & (distance < (window or seq_k + 1))
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :].bool()
     top = scores.masked_fill(~allowed, -torch.inf).amax(-1, keepdim=True)

@@ -9,6 +9,8 @@ LLaMA-Adapter V2's prompt branch with its own softmax.
 The block is the one the base's modules have, told from the modules themselves (not from `pill.families`):
 projections with whatever biases they carry, and where the attention has ``q_norm`` / ``k_norm`` (Qwen3) a
 per-head RMSNorm of the projected queries and keys before RoPE (and of LLaMA-Adapter V2's prompt keys).
+Sliding windows as transformers' configs define them (`_layer_window`): a query at sequence index i sees keys
+i - window < j <= i; LLaMA-Adapter V2's prompts are outside the sequence and not windowed.
 """
 from __future__ import annotations
 
@@ -49,14 +51,28 @@ def _glu(x, expert):
     return (F.silu(x @ expert.w_gate.to(x.dtype)) * (x @ expert.w_down.to(x.dtype))) @ expert.w_up.to(x.dtype)
 
 
-def _attention(q, k, v, attention_mask_2d, extra_block=None):
-    """Eager causal attention: q [B,H,S,hd], k/v [B,Hkv,S,hd] (repeated to H here), additive masks."""
+def _layer_window(config, index):
+    """The sliding window of layer `index` as the transformers config defines it: Mistral's sliding_window on
+    every layer; Qwen2's / Qwen3's on the layers layer_types marks "sliding_attention"; None: full attention."""
+    if config.model_type == "mistral":
+        return config.sliding_window
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[index] == "sliding_attention":
+        return config.sliding_window
+    return None
+
+
+def _attention(q, k, v, attention_mask_2d, extra_block=None, window=None):
+    """Eager causal attention: q [B,H,S,hd], k/v [B,Hkv,S,hd] (repeated to H here), additive masks; a window
+    blocks keys `window` or more positions before the query."""
     heads, kv_heads = q.shape[1], k.shape[1]
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1) if v.shape[1] != heads else v
     seq = q.shape[2]
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     blocked = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    if window is not None:
+        blocked = blocked | torch.tril(torch.ones(seq, seq, dtype=torch.bool), diagonal=-window)[None, None]
     if attention_mask_2d is not None:
         blocked = blocked | ~attention_mask_2d.bool()[:, None, None, :]
     if extra_block is not None:
@@ -109,8 +125,8 @@ def pill_seed_logits(model, input_ids, image_features=None, attention_mask=None,
             m = image[:, None, :, None].expand_as(v)  # the seed repeats the mask to the value width
             v = torch.where(m, gated, v)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = _attention(q, k, v, attention_mask).transpose(1, 2).reshape(b, s, -1)
-        h = x + attn.o_proj(o)
+        o = _attention(q, k, v, attention_mask, window=_layer_window(model.config, index))
+        h = x + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
         hn = _rms(layer.post_attention_layernorm, h)
         route = image
         if stage == 1 and index == len(layers) - 1 and cfg.stage1_invert_last_layer:
@@ -137,7 +153,7 @@ def lavin_seed_logits(model, input_ids, image_features=None, attention_mask=None
         mask = torch.cat([torch.ones(b, 1, dtype=attention_mask.dtype), attention_mask], dim=1)
     block_column0 = torch.zeros(s1, s1, dtype=torch.bool)
     block_column0[1:, 0] = True  # mask[:, :, 1:, 0] = -inf in the seed
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
         attn, router = layer.self_attn, layer.pill_router_adapter
         xn = _rms(layer.input_layernorm, x)
         w = torch.softmax(F.linear(xn[:, 0], router.router.weight.to(x.dtype), router.router.bias.to(x.dtype))
@@ -149,7 +165,8 @@ def lavin_seed_logits(model, input_ids, image_features=None, attention_mask=None
         a = xn + cfg.scale * mixed.transpose(1, 2)
         q, k, v = _qkv(attn, a)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = _attention(q, k, v, mask, block_column0[None, None]).transpose(1, 2).reshape(b, s1, -1)
+        o = _attention(q, k, v, mask, block_column0[None, None], _layer_window(model.config, index))
+        o = o.transpose(1, 2).reshape(b, s1, -1)
         h = x + attn.o_proj(o)
         x = h + layer.mlp(layer.post_attention_layernorm(h))
     return _finish(model, x)[:, 1:]
@@ -162,14 +179,14 @@ def llama_adapter_v2_seed_logits(model, input_ids, image_features=None, attentio
     visual = mm.projector(image_features.to(x.dtype)) if image_features is not None else None
     position_ids = torch.arange(s)[None].expand(b, s)
     cos, sin = model.model.rotary_emb(x, position_ids)
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         # Bias tuning on a projection that already has a pretrained bias adds a second, zero-init one.
         delta = {name: p.to(x.dtype) for name, p in getattr(layer, "pill_bias", {}).items()}
         xn = layer.input_layernorm(x)
         q, k, v = _qkv(attn, xn, delta.get("q_proj"))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = _attention(q, k, v, attention_mask)
+        o = _attention(q, k, v, attention_mask, window=_layer_window(model.config, index))
         if layer.pill_has_prompt:
             adapter = layer.pill_prompt.to(x.dtype)[None].expand(b, -1, -1)
             if visual is not None:

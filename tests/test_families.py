@@ -29,13 +29,23 @@ CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, 
            "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
-def family_config(family, layers=2, **overrides):
-    """A tiny GQA config (4 query / 2 key-value heads, hidden 40) of `family` with its features on, no window."""
+# Sliding windows shorter than the test sequences (9 to 19 tokens): Mistral's on every layer; Qwen2's on the
+# layers after max_window_layers (layer 0 full, layer 1 sliding: the model builds a mask per layer type);
+# Qwen3's on every layer.
+WINDOWS = {"mistral": dict(sliding_window=4),
+           "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+           "qwen3": dict(use_sliding_window=True, sliding_window=3, max_window_layers=0)}
+NO_WINDOW = {"mistral": dict(sliding_window=None),  # as Mistral v0.2 / v0.3
+             "qwen2": dict(use_sliding_window=False), "qwen3": dict(use_sliding_window=False)}
+
+
+def family_config(family, layers=2, windows=True, **overrides):
+    """A tiny GQA config (4 query / 2 key-value heads, hidden 40) of `family` with its features on: sliding
+    windows (`WINDOWS`) unless `windows` is false."""
     settings = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=56, num_hidden_layers=layers,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
                     bos_token_id=1, eos_token_id=2)
-    if family == "mistral":
-        settings["sliding_window"] = None  # as Mistral v0.2 / v0.3
+    settings.update((WINDOWS if windows else NO_WINDOW).get(family, {}))
     if family == "qwen3":
         settings["head_dim"] = 12  # not hidden / heads = 10: Qwen3's head_dim is a field of its own
     config = CLASSES[family][0](**{**settings, **overrides})
@@ -56,9 +66,9 @@ def make_base(family, dtype=torch.float64, **overrides):
     return model
 
 
-def make_model(method, family, dtype=torch.float64):
+def make_model(method, family, dtype=torch.float64, **overrides):
     """The method injected into the family's base, in its last stage, adapters randomised."""
-    model = inject(method, make_base(family, dtype)).to(dtype)
+    model = inject(method, make_base(family, dtype, **overrides)).to(dtype)
     pill.set_stage(model, model.multimodal.config.stages[-1])
     return randomize_adapters(model)
 
@@ -78,6 +88,24 @@ def test_the_bases_have_the_features_under_test():
     assert qwen3.head_dim == 12 and (qwen3.k_norm.weight - 1).abs().max() > 0.1
     assert FAMILIES["llama"].qkv_bias(family_config("llama", attention_bias=True))
     assert FAMILIES["qwen3"].qkv_bias(family_config("qwen3", attention_bias=True))
+    expected_windows = {"mistral": [4, 4], "qwen2": [None, 5], "qwen3": [3, 3], "llama": [None, None]}
+    for family, windows in expected_windows.items():
+        assert FAMILIES[family].layer_windows(family_config(family)) == windows, family
+        assert FAMILIES[family].layer_windows(family_config(family, windows=False)) == [None, None], family
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_windows_change_the_base_models_output(family):
+    """The window under test is shorter than the sequences: without it the base gives other logits after it
+    (so a method layer that ignored the window could not match the oracles)."""
+    windowed = make_base(family)
+    full = CLASSES[family][1](family_config(family, windows=False)).to(torch.float64).eval()
+    full.load_state_dict(windowed.state_dict())
+    ids = torch.randint(3, VOCAB, (1, 11))
+    a, b = windowed(input_ids=ids).logits, full(input_ids=ids).logits
+    window = min(w for w in FAMILIES[family].layer_windows(windowed.config) if w is not None)
+    torch.testing.assert_close(a[:, :window], b[:, :window], rtol=1e-12, atol=1e-12)
+    assert (a[:, window:] - b[:, window:]).abs().amax() > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -316,41 +344,21 @@ def test_a_4bit_base_equals_its_dequantized_weights(method, family, tmp_path):
 # Refusals
 # ----------------------------------------------------------------------------------------------------------
 
-WINDOWED = {
-    "mistral": (dict(sliding_window=4), r"\(Mistral\): sliding-window attention is not supported yet: "
-                                        r"config.sliding_window=4 \(every layer\)"),
-    "qwen2": (dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
-              r"\(Qwen2 / Qwen2.5\): sliding-window attention is not supported yet: config.use_sliding_window=True, "
-              r"sliding_window=4, max_window_layers=1: layer_types makes layers \[1\] 'sliding_attention'"),
-    "qwen3": (dict(use_sliding_window=True, sliding_window=4, max_window_layers=0),
-              r"\(Qwen3\): sliding-window attention is not supported yet: .*layers \[0, 1\] 'sliding_attention'"),
-}
-
-
-@pytest.mark.parametrize("family", list(WINDOWED))
-@pytest.mark.parametrize("method", ["pill", "lavin", "llama_adapter_v2"])
-def test_a_windowed_config_is_refused_by_name(method, family):
-    overrides, message = WINDOWED[family]
-    base = CLASSES[family][1](family_config(family, **overrides))
-    with pytest.raises(UnsupportedBaseError, match=message):
-        inject(method, base)
-    assert type(base) is CLASSES[family][1]  # refused before anything changed
-    assert not any(n.startswith("pill_") or ".pill_" in n for n, _ in base.named_parameters())
-
-
-def test_the_usual_configs_are_accepted_and_transformers_defaults_are_checked():
-    # transformers' MistralConfig defaults to v0.1's 4096-token window: refused unless the config says null.
+def test_transformers_defaults_and_odd_layer_types():
+    # transformers' MistralConfig defaults to v0.1's 4096-token window, which is now run as such.
     default = MistralConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=56, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(UnsupportedBaseError, match=r"config.sliding_window=4096"):
-        pill.inject_pill(MistralForCausalLM(default), vision_dim=8, image_token_id=VOCAB)
+    model = pill.inject_pill(MistralForCausalLM(default), vision_dim=8, image_token_id=VOCAB)
+    assert model.model.layers[0].attention_window == 4096
     # Qwen2 / Qwen3 keep sliding_window and max_window_layers inert while use_sliding_window is false.
     for family in ("qwen2", "qwen3"):
-        config = family_config(family, use_sliding_window=False, sliding_window=4, max_window_layers=0)
-        pill.inject_lavin(CLASSES[family][1](config), vision_dim=8, image_token_id=VOCAB)
+        config = family_config(family, windows=False, sliding_window=4, max_window_layers=0)
+        model = pill.inject_lavin(CLASSES[family][1](config), vision_dim=8, image_token_id=VOCAB)
+        assert [layer.attention_window for layer in model.model.layers] == [None, None]
     # A sliding layer without a window, on which transformers' mask builder would fail.
-    config = family_config("qwen2", layer_types=["full_attention", "sliding_attention"])
-    with pytest.raises(UnsupportedBaseError, match=r"layer_types holds \['sliding_attention'\]"):
+    config = family_config("qwen2", windows=False, layer_types=["full_attention", "sliding_attention"])
+    with pytest.raises(UnsupportedBaseError, match=r"layer_types holds \['sliding_attention'\] \(with "
+                                                    r"config.sliding_window=None\)"):
         pill.inject_pill(Qwen2ForCausalLM(config), vision_dim=8, image_token_id=VOCAB)
 
 
@@ -445,16 +453,13 @@ def test_load_llm_keeps_each_familys_class_and_biases(tmp_path):
         char_tokenizer().save_pretrained(directory)
         model, _ = load_llm(directory)
         assert type(model) is type(base)
+        assert FAMILIES[family].layer_windows(model.config) == FAMILIES[family].layer_windows(base.config)
         for (name, p), (_, q) in zip(base.named_parameters(), model.named_parameters()):
             assert torch.equal(p, q), f"{family}: {name}"
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
     with pytest.raises(UnsupportedBaseError, match=r"model_type 'gpt2' is not supported"):
         load_llm(gpt2)
-    windowed = tmp_path / "windowed"
-    MistralForCausalLM(family_config("mistral", sliding_window=16)).save_pretrained(windowed)
-    with pytest.raises(UnsupportedBaseError, match="sliding-window attention is not supported yet"):
-        load_llm(windowed)
 
 
 GGUF_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

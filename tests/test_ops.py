@@ -204,8 +204,9 @@ def test_modality_gate_gradcheck_and_opcheck(backend):
 # Gated attention
 # ------------------------------------------------------------------------------------------------------
 
-def naive_gated_attention(q, k, v, gate_logits, image, padding, pk_, pv, pg, scale):
-    """Loops over batch, head and query: the definition, written out."""
+def naive_gated_attention(q, k, v, gate_logits, image, padding, pk_, pv, pg, scale, window=None):
+    """Loops over batch, head and query: the definition, written out (a window keeps the last `window` key
+    positions up to the query's own)."""
     batch, heads, seq_q, _ = q.shape
     seq_k, group = k.shape[2], heads // k.shape[1]
     out = torch.zeros_like(q)
@@ -213,7 +214,8 @@ def naive_gated_attention(q, k, v, gate_logits, image, padding, pk_, pv, pg, sca
         for h in range(heads):
             for i in range(seq_q):
                 pos = seq_k - seq_q + i
-                keys = [j for j in range(pos + 1) if padding is None or padding[b, j]]
+                first = 0 if window is None else max(pos - window + 1, 0)
+                keys = [j for j in range(first, pos + 1) if padding is None or padding[b, j]]
                 if keys:
                     s = torch.stack([q[b, h, i] @ k[b, h // group, j] * scale for j in keys])
                     p = torch.softmax(s, 0)
@@ -226,23 +228,28 @@ def naive_gated_attention(q, k, v, gate_logits, image, padding, pk_, pv, pg, sca
     return out
 
 
-@pytest.mark.parametrize("case", ["plain", "gate", "prompt", "gate_prompt_padding", "decode", "mha"])
+@pytest.mark.parametrize("case", ["plain", "gate", "prompt", "gate_prompt_padding", "decode", "mha", "window",
+                                  "window_gate_prompt_padding", "window_decode"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gated_attention_reference_and_op_equal_the_definition(backend, case):
     require_backend("gated_attention", backend)
-    kw = dict(gate=case in ("gate", "gate_prompt_padding", "decode"), prompt=case in ("prompt",
-              "gate_prompt_padding", "decode"), padding=case in ("gate_prompt_padding", "decode"))
-    if case == "decode":
+    plain = case.removeprefix("window_")
+    kw = dict(gate=plain in ("gate", "gate_prompt_padding", "decode"), prompt=plain in ("prompt",
+              "gate_prompt_padding", "decode"), padding=plain in ("gate_prompt_padding", "decode"))
+    if plain == "decode":
         kw.update(seq_q=1, seq_k=7)
-    if case == "mha":
+    if plain == "mha":
         kw.update(kv_heads=4)
     a = attention_inputs(**kw)
     scale = 0.3
+    window = 3 if case.startswith("window") else None
     expected = naive_gated_attention(a["q"], a["k"], a["v"], a["gate_logits"], a["image_mask"],
-                                     a["key_padding_mask"], a["prompt_k"], a["prompt_v"], a["prompt_gate"], scale)
-    torch.testing.assert_close(ref.gated_attention(**a, scale=scale), expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(pk.gated_attention(**a, scale=scale, backend=backend), expected, rtol=1e-10,
+                                     a["key_padding_mask"], a["prompt_k"], a["prompt_v"], a["prompt_gate"], scale,
+                                     window)
+    torch.testing.assert_close(ref.gated_attention(**a, scale=scale, window=window), expected, rtol=1e-10,
                                atol=1e-10)
+    torch.testing.assert_close(pk.gated_attention(**a, scale=scale, window=window, backend=backend), expected,
+                               rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -281,18 +288,25 @@ def test_gated_attention_gradcheck_and_opcheck(backend):
     assert torch.autograd.gradcheck(fn, [a[n] for n in names])
     opcheck(torch.ops.pill_kernels.gated_attention.default,
             (a["q"], a["k"], a["v"], a["gate_logits"], a["image_mask"], a["key_padding_mask"], a["prompt_k"],
-             a["prompt_v"], a["prompt_gate"], None, None, True, 0.5, backend))
+             a["prompt_v"], a["prompt_gate"], None, None, True, 0.5, 0, backend))
     segments, prompt_segments = torch.tensor([[0, 0, 1]], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32)
     opcheck(torch.ops.pill_kernels.gated_attention.default,
             (a["q"], a["k"], a["v"], a["gate_logits"], a["image_mask"], None, a["prompt_k"], a["prompt_v"],
-             a["prompt_gate"], segments, prompt_segments, True, 0.5, backend))
+             a["prompt_gate"], segments, prompt_segments, True, 0.5, 2, backend))
+
+    def windowed(*tensors):
+        return pk.gated_attention(**dict(a, **dict(zip(names, tensors))), window=2, backend=backend)
+
+    assert torch.autograd.gradcheck(windowed, [a[n] for n in names])
 
 
+@pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gated_attention_on_packed_rows_equals_each_segment_alone(backend):
+def test_gated_attention_on_packed_rows_equals_each_segment_alone(backend, window):
     """Packed rows (segment_ids; prompts assigned to segments): the output and every gradient equal the
     definition run on each segment alone, with that segment's prompts (none: no prompt branch). Segments span
-    several of the interpreter's 16-key blocks, start mid-block and end a row with padding (id -1)."""
+    several of the interpreter's 16-key blocks, start mid-block and end a row with padding (id -1); with a
+    sliding window, each segment alone has the same window."""
     require_backend("gated_attention", backend)
     batch, heads, kv_heads, seq, head_dim, prompts = 2, 4, 2, 45, 8, 6
     a = attention_inputs(batch=batch, heads=heads, kv_heads=kv_heads, seq_q=seq, seq_k=seq, head_dim=head_dim,
@@ -303,7 +317,7 @@ def test_gated_attention_on_packed_rows_equals_each_segment_alone(backend):
     grad = torch.randn_like(a["q"])
     leaves = {n: a[n].clone().requires_grad_() for n in names}
     out = pk.gated_attention(**dict(a, **leaves), segment_ids=segments, prompt_segment_ids=prompt_segments,
-                             backend=backend)
+                             window=window, backend=backend)
     got = [out] + list(torch.autograd.grad(out, list(leaves.values()), grad))
 
     ref_leaves = {n: a[n].clone().requires_grad_() for n in names}
@@ -314,7 +328,7 @@ def test_gated_attention_on_packed_rows_equals_each_segment_alone(backend):
             lo, hi = int(keys.min()), int(keys.max()) + 1
             own = prompt_segments[b] == segment
             cut = lambda name: ref_leaves[name][b:b + 1, :, lo:hi]  # noqa: E731
-            kw = dict(gate_logits=cut("gate_logits"), image_mask=a["image_mask"][b:b + 1, lo:hi])
+            kw = dict(gate_logits=cut("gate_logits"), image_mask=a["image_mask"][b:b + 1, lo:hi], window=window)
             if own.any():
                 kw.update(prompt_k=ref_leaves["prompt_k"][b:b + 1, :, own],
                           prompt_v=ref_leaves["prompt_v"][b:b + 1, :, own], prompt_gate=ref_leaves["prompt_gate"])
@@ -548,5 +562,5 @@ def test_custom_ops_eager_kernels_gradcheck():
     names = ["q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
     assert torch.autograd.gradcheck(
         lambda q, k, v, g, pk_, pv, pg: ops.gated_attention.default(
-            q, k, v, g, a["image_mask"], a["key_padding_mask"], pk_, pv, pg, None, None, True, 0.5, "eager")[0],
+            q, k, v, g, a["image_mask"], a["key_padding_mask"], pk_, pv, pg, None, None, True, 0.5, 2, "eager")[0],
         [a[n].requires_grad_() for n in names])

@@ -43,7 +43,7 @@ def poisoned_allocations(monkeypatch):
 def grads_of(fn, inputs, grad_out, dtype):
     """fn's output and the gradients of every floating input, with the inputs cast to dtype."""
     leaves = {k: v.to(dtype, copy=True).requires_grad_() for k, v in inputs.items()
-              if v is not None and v.is_floating_point() and k not in NOT_DIFFERENTIABLE}
+              if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in NOT_DIFFERENTIABLE}
     args = {k: leaves.get(k, v.to(dtype) if k in NOT_DIFFERENTIABLE and v is not None else v)
             for k, v in inputs.items()}
     out = fn(**args)
@@ -263,7 +263,7 @@ def test_decoder_layer_on_triton_compiles_as_one_graph(method):
 # ------------------------------------------------------------------------------------------------------
 
 def attention_case(batch=2, heads=4, kv_heads=2, seq_q=37, seq_k=37, head_dim=64, prompts=5, gate=True, prompt=True,
-                   padding=None):
+                   padding=None, window=None):
     t = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
     pad = None
     if padding is not None:
@@ -278,7 +278,7 @@ def attention_case(batch=2, heads=4, kv_heads=2, seq_q=37, seq_k=37, head_dim=64
                 image_mask=(torch.rand(batch, seq_k) < 0.4) if gate else None, key_padding_mask=pad,
                 prompt_k=t(batch, kv_heads, prompts, head_dim) if prompt else None,
                 prompt_v=t(batch, kv_heads, prompts, head_dim) if prompt else None,
-                prompt_gate=t(heads) if prompt else None)
+                prompt_gate=t(heads) if prompt else None, window=window)
 
 
 ATTENTION_CASES = {
@@ -290,6 +290,10 @@ ATTENTION_CASES = {
     "head_dim_128_gqa_4": dict(heads=4, kv_heads=1, head_dim=128, seq_q=21, seq_k=21),
     "decode_one_token": dict(seq_q=1, seq_k=40, padding="left"),
     "decode_three_tokens": dict(seq_q=3, seq_k=40),
+    # Windows shorter and longer than the interpreter's 16-key blocks: the loops skip blocks outside them.
+    "window_gate_prompt_left_padding": dict(padding="left", window=7),
+    "window_plain_mha": dict(kv_heads=4, gate=False, prompt=False, window=20),
+    "window_decode_three_tokens": dict(seq_q=3, seq_k=40, window=5),
 }
 
 
@@ -304,8 +308,10 @@ def test_gated_attention_matrix(poisoned_allocations, case, dtype):
                             names)
 
 
-def test_gated_attention_long_sequence_over_many_blocks():
-    inputs = attention_case(batch=1, heads=2, kv_heads=1, seq_q=130, seq_k=130, head_dim=64, padding="right")
+@pytest.mark.parametrize("window", [None, 33])
+def test_gated_attention_long_sequence_over_many_blocks(window):
+    inputs = attention_case(batch=1, heads=2, kv_heads=1, seq_q=130, seq_k=130, head_dim=64, padding="right",
+                            window=window)
     names = ["o", "q", "k", "v", "gate_logits", "prompt_k", "prompt_v", "prompt_gate"]
     op = lambda **a: pk.gated_attention(**a, backend="triton")  # noqa: E731
     check_against_reference(op, lambda **a: ref.gated_attention(**a), inputs, torch.randn_like(inputs["q"]),

@@ -77,8 +77,9 @@ def record_launches() -> None:
         image = torch.rand(tokens) < 0.5
         modality_gate.forward(x, t(hidden, 8, dtype=dtype), v, image)
         modality_gate.backward(v, x, t(hidden, 8, dtype=dtype), v, image)
-        for head_dim, full, packed in ((64, True, False), (64, False, False), (128, True, False), (64, True, True),
-                                       (128, False, True)):
+        for head_dim, full, packed, window in ((64, True, False, 0), (64, False, False, 0), (128, True, False, 0),
+                                               (64, True, True, 0), (128, False, True, 0), (64, True, False, 9),
+                                               (128, False, True, 9)):
             q = t(2, 4, 33, head_dim, dtype=dtype)
             k, v = t(2, 2, 40, head_dim, dtype=dtype), t(2, 2, 40, head_dim, dtype=dtype)
             extra = (t(2, 4, 40, dtype=dtype), torch.rand(2, 40) < 0.5, torch.rand(2, 40) < 0.9,
@@ -88,8 +89,8 @@ def record_launches() -> None:
             extra += (segments, (torch.arange(10).repeat(2, 1) // 4).to(torch.int32) if packed and full else None)
             out = torch.empty_like(q)
             lse = torch.empty(2, 4, 33)
-            gated_attention.forward(q, k, v, *extra, True, head_dim ** -0.5)
-            gated_attention.backward(q, out, lse, q, k, v, *extra, True, head_dim ** -0.5)
+            gated_attention.forward(q, k, v, *extra, True, head_dim ** -0.5, window)
+            gated_attention.backward(q, out, lse, q, k, v, *extra, True, head_dim ** -0.5, window)
 
 
 def main(capabilities: list[int]) -> int:

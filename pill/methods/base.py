@@ -119,29 +119,31 @@ def image_mask(mm_token_type_ids: torch.Tensor | None, hidden_states: torch.Tens
 
 
 def key_padding_from_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq_k: int):
-    """Which keys are real tokens, read off the mask transformers builds for the attention functions.
+    """Which keys are real tokens, read off the mask transformers builds for the attention functions: those that
+    some query sees.
 
-    The last query row of a causal mask sees every earlier key, so it holds the padding of all keys (with left
-    padding the last position is a real token; with right padding its row still excludes only padding).
+    Every real key is seen by a query of the mask (under a causal mask the last row sees all of them; under a
+    sliding-window mask each key is seen by the queries within a window after it, or by none when it lies before
+    every query's window, where the window drops it anyway), and no query sees a padding key.
     """
     if attention_mask is None:
         return None
     if attention_mask.dim() == 2:
         valid = attention_mask.to(torch.bool)
     else:
-        row = attention_mask[:, 0, -1, :]
-        valid = row if row.dtype == torch.bool else row == 0
+        seen = attention_mask[:, 0] if attention_mask.dtype == torch.bool else attention_mask[:, 0] == 0
+        valid = seen.any(dim=1)
     return valid[:, :seq_k].expand(batch, seq_k)
 
 
 def attention_structure(attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None, batch: int,
-                        seq_k: int) -> dict:
-    """The gated-attention op's view of which keys a query sees: the packed rows' segments when there are any
-    (the 4D mask then is block-diagonal and its last row says nothing about other examples' keys), else the
-    padding read off the mask."""
+                        seq_k: int, window: int | None) -> dict:
+    """The gated-attention op's view of which keys a query sees: the layer's sliding window, and the packed
+    rows' segments when there are any (the 4D mask then is block-diagonal and says nothing about padding), else
+    the padding read off the mask."""
     if sequence_ids is not None:
-        return {"segment_ids": sequence_ids}
-    return {"key_padding_mask": key_padding_from_attention_mask(attention_mask, batch, seq_k)}
+        return {"segment_ids": sequence_ids, "window": window}
+    return {"key_padding_mask": key_padding_from_attention_mask(attention_mask, batch, seq_k), "window": window}
 
 
 class MultimodalDecoderLayer(GradientCheckpointingLayer):
@@ -163,6 +165,9 @@ class MultimodalDecoderLayer(GradientCheckpointingLayer):
     family: ClassVar[Family] = LLAMA
     kernel_backend: str | None = None
     attention_dtype: torch.dtype | None = None
+    # The layer's sliding window (keys within that many positions up to the query's own), as its family's
+    # attention module reads the config (`Family.layer_windows`); None: full causal attention. Set at injection.
+    attention_window: int | None = None
 
     @contextlib.contextmanager
     def _attention_precision(self, like: torch.Tensor):
@@ -195,10 +200,12 @@ class MultimodalDecoderLayer(GradientCheckpointingLayer):
         attn = self.self_attn
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                                     eager_attention_forward)
+        # The sdpa and eager paths take the window from the mask the model built for this layer's type; flash
+        # attention from the sliding_window argument, as the family's attention module passes it.
         with self._attention_precision(q) as cast:
             out, _ = interface(attn, cast(q), cast(k), cast(v), cast(attention_mask),
                                dropout=0.0 if not self.training else attn.attention_dropout, scaling=attn.scaling,
-                               **kwargs)
+                               sliding_window=self.attention_window, **kwargs)
         return out.to(q.dtype).reshape(*out.shape[:2], -1)
 
     def _rope_and_cache(self, q, k, v, position_embeddings, cache):
@@ -387,9 +394,11 @@ def swap_layers(model, method_layer: type, family: Family, init) -> None:
     """Every decoder layer of `model` (of `family`) becomes `method_layer`'s class for that family; `init(index,
     layer)` then adds the adapters."""
     layer_class = _FAMILY_LAYERS[method_layer, family.name]
+    windows = family.layer_windows(model.config)
     for index, layer in enumerate(model.model.layers):
         if type(layer) is not family.decoder_layer:
             raise TypeError(f"layer {index} of the {family.label} model is a {type(layer).__name__}, not a "
                             f"{family.decoder_layer.__name__}")
         layer.__class__ = layer_class
+        layer.attention_window = windows[index]
         init(index, layer)

@@ -188,7 +188,8 @@ class LlamaAdapterV2DecoderLayer(MultimodalDecoderLayer):
             prompt_v = attn.v_proj(prompt).view(batch, prompt.shape[1], -1, attn.head_dim).transpose(1, 2).to(q.dtype)
             if hasattr(self, "pill_new_gate"):  # V2.1 scales the whole prompt branch, which is linear in V_p
                 prompt_v = prompt_v * self.pill_new_gate.to(prompt_v.dtype)
-            structure = attention_structure(attention_mask, mm["mm_sequence_ids"], batch, k.shape[2])
+            structure = attention_structure(attention_mask, mm["mm_sequence_ids"], batch, k.shape[2],
+                                            self.attention_window)
             if prompt_segment_ids is not None:
                 structure["prompt_segment_ids"] = prompt_segment_ids
             with self._attention_precision(q) as cast:

@@ -165,12 +165,13 @@ class PillDecoderLayer(MultimodalDecoderLayer):
         q, k, v = self._rope_and_cache(q, k, v, position_embeddings, cache)
         if self.pill_gate_enabled and self.pill_gate_per == "query_head":
             gate_logits = (a @ self.pill_value_gate.weight.to(a.dtype)).transpose(1, 2).to(q.dtype)
-            gate_logits, key_image = self._cached_gate_logits(gate_logits, image, cache)
+            gate_logits, key_image = self._cached_gate_logits(gate_logits, image, cache, k.shape[2])
             with self._attention_precision(q) as cast:
                 attn_out = pk.gated_attention(
                     cast(q), cast(k), cast(v), gate_logits=cast(gate_logits), image_mask=key_image,
                     scale=self.self_attn.scaling, backend=self.kernel_backend,
-                    **attention_structure(attention_mask, mm["mm_sequence_ids"], q.shape[0], k.shape[2]))
+                    **attention_structure(attention_mask, mm["mm_sequence_ids"], q.shape[0], k.shape[2],
+                                          self.attention_window))
             attn_out = attn_out.to(q.dtype).transpose(1, 2)
             attn_out = attn_out.reshape(*attn_out.shape[:2], -1)
         else:
@@ -179,20 +180,26 @@ class PillDecoderLayer(MultimodalDecoderLayer):
         u = self.pill_ffn_experts(h, self.pill_expert_ids(image), norm=self.post_attention_layernorm)
         return h + self.mlp(u)
 
-    def _cached_gate_logits(self, gate_logits, image, cache):
-        """Per-query-head gates of every key seen so far; the cache holds values ungated in this mode."""
+    def _cached_gate_logits(self, gate_logits, image, cache, keys: int):
+        """Per-query-head gates [B, H, keys] and image flags [B, keys] of the `keys` keys the cache returned
+        (the last ones seen: all of them, or a sliding window's); the cache holds values ungated in this mode, so
+        the gates of the keys it keeps are kept beside it, with the number of tokens seen."""
         if cache is None:
             return gate_logits, image
         store = cache.__dict__.setdefault("_pill_query_head_gates", {})
         layer = self.self_attn.layer_idx
-        if layer in store and store[layer][0].shape[-1] + gate_logits.shape[-1] == \
-                cache.get_seq_length(layer):
+        seen = cache.get_seq_length(layer)
+        if layer in store and store[layer][2] + gate_logits.shape[-1] == seen:
             gate_logits = torch.cat([store[layer][0], gate_logits], dim=-1)
             image = torch.cat([store[layer][1], image], dim=-1)
-        elif gate_logits.shape[-1] != cache.get_seq_length(layer):
+        elif gate_logits.shape[-1] != seen:
             raise RuntimeError("PILL gate_per='query_head': the KV cache holds keys whose gates were not recorded "
                                "(a cache filled outside this model, or reordered / cropped); start a new cache")
-        store[layer] = (gate_logits.detach(), image)
+        if keys > gate_logits.shape[-1]:
+            raise RuntimeError(f"PILL gate_per='query_head': the KV cache returned {keys} keys for "
+                               f"{gate_logits.shape[-1]} tokens seen (a preallocated cache); use a DynamicCache")
+        gate_logits, image = gate_logits[..., -keys:], image[..., -keys:]
+        store[layer] = (gate_logits.detach(), image, seen)
         return gate_logits, image
 
 

@@ -26,17 +26,17 @@ _SOFTMAX_STATS = {"triton": lambda q: q.new_empty(q.shape[:3], dtype=torch.promo
 def gated_attention_op(q: Tensor, k: Tensor, v: Tensor, gate_logits: Optional[Tensor], image_mask: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], prompt_k: Optional[Tensor], prompt_v: Optional[Tensor],
                        prompt_gate: Optional[Tensor], segment_ids: Optional[Tensor],
-                       prompt_segment_ids: Optional[Tensor], causal: bool, scale: float,
+                       prompt_segment_ids: Optional[Tensor], causal: bool, scale: float, window: int,
                        backend: str) -> tuple[Tensor, Tensor]:
     out, stats = dispatch.kernel(OP, backend).forward(
         q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, segment_ids,
-        prompt_segment_ids, causal, scale)
+        prompt_segment_ids, causal, scale, window)
     return out, empty_if_none(stats, q)
 
 
 @gated_attention_op.register_fake
 def _(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, segment_ids,
-      prompt_segment_ids, causal, scale, backend):
+      prompt_segment_ids, causal, scale, window, backend):
     return torch.empty_like(q), _SOFTMAX_STATS.get(backend, lambda q: q.new_empty(0))(q)
 
 
@@ -45,25 +45,25 @@ def gated_attention_backward_op(
         grad_o: Tensor, out: Tensor, stats: Tensor, q: Tensor, k: Tensor, v: Tensor, gate_logits: Optional[Tensor],
         image_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], prompt_k: Optional[Tensor],
         prompt_v: Optional[Tensor], prompt_gate: Optional[Tensor], segment_ids: Optional[Tensor],
-        prompt_segment_ids: Optional[Tensor], causal: bool, scale: float, backend: str,
+        prompt_segment_ids: Optional[Tensor], causal: bool, scale: float, window: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = dispatch.kernel(OP, backend).backward(
         grad_o, out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate,
-        segment_ids, prompt_segment_ids, causal, scale)
+        segment_ids, prompt_segment_ids, causal, scale, window)
     return tuple(empty_if_none(g, q) for g in grads)
 
 
 @gated_attention_backward_op.register_fake
 def _(grad_o, out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate,
-      segment_ids, prompt_segment_ids, causal, scale, backend):
+      segment_ids, prompt_segment_ids, causal, scale, window, backend):
     like = lambda t: torch.empty_like(t) if t is not None else q.new_empty(0)  # noqa: E731
     return like(q), like(k), like(v), like(gate_logits), like(prompt_k), like(prompt_v), like(prompt_gate)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, causal, scale, backend = inputs
+    *tensors, causal, scale, window, backend = inputs
     ctx.save_for_backward(*tensors, *output)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.causal, ctx.scale, ctx.window, ctx.backend = causal, scale, window, backend
     ctx.mark_non_differentiable(output[1])
 
 
@@ -72,26 +72,27 @@ def _backward(ctx, grad_o, _grad_stats):
      prompt_segment_ids, out, stats) = ctx.saved_tensors
     dq, dk, dv, dgate, dpk, dpv, dpg = gated_attention_backward_op(
         grad_o.contiguous(), out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
-        prompt_gate, segment_ids, prompt_segment_ids, ctx.causal, ctx.scale, ctx.backend)
+        prompt_gate, segment_ids, prompt_segment_ids, ctx.causal, ctx.scale, ctx.window, ctx.backend)
     return (dq, dk, dv, none_if_empty(dgate, gate_logits is not None), None, None,
             none_if_empty(dpk, prompt_k is not None), none_if_empty(dpv, prompt_v is not None),
-            none_if_empty(dpg, prompt_gate is not None), None, None, None, None, None)
+            none_if_empty(dpg, prompt_gate is not None), None, None, None, None, None, None)
 
 
 gated_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _eager_forward(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, segment_ids,
-                   prompt_segment_ids, causal, scale):
+                   prompt_segment_ids, causal, scale, window):
     with torch.no_grad():
         return reference.gated_attention_sdpa(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
-                                              prompt_gate, causal, scale, segment_ids, prompt_segment_ids), None
+                                              prompt_gate, causal, scale, segment_ids, prompt_segment_ids,
+                                              window), None
 
 
 def _eager_backward(grad_o, out, stats, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
-                    prompt_gate, segment_ids, prompt_segment_ids, causal, scale):
+                    prompt_gate, segment_ids, prompt_segment_ids, causal, scale, window):
     fn = lambda *a: reference.gated_attention_sdpa(*a, causal, scale, segment_ids,  # noqa: E731
-                                                   prompt_segment_ids)
+                                                   prompt_segment_ids, window)
     grads = reference_vjp(fn, grad_o, (q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
                                        prompt_gate), (True, True, True, True, False, False, True, True, True))
     dq, dk, dv, dgate, _, _, dpk, dpv, dpg = grads
@@ -106,14 +107,15 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Optional[Te
                     prompt_k: Optional[Tensor] = None, prompt_v: Optional[Tensor] = None,
                     prompt_gate: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
                     segment_ids: Optional[Tensor] = None, prompt_segment_ids: Optional[Tensor] = None,
-                    backend: Optional[str] = None) -> Tensor:
+                    window: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """Causal attention with PILL's per-query-head value gate and LLaMA-Adapter V2's prompt branch.
 
     q [B, H, S, hd]; k, v [B, Hkv, Skv, hd]; gate_logits [B, H, Skv] with image_mask [B, Skv];
     key_padding_mask [B, Skv] (True = real key); prompt_k, prompt_v [B, Hkv, K, hd] with prompt_gate [H].
     Packed rows (several examples per row, for training): segment_ids [B, Skv] integers, a query attending only
     to the keys of its own run of equal ids, and prompt_segment_ids [B, K], a query seeing only the prompts of its
-    segment's id. See `reference.gated_attention`.
+    segment's id. window (with causal): a sliding window, query i seeing only the ``window`` key positions up
+    to its own (transformers' sliding-window layers); None: every earlier key. See `reference.gated_attention`.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_tensor(OP, name, t, floating=True)
@@ -152,22 +154,30 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Optional[Te
                              f"(the queries' segments)")
         prompt_segment_ids = _require_ids("prompt_segment_ids", prompt_segment_ids, (batch, prompt_k.shape[2]),
                                           "[B, K]", q.device)
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"{OP}: window must be None or a positive number of key positions, got {window!r}")
+        if not causal:
+            raise ValueError(f"{OP}: a sliding window is causal (the last `window` positions up to the query's); "
+                             f"pass causal=True with window={window}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     variant = "+".join(name for name, present in (("gate", gate_logits is not None),
                                                     ("prompt", prompt_k is not None),
-                                                    ("packed", segment_ids is not None)) if present) or "plain"
+                                                    ("packed", segment_ids is not None),
+                                                    ("window", window is not None)) if present) or "plain"
     chosen = dispatch.resolve(OP, q.device, backend, call_features(
         q, k, v, gate_logits, prompt_k, prompt_v, prompt_gate, dtype=str(q.dtype), variant=variant, batch=batch,
         seq=q.shape[2], heads=heads, head_dim=head_dim))
     c = contiguous_or_none
     args = (q.contiguous(), k.contiguous(), v.contiguous(), c(gate_logits), c(image_mask), c(key_padding_mask),
-            c(prompt_k), c(prompt_v), c(prompt_gate), c(segment_ids), c(prompt_segment_ids), bool(causal), scale)
+            c(prompt_k), c(prompt_v), c(prompt_gate), c(segment_ids), c(prompt_segment_ids), bool(causal), scale,
+            window or 0)
     # Eager runs the reference under autograd: its backward reuses the saved activations instead of recomputing.
     if chosen == "eager":
         (q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, segment_ids,
-         prompt_segment_ids, causal, scale) = args
+         prompt_segment_ids, causal, scale, window) = args
         return reference.gated_attention_sdpa(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v,
-                                              prompt_gate, causal, scale, segment_ids, prompt_segment_ids)
+                                              prompt_gate, causal, scale, segment_ids, prompt_segment_ids, window)
     out, _ = gated_attention_op(*args, chosen)
     return out
 

@@ -5,7 +5,8 @@ scaled by PILL's modality gate per query head, plus LLaMA-Adapter V2's gated pro
     mult[b, h, j] = tanh(gate_logits[b, h, j]) for image keys, 1 otherwise
 
 Query i sits at key position Skv - S + i (KV-cache decoding); key_padding_mask drops keys; a query that may
-attend to no key gets zeros from the token branch. Packed rows (segment_ids): a query sees the keys of its own
+attend to no key gets zeros from the token branch. A sliding window (WINDOW > 0) keeps the last WINDOW key
+positions up to the query's own, and the loops skip the key (query) blocks wholly outside it. Packed rows (segment_ids): a query sees the keys of its own
 segment only, and the key loops skip the blocks outside it (varlen) rather than masking them; the prompt branch
 sees the prompts whose id is the query's segment id. Online softmax over key blocks: no S x Skv matrix in memory.
 The gate multiplies the probabilities (p * mult) rather than the value tile, so a GQA model gets a gate per
@@ -40,11 +41,13 @@ def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
-              CAUSAL: tl.constexpr):
+def _key_mask(offs_m, offs_n, b, S, SKV, WINDOW, kpm_ptr, run_ptr, q_run, HAS_PAD: tl.constexpr,
+              HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     allowed = (offs_n < SKV)[None, :] & (offs_m < S)[:, None]
     if CAUSAL:
         allowed = allowed & (offs_n[None, :] <= (offs_m + SKV - S)[:, None])
+    if HAS_WINDOW:
+        allowed = allowed & (offs_n[None, :] > (offs_m + SKV - S - WINDOW)[:, None])
     if HAS_PAD:
         real = tl.load(kpm_ptr + b * SKV + offs_n, mask=offs_n < SKV, other=0) != 0
         allowed = allowed & real[None, :]
@@ -64,13 +67,18 @@ def _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG: tl.constexpr):
 
 
 @triton.jit
-def _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr):
-    # The key block holding the first key of the block's first query's segment: every key before it belongs to
-    # earlier examples, which no query of the block sees, so the key loop starts there.
+def _key_begin(start_ptr, b, pid_m, S, SKV, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    # The key block holding the first key that the block's first query sees: every key before the first key of
+    # its segment belongs to earlier examples, and every key before its window is out of reach of all the
+    # block's queries, so the key loop starts there.
+    first = tl.minimum(pid_m * BLOCK_M, S - 1) + SKV - S
+    begin = 0
     if HAS_SEG:
-        first = tl.minimum(pid_m * BLOCK_M, S - 1) + SKV - S
-        return (tl.load(start_ptr + b * SKV + first) // BLOCK_N) * BLOCK_N
-    return 0
+        begin = tl.load(start_ptr + b * SKV + first)
+    if HAS_WINDOW:
+        begin = tl.maximum(begin, first - WINDOW + 1)
+    return (begin // BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -118,9 +126,9 @@ def _query_ids(seg_ptr, b, S, SKV, offs_m, HAS_PSEG: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, start_ptr, seg_ptr, pseg_ptr, pk_ptr,
-                    pv_ptr, pg_ptr, o_ptr, lse_ptr, H, HKV, S, SKV, NP, HD, scale,
+                    pv_ptr, pg_ptr, o_ptr, lse_ptr, H, HKV, S, SKV, NP, HD, scale, WINDOW,
                     HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, HAS_PSEG: tl.constexpr,
-                    HAS_PROMPT: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_PROMPT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -140,13 +148,14 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, star
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     kv_base = (b * HKV + hkv) * SKV * HD
     q_run = _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG)
-    n_begin = _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M, BLOCK_N, HAS_SEG)
+    n_begin = _key_begin(start_ptr, b, pid_m, S, SKV, WINDOW, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW)
     for n0 in range(n_begin, _key_end(pid_m, S, SKV, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_off = kv_base + offs_n[:, None] * HD + dd[None, :]
         kv_ok = (offs_n < SKV)[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.)
-        allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG, CAUSAL)
+        allowed = _key_mask(offs_m, offs_n, b, S, SKV, WINDOW, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG,
+                            CAUSAL, HAS_WINDOW)
         s = tl.where(allowed, dot(q, tl.trans(k), UPCAST, IEEE) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no allowed key so far keeps m = -inf; subtracting 0 instead keeps exp() at 0, not NaN.
@@ -226,8 +235,9 @@ def _backward_prompt_kernel(q_ptr, o_ptr, do_ptr, seg_ptr, pseg_ptr, pk_ptr, pv_
 
 @triton.jit
 def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, end_ptr, do_ptr, lse_ptr, delta_ptr,
-                        dk_ptr, dv_ptr, dgl_ptr, H, HKV, S, SKV, HD, scale,
+                        dk_ptr, dv_ptr, dgl_ptr, H, HKV, S, SKV, HD, scale, WINDOW,
                         HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr,
                         ACC: tl.constexpr,
                         UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
@@ -256,6 +266,10 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, 
         # Queries past the segment of this block's last key belong to other examples: don't visit them.
         last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, SKV) - 1
         m_end = tl.minimum(S, tl.load(end_ptr + b * SKV + last) - (SKV - S))
+    if HAS_WINDOW:
+        # Queries a window or more past this block's last key see none of it.
+        last_key = tl.minimum(pid_n * BLOCK_N + BLOCK_N, SKV) - 1
+        m_end = tl.maximum(tl.minimum(m_end, last_key + WINDOW - (SKV - S)), 0)
     for g in range(group):
         h = hkv * group + g
         bh = b * H + h
@@ -272,7 +286,8 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, 
             do = tl.load(do_ptr + q_off, mask=q_ok, other=0.)
             lse = tl.load(lse_ptr + bh * S + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(delta_ptr + bh * S + offs_m, mask=m_ok, other=0.)
-            allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG, CAUSAL)
+            allowed = _key_mask(offs_m, offs_n, b, S, SKV, WINDOW, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG,
+                            CAUSAL, HAS_WINDOW)
             s = dot(q, tl.trans(k), UPCAST, IEEE) * scale
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.)
             do_v = dot(do, tl.trans(v), UPCAST, IEEE)
@@ -295,9 +310,9 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, 
 
 @triton.jit
 def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, start_ptr, do_ptr, lse_ptr,
-                       delta_ptr, dq_prompt_ptr, dq_ptr, H, HKV, S, SKV, HD, scale,
+                       delta_ptr, dq_prompt_ptr, dq_ptr, H, HKV, S, SKV, HD, scale, WINDOW,
                        HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                       CAUSAL: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -318,14 +333,15 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, s
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     kv_base = (b * HKV + hkv) * SKV * HD
     q_run = _query_runs(run_ptr, b, S, SKV, offs_m, HAS_SEG)
-    n_begin = _key_begin(start_ptr, b, pid_m, S, SKV, BLOCK_M, BLOCK_N, HAS_SEG)
+    n_begin = _key_begin(start_ptr, b, pid_m, S, SKV, WINDOW, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW)
     for n0 in range(n_begin, _key_end(pid_m, S, SKV, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_off = kv_base + offs_n[:, None] * HD + dd[None, :]
         kv_ok = (offs_n < SKV)[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.)
         v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.)
-        allowed = _key_mask(offs_m, offs_n, b, S, SKV, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG, CAUSAL)
+        allowed = _key_mask(offs_m, offs_n, b, S, SKV, WINDOW, kpm_ptr, run_ptr, q_run, HAS_PAD, HAS_SEG,
+                            CAUSAL, HAS_WINDOW)
         p = tl.where(allowed, tl.exp(dot(q, tl.trans(k), UPCAST, IEEE) * scale - lse[:, None]), 0.)
         dp = dot(do, tl.trans(v), UPCAST, IEEE)
         if HAS_GATE:
@@ -339,12 +355,14 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, s
     tl.store(dq_ptr + q_off, cast(dq, dtype), mask=q_ok)
 
 
-def _launch_args(q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids):
+def _launch_args(q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids, window):
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     num_prompts = prompt_k.shape[2] if prompt_k is not None else 0
+    if window and not causal:
+        raise ValueError("gated_attention: a sliding window needs causal=True")
     flags = dict(HAS_GATE=gate_logits is not None, HAS_PAD=key_padding_mask is not None,
-                 HAS_SEG=segment_ids is not None, CAUSAL=bool(causal),
+                 HAS_SEG=segment_ids is not None, CAUSAL=bool(causal), HAS_WINDOW=bool(window),
                  ACC=accumulator_dtype(q.dtype), UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
                  IEEE=mma_precision(q.dtype), BLOCK_D=pow2_at_least_16(head_dim))
     return batch, heads, kv_heads, seq_q, seq_k, head_dim, num_prompts, flags
@@ -373,11 +391,11 @@ def _placeholder(t, like):
 
 
 def forward(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate, segment_ids,
-            prompt_segment_ids, causal, scale):
+            prompt_segment_ids, causal, scale, window=0):
     check_dtype("gated_attention", q.dtype, q.device)
     check_index_range("gated_attention", q, k)
     batch, heads, kv_heads, seq_q, seq_k, head_dim, num_prompts, flags = _launch_args(
-        q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids)
+        q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids, window)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
     if out.numel() == 0:
@@ -388,18 +406,18 @@ def forward(q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt
         q, k, v, _placeholder(gate_logits, q), _placeholder(image_mask, q), _placeholder(key_padding_mask, q),
         runs, starts, _placeholder(segment_ids, q), _placeholder(prompt_segment_ids, q),
         _placeholder(prompt_k, q), _placeholder(prompt_v, q), _placeholder(prompt_gate, q), out, lse,
-        heads, kv_heads, seq_q, seq_k, num_prompts, head_dim, scale, HAS_PROMPT=prompt_k is not None,
+        heads, kv_heads, seq_q, seq_k, num_prompts, head_dim, scale, window, HAS_PROMPT=prompt_k is not None,
         HAS_PSEG=prompt_segment_ids is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_P=pow2_at_least_16(num_prompts), num_warps=warps, **flags)
     return out, lse
 
 
 def backward(grad_o, out, lse, q, k, v, gate_logits, image_mask, key_padding_mask, prompt_k, prompt_v, prompt_gate,
-             segment_ids, prompt_segment_ids, causal, scale):
+             segment_ids, prompt_segment_ids, causal, scale, window=0):
     check_dtype("gated_attention", q.dtype, q.device)
     check_index_range("gated_attention", q, k)
     batch, heads, kv_heads, seq_q, seq_k, head_dim, num_prompts, flags = _launch_args(
-        q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids)
+        q, k, gate_logits, key_padding_mask, prompt_k, causal, segment_ids, prompt_segment_ids, window)
     has_prompt = prompt_k is not None
     block_m, block_n, warps = _blocks(head_dim, q.dtype)
     q_blocks = triton.cdiv(seq_q, block_m)
@@ -425,12 +443,12 @@ def backward(grad_o, out, lse, q, k, v, gate_logits, image_mask, key_padding_mas
     if k.numel():
         _backward_kv_kernel[(triton.cdiv(seq_k, block_n), batch * kv_heads)](
             q, k, v, *masks, ends, grad_o, lse, delta, dk, dv, _placeholder(dgl, q), heads, kv_heads, seq_q, seq_k,
-            head_dim, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
+            head_dim, scale, window, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
     dq = torch.empty_like(q)
     if q.numel():
         _backward_q_kernel[(q_blocks, batch * heads)](
             q, k, v, *masks, starts, grad_o, lse, delta, dq_prompt, dq, heads, kv_heads, seq_q, seq_k, head_dim,
-            scale, HAS_PROMPT=has_prompt, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
+            scale, window, HAS_PROMPT=has_prompt, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
     if not has_prompt:
         return dq, dk, dv, dgl, None, None, None
     group = heads // kv_heads
