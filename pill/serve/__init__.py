@@ -3,15 +3,16 @@ package. vLLM imports it in each of its processes through the `vllm.general_plug
 `register` then names the served architecture; `prepare_served_model` (no vLLM needed) writes the model
 directory vLLM loads: the base's weights and tokenizer beside a config naming that architecture and a copy of the
 adapter. What is served and what is refused: docs/serving.md."""
-from .model_dir import SERVED_ARCHITECTURE, ServingError, prepare_served_model
+from .model_dir import SERVED_ARCHITECTURE, SERVED_ARCHITECTURES, ServingError, prepare_served_model
 
-__all__ = ["SERVED_ARCHITECTURE", "ServingError", "prepare_served_model", "register"]
+__all__ = ["SERVED_ARCHITECTURE", "SERVED_ARCHITECTURES", "ServingError", "prepare_served_model", "register"]
 
 
 def register() -> None:
-    """vLLM's plugin hook: the PILL-adapted LLaMA as an architecture, resolved lazily (nothing heavy is imported
-    until vLLM loads a model of that architecture)."""
+    """vLLM's plugin hook: the PILL-adapted models (one per base family) as architectures, resolved lazily
+    (nothing heavy is imported until vLLM loads a model of one of them)."""
     from vllm import ModelRegistry
 
-    if SERVED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(SERVED_ARCHITECTURE, f"pill.serve.vllm_model:{SERVED_ARCHITECTURE}")
+    for architecture in sorted(set(SERVED_ARCHITECTURES.values())):
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, f"pill.serve.vllm_model:{architecture}")

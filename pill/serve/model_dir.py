@@ -23,7 +23,11 @@ from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from ..files import read_json, replace_directory
 from ..methods import get_method
 
-SERVED_ARCHITECTURE = "PillLlamaForCausalLM"
+# The served model per base family (`pill.families`); vLLM runs Mistral with its LLaMA model, as its own registry
+# does, so a Mistral base is served by the LLaMA one.
+SERVED_ARCHITECTURES = {"llama": "PillLlamaForCausalLM", "mistral": "PillLlamaForCausalLM",
+                        "qwen2": "PillQwen2ForCausalLM", "qwen3": "PillQwen3ForCausalLM"}
+SERVED_ARCHITECTURE = SERVED_ARCHITECTURES["llama"]
 ADAPTER_SUBDIR = "pill_adapter"
 CHAT_TEMPLATE_NAME = "pill_chat_template.jinja"
 IMAGE_MARKER = "<image>"
@@ -132,15 +136,40 @@ def check_served_prompts(base_tokenizer, served_tokenizer, template: str, prompt
                                f"tokenizer {served[max(0, at - 3):at + 4]}")
 
 
+def served_architecture(base_dir: Path, base_config: dict) -> str:
+    """The served architecture of a base (its config.json as a dict), or ServingError naming what vLLM would not
+    run as transformers does: another family, or Qwen's per-layer sliding windows (vLLM's Qwen2 / Qwen3 models
+    apply one window to every layer or to none; the released Qwen2.5 / Qwen3 configs have no window)."""
+    from ..families import UnsupportedBaseError, family_of_config
+
+    model_type = base_config.get("model_type")
+    if model_type not in SERVED_ARCHITECTURES:
+        raise ServingError(f"{base_dir}: adapters are served on {', '.join(sorted(SERVED_ARCHITECTURES))} bases; "
+                           f"this base is {model_type!r}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(**base_config)
+        family = family_of_config(config, str(base_dir))
+    except (UnsupportedBaseError, ValueError, TypeError) as error:
+        raise ServingError(str(error)) from None
+    if family.name in ("qwen2", "qwen3") and any(w is not None for w in family.layer_windows(config)):
+        raise ServingError(f"{base_dir} ({family.label}): sliding-window layers (use_sliding_window=true) are not "
+                           f"served: vLLM's {family.label} model does not apply transformers' per-layer windows "
+                           f"(max_window_layers); use `pill generate` / `pill eval`")
+    return SERVED_ARCHITECTURES[model_type]
+
+
 def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None,
                          output_dir: str | os.PathLike, *, image_tokens: int | None = None) -> Path:
-    """Write the directory vLLM loads to serve the adapter in `adapter_dir` over the Hugging Face LLaMA in
-    `base_dir` (None: the base its pill_run.json names), and return it. `image_tokens`: feature rows per image
+    """Write the directory vLLM loads to serve the adapter in `adapter_dir` over the Hugging Face LLaMA, Mistral,
+    Qwen2 or Qwen3 in `base_dir` (None: the base its pill_run.json names), and return it. `image_tokens`: feature rows per image
     (None: the count of the vision encoder its pill_run.json names).
 
     Refused by name, with the reason: methods vLLM cannot run exactly (LaVIN, LLaMA-Adapter V2), PILL's
-    query-head gates, an adapter trained on a base of another shape or on a 4-bit base, a tokenizer or prompt
-    format whose served prompts would differ from the trained ones."""
+    query-head gates, an adapter trained on a base of another shape or on a 4-bit base, another family or Qwen's
+    sliding windows (`served_architecture`), a tokenizer or prompt format whose served prompts would differ from
+    the trained ones."""
     from transformers import AddedToken, AutoTokenizer
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
@@ -159,9 +188,7 @@ def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.Path
     if not isinstance(image_tokens, int) or image_tokens < 1:
         raise ServingError(f"image_tokens must be a positive int (feature rows per image), got {image_tokens!r}")
     base_config = read_json(base_dir / "config.json", "a Hugging Face model configuration")
-    if base_config.get("model_type") != "llama":
-        raise ServingError(f"{base_dir}: {SERVED_ARCHITECTURE} serves adapters on LLaMA bases; this base is "
-                           f"{base_config.get('model_type')!r} (its vLLM model is not written yet)")
+    architecture = served_architecture(base_dir, base_config)
     weights = sorted(base_dir.glob("*.safetensors"))
     if not weights:
         raise ServingError(f"base_dir: no *.safetensors weights in {base_dir}")
@@ -181,7 +208,7 @@ def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.Path
     prompt = run.get("prompt") or {}
     template = chat_template(base_tokenizer, prompt)
     check_served_prompts(base_tokenizer, served_tokenizer, template, prompt, record["image_token_id"], served_id)
-    config = dict(base_config, architectures=[SERVED_ARCHITECTURE], pill_adapter=ADAPTER_SUBDIR,
+    config = dict(base_config, architectures=[architecture], pill_adapter=ADAPTER_SUBDIR,
                   pill_image_tokens=image_tokens, pill_image_token_id=served_id)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
-"""PILL on vLLM: vLLM's own LLaMA (its fused projections, rotary embedding, paged attention, weight loading)
-with PILL's adapter modules and fused ops in each decoder layer, as a multimodal model. Images arrive as pictures
+"""PILL on vLLM: vLLM's own model of the base's family (LLaMA, which vLLM also runs Mistral with, Qwen2, Qwen3:
+its fused projections with the family's biases, Qwen3's per-head q/k norms, rotary embedding, paged attention
+with the family's sliding window, weight loading) with PILL's adapter modules and fused ops in each decoder
+layer, as a multimodal model. Images arrive as pictures
 (the processor prepares them as the run's vision encoder does; the model runs the frozen encoder, then the
 adapter's projector) or as the encoder's precomputed features (vLLM's image embeddings input,
 `enable_mm_embeds=True`).
@@ -24,11 +26,16 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
+from torch import nn
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from vllm.model_executor.models.utils import _merge_multimodal_embeddings
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
+from vllm.model_executor.models.utils import _merge_multimodal_embeddings, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
@@ -43,7 +50,7 @@ from ..checkpoint import WEIGHTS_NAME, read_adapter_config
 from ..files import read_json, read_safetensors
 from ..methods import get_method
 from ..methods.pill import ModalityGate, PillConfig, PillDecoderLayer, PillMultimodal, RoutedGLUAdapter
-from .model_dir import SERVED_ARCHITECTURE, ServingError, refusal
+from .model_dir import ServingError, refusal
 
 # The size of the pictures vLLM profiles memory with (the encoder's own preprocessing resizes them).
 _DUMMY_IMAGE_SIZE = 224
@@ -59,7 +66,7 @@ class _ServedAdapter:
         if refused:
             raise ServingError(f"{self.path}: {refused}")
         if get_method(self.record["pill_type"]).config_class is not PillConfig:
-            raise ServingError(f"{self.path}: {SERVED_ARCHITECTURE} serves PILL adapters, this one is "
+            raise ServingError(f"{self.path}: the served models take PILL adapters, this one is "
                                f"{self.record['pill_type']}")
         self.config = PillConfig.from_dict(self.record["config"])
         self.image_token_id = image_token_id
@@ -110,26 +117,26 @@ def _refuse_parallelism(vllm_config: VllmConfig) -> None:
     # is untested. Neither is run until it is tested.
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        raise ServingError(f"{SERVED_ARCHITECTURE} runs on one device: tensor_parallel_size="
+        raise ServingError(f"the served PILL models run on one device: tensor_parallel_size="
                            f"{parallel.tensor_parallel_size}, pipeline_parallel_size="
                            f"{parallel.pipeline_parallel_size} are not supported yet")
 
 
-class PillVllmDecoderLayer(LlamaDecoderLayer):
-    """vLLM's LLaMA layer with PILL's block (`pill.methods.pill.PillDecoderLayer`):
+class PillServedLayer:
+    """PILL's block (`pill.methods.pill.PillDecoderLayer`) in vLLM's decoder layer of the base's family, whose
+    modules it calls as they are (the q/k/v projection with the family's biases, Qwen3's q_norm / k_norm where
+    the attention has them, the rotary embedding, the paged attention with the family's window):
 
         n = RMSNorm_att(x), a = n + A_att(n);  V <- tanh(a W_g) V at image tokens, per KV head, before the cache
         h = x + Attn(a);  m = RMSNorm_ffn(h), u = m + A_visual|text(m);  out = h + FFN(u)
 
     Between layers vLLM's convention: a layer returns (FFN(u), h), and the next one (or the final norm) adds
-    them."""
+    them. Combined with each family's layer below (`PillLlamaVllmDecoderLayer`, ...)."""
 
     pill_gate_enabled = PillDecoderLayer.pill_gate_enabled
     pill_expert_ids = PillDecoderLayer.pill_expert_ids
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
-        hf = config or vllm_config.model_config.hf_config
+    def _pill_init(self, vllm_config: VllmConfig, hf, prefix: str) -> None:
         served = _served_adapter(vllm_config.model_config)
         hidden, rank = hf.hidden_size, served.config.adapter_dim
         self.kernel_backend = None  # the global dispatch: PILL_KERNELS_BACKEND, else auto
@@ -143,12 +150,15 @@ class PillVllmDecoderLayer(LlamaDecoderLayer):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 pill_image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if pill_image_mask is None:
-            raise RuntimeError("PillVllmDecoderLayer: no image mask reached the layer")
+            raise RuntimeError(f"{type(self).__name__}: no image mask reached the layer")
         x = hidden_states if residual is None else hidden_states + residual
         attn = self.self_attn
         a = self.pill_attn_adapter(x, norm=self.input_layernorm)
         qkv, _ = attn.qkv_proj(a)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per head, before RoPE, as vLLM's Qwen3Attention
+            q = attn.q_norm(q.view(*q.shape[:-1], -1, attn.head_dim)).view(q.shape)
+            k = attn.k_norm(k.view(*k.shape[:-1], -1, attn.head_dim)).view(k.shape)
         if self.pill_gate_enabled:
             # Gated before vLLM writes V into its paged cache, so the cache holds gated values, as transformers'.
             v = pk.modality_gate(a.to(v.dtype), self.pill_value_gate.weight.to(v.dtype),
@@ -158,6 +168,27 @@ class PillVllmDecoderLayer(LlamaDecoderLayer):
         h = x + out
         u = self.pill_ffn_experts(h, self.pill_expert_ids(pill_image_mask), norm=self.post_attention_layernorm)
         return self.mlp(u), h
+
+
+class PillLlamaVllmDecoderLayer(PillServedLayer, LlamaDecoderLayer):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        LlamaDecoderLayer.__init__(self, vllm_config=vllm_config, prefix=prefix, config=config)
+        self._pill_init(vllm_config, config or vllm_config.model_config.hf_config, prefix)
+
+
+class PillQwen2VllmDecoderLayer(PillServedLayer, Qwen2DecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
+        Qwen2DecoderLayer.__init__(self, config=config, cache_config=cache_config, quant_config=quant_config,
+                                   prefix=prefix)
+        # vLLM builds Qwen layers from the config alone; the served adapter is found through the model's.
+        self._pill_init(get_current_vllm_config(), config, prefix)
+
+
+class PillQwen3VllmDecoderLayer(PillServedLayer, Qwen3DecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
+        Qwen3DecoderLayer.__init__(self, config=config, cache_config=cache_config, quant_config=quant_config,
+                                   prefix=prefix)
+        self._pill_init(get_current_vllm_config(), config, prefix)
 
 
 class PillProcessingInfo(BaseProcessingInfo):
@@ -227,8 +258,12 @@ class PillMultiModalProcessor(BaseMultiModalProcessor[PillProcessingInfo]):
         return [PromptReplacement(modality="image", target=[served.image_token_id], replacement=placeholders)]
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
-                                         "inputs_embeds": 0, "pill_image_mask": 0})
+# The image mask is a graph input of the compiled model (see the module docstring).
+_DYNAMIC_DIMS = {"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0,
+                 "pill_image_mask": 0}
+
+
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
 class PillLlamaModel(LlamaModel):
     """LlamaModel whose compiled graph takes the image mask as an input."""
 
@@ -239,18 +274,34 @@ class PillLlamaModel(LlamaModel):
                                pill_image_mask=pill_image_mask)
 
 
-@MULTIMODAL_REGISTRY.register_processor(PillMultiModalProcessor, info=PillProcessingInfo,
-                                        dummy_inputs=PillDummyInputsBuilder)
-class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
+class PillQwenModel(Qwen2Model):
+    """vLLM's Qwen2 model (Qwen3's is the same with Qwen3 layers) passing the image mask to every layer, which
+    its own forward does not; one device (no pipeline stages, no auxiliary hidden states)."""
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None, inputs_embeds: torch.Tensor | None = None,
+                pill_image_mask: torch.Tensor | None = None):
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer in self.layers[self.start_layer:self.end_layer]:
+            hidden_states, residual = layer(positions, hidden_states, residual, pill_image_mask=pill_image_mask)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class PillServedCausalLM:
+    """What the served models of every family share: the adapter's model-level module (projector), pictures
+    through the frozen encoder, the image mask from `embed_input_ids` to the layers, the adapter's weights. Comes
+    first in each family's class, before vLLM's CausalLM of the family."""
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return "<image>"
-        raise ValueError(f"{SERVED_ARCHITECTURE} takes images only, not {modality!r}")
+        raise ValueError(f"{cls.__name__} takes images only, not {modality!r}")
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        _refuse_parallelism(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=PillVllmDecoderLayer)
+    def _pill_setup(self, vllm_config: VllmConfig) -> None:
         served = _served_adapter(vllm_config.model_config)
         self._served = served
         self._adapter_path = served.path
@@ -258,9 +309,6 @@ class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
         self.multimodal = PillMultimodal(served.config, served.vision_dim,
                                          vllm_config.model_config.hf_config.hidden_size, served.image_token_id)
         self._pill_image_mask: torch.Tensor | None = None
-
-    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=PillVllmDecoderLayer):
-        return PillLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
     def _encode(self, pixels: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         if self._vision_encoder is None:
@@ -320,3 +368,53 @@ class PillLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
                                        f"served model's {tuple(p.shape)}")
                 p.copy_(tensors[name].to(p.dtype))
         return loaded | set(params)
+
+
+_PROCESSOR = dict(info=PillProcessingInfo, dummy_inputs=PillDummyInputsBuilder)
+
+
+@MULTIMODAL_REGISTRY.register_processor(PillMultiModalProcessor, **_PROCESSOR)
+class PillLlamaForCausalLM(PillServedCausalLM, LlamaForCausalLM, SupportsMultiModal):
+    """LLaMA and Mistral bases (vLLM runs both with its LLaMA model; Mistral's window is vLLM's model-wide one)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        _refuse_parallelism(vllm_config)
+        LlamaForCausalLM.__init__(self, vllm_config=vllm_config, prefix=prefix, layer_type=PillLlamaVllmDecoderLayer)
+        self._pill_setup(vllm_config)
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=PillLlamaVllmDecoderLayer):
+        return PillLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+
+class _PillQwenForCausalLM(PillServedCausalLM):
+    """The body of vLLM's Qwen2ForCausalLM / Qwen3ForCausalLM constructors (which build their model class
+    themselves) with the PILL model and layers; one device."""
+
+    layer_type: type
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        _refuse_parallelism(vllm_config)
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config.get_text_config()
+        self.config = config
+        self.vllm_config = vllm_config
+        self.quant_config = vllm_config.quant_config
+        self.model = PillQwenModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
+                                   decoder_layer_type=self.layer_type)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self._pill_setup(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(PillMultiModalProcessor, **_PROCESSOR)
+class PillQwen2ForCausalLM(_PillQwenForCausalLM, Qwen2ForCausalLM, SupportsMultiModal):
+    layer_type = PillQwen2VllmDecoderLayer
+
+
+@MULTIMODAL_REGISTRY.register_processor(PillMultiModalProcessor, **_PROCESSOR)
+class PillQwen3ForCausalLM(_PillQwenForCausalLM, Qwen3ForCausalLM, SupportsMultiModal):
+    layer_type = PillQwen3VllmDecoderLayer
