@@ -295,7 +295,7 @@ def test_gradient_checkpointing_recomputes_the_family_layers(family):
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="the 4-bit base needs bitsandbytes: pip install 'pill-kernels[lowmem]'")
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("method", ["pill", "llama_adapter_v2"])
 def test_a_4bit_base_equals_its_dequantized_weights(method, family, tmp_path):
     """As test_quantized_base.py on LLaMA: the oracle is the method over a float64 twin whose projections are
