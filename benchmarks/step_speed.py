@@ -1,10 +1,13 @@
 """Training-step speed of the demo's model against its floors, in one run (CPU; a GPU when one is there).
 
-    python benchmarks/step_speed.py [--threads 1] [--methods pill lavin llama_adapter_v2] [--json out.json]
+    python benchmarks/step_speed.py [--threads 1] [--methods pill lavin llama_adapter_v2] [--family qwen3]
+                                    [--json out.json]
 
 Model: SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3 heads, FFN 1536, vocabulary 49152, tied
 embeddings), random weights (the speed is the same, no download); batch 16 x 64 tokens with 4 image tokens per
-row, the loss on the last 8 tokens, as in `pill demo`. Rows:
+row, the loss on the last 8 tokens, as in `pill demo`. `--family` builds that shape as another family's block
+with its features on (`FAMILY_BLOCKS`: Mistral with a 32-token sliding window, Qwen2's q/k/v biases, Qwen3's
+per-head q/k norms), so that each family's cost in the method layers reads against the same base. Rows:
 
 - the frozen base without adapters, gradients flowing to the input embeddings: the floor of any method with
   adapters in every layer (fp32, and bf16 weights); with bf16 weights also with an fp32 residual stream (the
@@ -29,7 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pill  # noqa: E402
@@ -40,6 +44,12 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 TINY = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, tie_word_embeddings=True, max_position_embeddings=256)
+# Each family's block at the same shape, its features on: a window shorter than the 64-token rows, Qwen2's
+# biases (always there), Qwen3's per-head norms over its own head_dim (64, SmolLM2's).
+FAMILY_BLOCKS = {"llama": (LlamaConfig, LlamaForCausalLM, {}),
+                 "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 32}),
+                 "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+                 "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 64, "use_sliding_window": False})}
 STAGE = {"pill": 2, "lavin": 1, "llama_adapter_v2": 1}  # the demo's longest phase of each method
 FP32_RESIDUAL = "(fp32 residual stream)"
 IMAGE_TOKENS, SUPERVISED = 4, 8  # per row, as in `pill demo`
@@ -61,13 +71,14 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     return out.to(query.dtype), weights
 
 
-def build_base(size: dict, seed: int = 0, attention: str = "sdpa") -> LlamaForCausalLM:
+def build_base(size: dict, seed: int = 0, attention: str = "sdpa", family: str = "llama"):
     torch.manual_seed(seed)
     if attention == "sdpa_fp32":
         from transformers import AttentionInterface
 
         AttentionInterface.register("sdpa_fp32", _sdpa_in_fp32)
-    model = LlamaForCausalLM(LlamaConfig(attn_implementation=attention, **size))
+    config_class, model_class, features = FAMILY_BLOCKS[family]
+    model = model_class(config_class(attn_implementation=attention, **size, **features))
     model.requires_grad_(False)
     return model
 
@@ -150,11 +161,11 @@ def measure_row(spec: dict, size: dict, args) -> tuple[float | None, str | None]
     config = LlamaConfig(**size)
     if spec["step"].startswith("frozen base"):
         fp32_attention = attention == torch.float32 and dtype != torch.float32
-        model = build_base(size, attention="sdpa_fp32" if fp32_attention else "sdpa").to(dtype)
+        model = build_base(size, attention="sdpa_fp32" if fp32_attention else "sdpa", family=args.family).to(dtype)
         ids, labels, _, _ = inputs(config, args.batch, args.seq, image_tokens, supervised, vision_dim, True)
         step = frozen_base_step(model, ids, labels, fp32_residual=spec["step"].endswith(FP32_RESIDUAL))
         return median_seconds(step, args.repeats), None
-    model, spec_ = inject(spec["method"], build_base(size), config.vocab_size, vision_dim)
+    model, spec_ = inject(spec["method"], build_base(size, family=args.family), config.vocab_size, vision_dim)
     pill.set_compute_dtype(model, dtype, attention)
     pill.set_kernel_backend(model, spec["backend"])
     ids, labels, features, _ = inputs(config, args.batch, args.seq, image_tokens, supervised, vision_dim,
@@ -187,6 +198,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (a smoke test of this script)")
+    parser.add_argument("--family", default="llama", choices=list(FAMILY_BLOCKS),
+                        help="the base's block: SmolLM2's shape as this family's, its features on")
     parser.add_argument("--json", default=None)
     parser.add_argument("--in-process", action="store_true",
                         help="measure every row in this process (default: each in a fresh process)")
@@ -204,14 +217,15 @@ def main(argv=None) -> dict:
     dtypes = {name: getattr(torch, name) for name in args.dtypes}
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch,
                       "seq": args.seq, "supervised": supervised, "image_tokens": image_tokens,
-                      "model": "tiny" if args.tiny else "SmolLM2-135M shape", "repeats": args.repeats}
+                      "model": ("tiny" if args.tiny else "SmolLM2-135M shape") + f", {args.family} block",
+                      "family": args.family, "repeats": args.repeats}
 
     gemm = {name: gemm_seconds(1024, size["hidden_size"], size["intermediate_size"], dtype)
             for name, dtype in dtypes.items()}
     flops_per_gemm = 2 * 1024 * size["hidden_size"] * size["intermediate_size"]
     meta["gemm_GFLOPs"] = {name: round(flops_per_gemm / t / 1e9, 1) for name, t in gemm.items()}
 
-    base = build_base(size)
+    base = build_base(size, family=args.family)
     ids, labels, _, _ = inputs(base.config, args.batch, args.seq, image_tokens, supervised, vision_dim, True)
     from torch.utils.flop_counter import FlopCounterMode
 

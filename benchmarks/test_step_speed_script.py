@@ -23,6 +23,16 @@ def test_step_speed_script_measures_each_row_in_its_own_process(capsys):
     assert all(row["median_s"] > 0 for row in result["rows"])
 
 
+def test_step_speed_script_builds_each_familys_block(capsys):
+    result = step_speed.main(["--tiny", "--repeats", "1", "--batch", "2", "--seq", "40", "--backends", "eager",
+                              "--methods", "pill", "--dtypes", "float32", "--family", "mistral", "--in-process"])
+    assert result["meta"]["model"] == "tiny, mistral block"
+    assert [row["step"] for row in result["rows"]] == ["frozen base", "pill stage 2"]
+    base = step_speed.build_base(step_speed.TINY, family="qwen3")
+    assert type(base).__name__ == "Qwen3ForCausalLM" and base.model.layers[0].self_attn.head_dim == 64
+    assert step_speed.build_base(step_speed.TINY, family="mistral").config.sliding_window == 32
+
+
 def test_frozen_base_with_an_fp32_residual_stream_projects_in_bf16_and_adds_in_fp32():
     """The row that stands for the methods' precision recipe: decoder layers return fp32, the projections
     compute in bf16; the plain bf16 row is bf16 throughout."""
