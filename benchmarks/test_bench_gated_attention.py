@@ -96,5 +96,6 @@ def test_gated_attention(benchmark, variant, backend, pass_, shape):
 
     step()
     benchmark.extra_info.update(op="gated_attention", backend=backend, pass_=pass_, variant=variant, batch=batch,
-                                seq=seq, window=window, heads=HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE), device=str(DEVICE))
+                                seq=seq, window=window, heads=HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE),
+                                device=str(DEVICE))
     benchmark(step)

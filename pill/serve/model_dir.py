@@ -163,8 +163,8 @@ def served_architecture(base_dir: Path, base_config: dict) -> str:
 def prepare_served_model(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None,
                          output_dir: str | os.PathLike, *, image_tokens: int | None = None) -> Path:
     """Write the directory vLLM loads to serve the adapter in `adapter_dir` over the Hugging Face LLaMA, Mistral,
-    Qwen2 or Qwen3 in `base_dir` (None: the base its pill_run.json names), and return it. `image_tokens`: feature rows per image
-    (None: the count of the vision encoder its pill_run.json names).
+    Qwen2 or Qwen3 in `base_dir` (None: the base its pill_run.json names), and return it. `image_tokens`: feature
+    rows per image (None: the count of the vision encoder its pill_run.json names).
 
     Refused by name, with the reason: methods vLLM cannot run exactly (LaVIN, LLaMA-Adapter V2), PILL's
     query-head gates, an adapter trained on a base of another shape or on a 4-bit base, another family or Qwen's

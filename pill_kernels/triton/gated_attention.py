@@ -6,9 +6,9 @@ scaled by PILL's modality gate per query head, plus LLaMA-Adapter V2's gated pro
 
 Query i sits at key position Skv - S + i (KV-cache decoding); key_padding_mask drops keys; a query that may
 attend to no key gets zeros from the token branch. A sliding window (WINDOW > 0) keeps the last WINDOW key
-positions up to the query's own, and the loops skip the key (query) blocks wholly outside it. Packed rows (segment_ids): a query sees the keys of its own
-segment only, and the key loops skip the blocks outside it (varlen) rather than masking them; the prompt branch
-sees the prompts whose id is the query's segment id. Online softmax over key blocks: no S x Skv matrix in memory.
+positions up to the query's own, and the loops skip the key (query) blocks wholly outside it. Packed rows
+(segment_ids): a query sees the keys of its own segment only, and the key loops skip the blocks outside it
+(varlen) rather than masking them; the prompt branch sees the prompts whose id is the query's segment id. Online softmax over key blocks: no S x Skv matrix in memory.
 The gate multiplies the probabilities (p * mult) rather than the value tile, so a GQA model gets a gate per
 query head while its K/V tiles stay shared; the softmax denominator is that of the ungated scores.
 
@@ -312,8 +312,8 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, 
 def _backward_q_kernel(q_ptr, k_ptr, v_ptr, gl_ptr, img_ptr, kpm_ptr, run_ptr, start_ptr, do_ptr, lse_ptr,
                        delta_ptr, dq_prompt_ptr, dq_ptr, H, HKV, S, SKV, HD, scale, WINDOW,
                        HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SEG: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
