@@ -146,12 +146,3 @@ def check_config(family: Family, config, where: str) -> None:
                                    f"config.sliding_window={getattr(config, 'sliding_window', None)}); supported are "
                                    f"'full_attention' layers and 'sliding_attention' layers with a window")
 
-
-def window_layer_types(family: Family, config) -> dict[str, int | None] | None:
-    """{layer type: window} of a model whose layers' windows differ (Qwen2 / Qwen3 with ``max_window_layers``
-    full layers, then sliding ones): the keys of the per-type attention masks the model takes (transformers
-    builds one mask per type in ``config.layer_types``); None when every layer has the same window."""
-    windows = family.layer_windows(config)
-    if len(set(windows)) <= 1:
-        return None
-    return dict(zip(config.layer_types, windows))

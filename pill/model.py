@@ -134,7 +134,8 @@ class MultimodalCausalLM:
             from .packing import packed_model_inputs
 
             sequence_ids, attention_mask, position_ids, labels = packed_model_inputs(
-                self.config, sequence_ids, inputs_embeds, attention_mask, position_ids, labels, cache, use_cache)
+                self.config, self.family, sequence_ids, inputs_embeds, attention_mask, position_ids, labels, cache,
+                use_cache)
             extra["sequence_ids"] = sequence_ids
             use_cache = False
         if getattr(mm, "compute_dtype", None) is not None:

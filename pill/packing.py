@@ -31,7 +31,7 @@ import torch
 from pill_kernels.reference import segment_starts
 
 from .data import IGNORE, Collator, Example
-from .families import family_of_config, window_layer_types
+from .families import Family
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -133,7 +133,8 @@ def number_of_examples(sequence_ids: torch.Tensor) -> int:
     return int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
 
 
-def packed_model_inputs(config, sequence_ids, inputs_embeds, attention_mask, position_ids, labels, cache, use_cache):
+def packed_model_inputs(config, family: Family, sequence_ids, inputs_embeds, attention_mask, position_ids, labels,
+                        cache, use_cache):
     """(sequence ids checked and on the inputs' device, 4D attention mask, position ids, labels) of packed rows:
     causal within each run of equal sequence ids, in the form the configured attention implementation takes
     (boolean for sdpa, additive for eager); positions restarting per example unless given; labels never
@@ -153,13 +154,13 @@ def packed_model_inputs(config, sequence_ids, inputs_embeds, attention_mask, pos
         raise ValueError(f"packed rows need attn_implementation 'sdpa' or 'eager' (a block-diagonal mask); this "
                          f"model uses {implementation!r}")
     runs = starts.long().cumsum(-1)  # segment numbers
-    family = family_of_config(config)
-    per_type = window_layer_types(family, config)
-    if per_type is None:
-        mask = _block_diagonal_mask(runs, family.layer_windows(config)[0], implementation, inputs_embeds.dtype)
-    else:  # the model hands each layer the mask of its type
-        mask = {layer_type: _block_diagonal_mask(runs, window, implementation, inputs_embeds.dtype)
-                for layer_type, window in per_type.items()}
+    windows = family.layer_windows(config)
+    masks = {window: _block_diagonal_mask(runs, window, implementation, inputs_embeds.dtype)
+             for window in set(windows)}
+    if len(masks) == 1:
+        mask = masks[windows[0]]
+    else:  # Qwen's full and sliding layers: the model hands each layer the mask of its type
+        mask = {layer_type: masks[window] for layer_type, window in zip(config.layer_types, windows)}
     if labels is not None:
         labels = labels.masked_fill(starts.to(labels.device), IGNORE)
     return sequence_ids, mask, position_ids, labels

@@ -176,19 +176,21 @@ class PillLlamaVllmDecoderLayer(PillServedLayer, LlamaDecoderLayer):
         self._pill_init(vllm_config, config or vllm_config.model_config.hf_config, prefix)
 
 
-class PillQwen2VllmDecoderLayer(PillServedLayer, Qwen2DecoderLayer):
+class _PillQwenLayer(PillServedLayer):
+    """Before vLLM's Qwen2 / Qwen3 layer, whose constructor it calls (next in the MRO)."""
+
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
-        Qwen2DecoderLayer.__init__(self, config=config, cache_config=cache_config, quant_config=quant_config,
-                                   prefix=prefix)
+        super().__init__(config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix)
         # vLLM builds Qwen layers from the config alone; the served adapter is found through the model's.
         self._pill_init(get_current_vllm_config(), config, prefix)
 
 
-class PillQwen3VllmDecoderLayer(PillServedLayer, Qwen3DecoderLayer):
-    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
-        Qwen3DecoderLayer.__init__(self, config=config, cache_config=cache_config, quant_config=quant_config,
-                                   prefix=prefix)
-        self._pill_init(get_current_vllm_config(), config, prefix)
+class PillQwen2VllmDecoderLayer(_PillQwenLayer, Qwen2DecoderLayer):
+    pass
+
+
+class PillQwen3VllmDecoderLayer(_PillQwenLayer, Qwen3DecoderLayer):
+    pass
 
 
 class PillProcessingInfo(BaseProcessingInfo):
